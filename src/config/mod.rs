@@ -1,0 +1,341 @@
+//! The configuration: load `gateway.yaml`, check all of it, hand out runtime types.
+//!
+//! Loading happens in two passes. serde (through serde-saphyr) checks the
+//! file's shape and stops at the first structural problem: YAML syntax, an
+//! unknown key, a wrong type. Then `validate` checks every judgement call
+//! (ranges, references, overlaps, conflicts) and reports **all** problems at
+//! once, each as `FILE:LINE:COL: path.to.field: what is wrong (what would be
+//! valid)`. Only a fully valid file produces a [`Config`]; the runtime never
+//! sees unvalidated input.
+//!
+//! Secrets: any string value in `connections` and `buses` may contain
+//! `${NAME}`, replaced by the environment variable `NAME` after parsing (a
+//! missing variable is an error; `$${` writes a literal `${`). A password can
+//! also come from `password_file`. Inline passwords work but draw a warning.
+#![deny(missing_docs)]
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::point::Point;
+
+/// A fully validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    /// MQTT sessions, by name.
+    pub connections: Vec<Connection>,
+    /// Fieldbuses, by name.
+    pub buses: Vec<Bus>,
+    /// Devices, each on one bus.
+    pub devices: Vec<Device>,
+    /// Built-in Modbus TCP simulators to start with the gateway.
+    pub simulators: Vec<Simulator>,
+    /// Things that work but deserve a look (e.g. an inline password).
+    pub warnings: Vec<String>,
+}
+
+/// One MQTT session.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Name used by `devices.*.twin.connection`.
+    pub name: String,
+    /// Where the broker is.
+    pub broker: Broker,
+    /// MQTT client id.
+    pub client_id: String,
+    /// MQTT keep-alive interval.
+    pub keep_alive: Duration,
+    /// User name and password, if the broker wants them.
+    pub credentials: Option<Credentials>,
+}
+
+/// How a connection reaches its broker.
+#[derive(Debug, Clone)]
+pub enum Broker {
+    /// A broker inside the gateway process, listening on `listen`.
+    Embedded {
+        /// Address the embedded broker listens on (loopback unless configured).
+        listen: SocketAddr,
+    },
+    /// A remote broker.
+    Remote {
+        /// Host name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// TLS settings, for `mqtts://`.
+        tls: Option<Tls>,
+    },
+}
+
+/// TLS settings of a remote connection.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM file with the CA certificates to trust instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub key: Option<PathBuf>,
+    /// ALPN protocols to offer.
+    pub alpn: Vec<String>,
+}
+
+/// MQTT user name and password.
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name (not secret).
+    pub username: String,
+    /// Password; printed as `***` by `Debug`.
+    pub password: Secret,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &self.password).finish()
+    }
+}
+
+/// A secret string that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must hand it to a library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// One fieldbus line and its owner's settings.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    /// Name used by `devices.*.bus`.
+    pub name: String,
+    /// Serial line or TCP endpoint.
+    pub transport: Transport,
+    /// How long to wait for a device's answer.
+    pub timeout: Duration,
+    /// Extra attempts after a timeout or transport error (not after an exception).
+    pub retries: u8,
+    /// Silence kept between two transactions (RTU inter-frame gap, slow converters).
+    pub delay: Duration,
+}
+
+/// The wire of a bus.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// Modbus RTU on a serial port.
+    Rtu(SerialSettings),
+    /// Modbus TCP.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// TCP port (502 by default).
+        port: u16,
+    },
+}
+
+/// Serial port settings of an RTU bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialSettings {
+    /// Device path, e.g. `/dev/ttyUSB0`.
+    pub port: String,
+    /// Baud rate.
+    pub baud: u32,
+    /// Parity.
+    pub parity: Parity,
+    /// Data bits (7 or 8).
+    pub data_bits: u8,
+    /// Stop bits (1 or 2).
+    pub stop_bits: u8,
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity (the Modbus RTU default).
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// How the read planner may merge reads for one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most registers in one read (the protocol allows 125).
+    pub max_registers: u16,
+    /// Most bits in one read (the protocol allows 2000).
+    pub max_bits: u16,
+    /// Unconfigured addresses a merged read may span; 0 reads only configured ones.
+    pub max_gap: u16,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits { max_registers: 125, max_bits: 2000, max_gap: 0 }
+    }
+}
+
+/// One Modbus device and its twin.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Name, unique in the file.
+    pub name: String,
+    /// Index into [`Config::buses`].
+    pub bus: usize,
+    /// Modbus unit (slave) id.
+    pub unit: u8,
+    /// The device's points, sorted by path.
+    pub points: Vec<Point>,
+    /// How reads may be merged.
+    pub read: ReadLimits,
+    /// Poll interval.
+    pub poll: Duration,
+    /// The cloud side, if any.
+    pub twin: Option<Twin>,
+}
+
+/// How a device appears in the cloud.
+#[derive(Debug, Clone)]
+pub struct Twin {
+    /// Index into [`Config::connections`].
+    pub connection: usize,
+    /// Topic raw commands arrive on.
+    pub commands: Option<String>,
+    /// Topic command answers go to.
+    pub responses: Option<String>,
+    /// Topic telemetry documents go to.
+    pub telemetry: Option<String>,
+    /// Period of the full telemetry report.
+    pub telemetry_interval: Duration,
+    /// Publish changed values (beyond each point's deadband) after every poll.
+    pub report_on_change: bool,
+    /// Send `{"status":"acknowledged"}` before executing a command.
+    pub acknowledge: bool,
+    /// Whether `{"shutdown": true}` may stop the gateway.
+    pub allow_shutdown: bool,
+}
+
+/// A built-in Modbus TCP slave serving configured devices.
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    /// Name, for logs.
+    pub name: String,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Devices served, by unit id.
+    pub devices: Vec<SimulatedDevice>,
+}
+
+/// One device inside a simulator.
+#[derive(Debug, Clone)]
+pub struct SimulatedDevice {
+    /// Unit id it answers to.
+    pub unit: u8,
+    /// Its points (the device's points).
+    pub points: Vec<Point>,
+    /// Start values, by point path.
+    pub initial: Vec<(String, crate::point::Value)>,
+    /// Paths of read-only numeric points that wander slowly.
+    pub drift: Vec<String>,
+    /// (follower, leader): the follower point reads whatever the leader holds.
+    pub mirror: Vec<(String, String)>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// YAML syntax, an unknown key or a wrong type (serde stops at the first).
+    Structure {
+        /// `FILE:LINE:COL: message`.
+        message: String,
+    },
+    /// Every semantic problem found.
+    Invalid {
+        /// One line each: `FILE:LINE:COL: path: problem (hint)`.
+        problems: Vec<String>,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => write!(f, "{}: cannot read: {error}", path.display()),
+            ConfigError::Structure { message } => f.write_str(message),
+            ConfigError::Invalid { problems } => {
+                let n = problems.len();
+                writeln!(f, "{n} problem{} in the configuration:", if n == 1 { "" } else { "s" })?;
+                for p in problems {
+                    writeln!(f, "{p}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in messages
+    /// and anchors relative paths (certificates, password files).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|e| structure_error(path, &e))?;
+        validate::validate(raw, path)
+    }
+
+    /// The device with this name.
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+}
+
+fn structure_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let rendered = e.without_snippet().to_string();
+    // serde-saphyr puts the position in its own words; lead with the
+    // `FILE:LINE:COL:` form that editors and CI logs make clickable.
+    let message = match e.location() {
+        Some(loc) if loc.line() > 0 => {
+            format!("{}:{}:{}: {}\n{}", path.display(), loc.line(), loc.column(), first_line(&rendered), e)
+        }
+        _ => format!("{}: {rendered}", path.display()),
+    };
+    ConfigError::Structure { message }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+//! What the user wrote in `gateway.yaml`, field for field.
+//!
+//! These types only describe the file's shape: serde rejects unknown keys and
+//! wrong YAML types here, with a line and column. Everything that needs a
+//! judgement (ranges, references, overlaps) happens in `validate.rs`, which
+//! turns these types into the runtime types of `config/mod.rs`; nothing outside
+//! `config/` sees a raw type. Values that `validate` must point at are wrapped
+//! in `Spanned` so that its messages carry `FILE:LINE:COL`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A mapping key together with its position, ordered by its text.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Key(pub(crate) Spanned<String>);
+
+impl Key {
+    pub(crate) fn name(&self) -> &str {
+        &self.0.value
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.value == other.0.value
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.value.cmp(&other.0.value)
+    }
+}
+
+pub(crate) type S<T> = Spanned<T>;
+pub(crate) type Map<T> = BTreeMap<Key, T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub(crate) connections: Map<RawConnection>,
+    #[serde(default)]
+    pub(crate) buses: Map<RawBus>,
+    #[serde(default)]
+    pub(crate) profiles: Map<RawProfile>,
+    #[serde(default)]
+    pub(crate) devices: Map<RawDevice>,
+    #[serde(default)]
+    pub(crate) simulators: Map<RawSimulator>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConnection {
+    pub(crate) embedded: Option<S<RawEmbedded>>,
+    pub(crate) url: Option<S<String>>,
+    pub(crate) client_id: Option<S<String>>,
+    pub(crate) username: Option<S<String>>,
+    pub(crate) password: Option<S<String>>,
+    pub(crate) password_file: Option<S<String>>,
+    pub(crate) keep_alive: Option<S<String>>,
+    pub(crate) tls: Option<S<RawTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEmbedded {
+    pub(crate) listen: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub(crate) ca: Option<S<String>>,
+    pub(crate) cert: Option<S<String>>,
+    pub(crate) key: Option<S<String>>,
+    #[serde(default)]
+    pub(crate) alpn: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBus {
+    pub(crate) rtu: Option<S<RawRtu>>,
+    pub(crate) tcp: Option<S<RawTcp>>,
+    pub(crate) timeout: Option<S<String>>,
+    pub(crate) retries: Option<S<i64>>,
+    pub(crate) delay: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRtu {
+    pub(crate) port: S<String>,
+    pub(crate) baud: Option<S<i64>>,
+    pub(crate) parity: Option<RawParity>,
+    pub(crate) data_bits: Option<S<i64>>,
+    pub(crate) stop_bits: Option<S<i64>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawParity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTcp {
+    pub(crate) host: S<String>,
+    pub(crate) port: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProfile {
+    #[serde(default)]
+    pub(crate) points: Map<RawPoint>,
+    pub(crate) read: Option<RawReadLimits>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReadLimits {
+    pub(crate) max_registers: Option<S<i64>>,
+    pub(crate) max_bits: Option<S<i64>>,
+    pub(crate) max_gap: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDevice {
+    pub(crate) bus: S<String>,
+    pub(crate) unit: S<i64>,
+    pub(crate) profile: Option<S<String>>,
+    #[serde(default)]
+    pub(crate) points: Map<RawPoint>,
+    pub(crate) read: Option<RawReadLimits>,
+    pub(crate) poll: Option<S<String>>,
+    pub(crate) twin: Option<S<RawTwin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTwin {
+    pub(crate) connection: S<String>,
+    pub(crate) commands: Option<S<String>>,
+    pub(crate) responses: Option<S<String>>,
+    pub(crate) telemetry: Option<S<String>>,
+    pub(crate) telemetry_interval: Option<S<String>>,
+    pub(crate) report_on_change: Option<bool>,
+    pub(crate) acknowledge: Option<bool>,
+    pub(crate) allow_shutdown: Option<bool>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPoint {
+    pub(crate) coil: Option<S<i64>>,
+    pub(crate) discrete: Option<S<i64>>,
+    pub(crate) input: Option<S<i64>>,
+    pub(crate) holding: Option<S<i64>>,
+    pub(crate) bit: Option<S<i64>>,
+    #[serde(rename = "type")]
+    pub(crate) data_type: Option<S<RawType>>,
+    pub(crate) length: Option<S<i64>>,
+    pub(crate) word_order: Option<RawOrder>,
+    pub(crate) byte_order: Option<RawOrder>,
+    pub(crate) scale: Option<S<f64>>,
+    pub(crate) offset: Option<S<f64>>,
+    pub(crate) values: Option<S<BTreeMap<String, RawLabel>>>,
+    pub(crate) access: Option<S<RawAccess>>,
+    pub(crate) min: Option<S<f64>>,
+    pub(crate) max: Option<S<f64>>,
+    pub(crate) allowed: Option<S<Vec<f64>>>,
+    pub(crate) deadband: Option<S<f64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    U64,
+    I64,
+    F64,
+    String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawOrder {
+    Big,
+    Little,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum RawAccess {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+/// The device-side value of an enum label: `on: true` or `auto: 0`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawLabel {
+    Bool(bool),
+    Int(i64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSimulator {
+    pub(crate) listen: S<String>,
+    pub(crate) serves: Vec<S<String>>,
+    #[serde(default)]
+    pub(crate) initial: BTreeMap<Key, S<RawSimValue>>,
+    #[serde(default)]
+    pub(crate) drift: Vec<S<String>>,
+    #[serde(default)]
+    pub(crate) mirror: BTreeMap<Key, S<String>>,
+}
+
+/// An initial value for a simulated point, as YAML spells it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawSimValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}

@@ -1,0 +1,776 @@
+//! The semantic pass: raw config in, runtime config or every problem out.
+//!
+//! Each check pushes a problem and carries on, so that a technician fixes the
+//! whole file in one round. A problem names its place (`FILE:LINE:COL`), the
+//! field's path and what would be valid.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_saphyr::Spanned;
+
+use super::raw::*;
+use super::*;
+use crate::point::{Access, DataType, Label, Location, Order, Point, Table, Value};
+
+/// First path segments that the telemetry and answer documents use themselves.
+const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors"];
+
+struct Checker<'a> {
+    file: &'a Path,
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn at<T>(&mut self, spanned: &Spanned<T>, path: &str, message: impl std::fmt::Display) {
+        let loc = spanned.referenced;
+        if loc.line() > 0 {
+            self.problems.push(format!("{}:{}:{}: {path}: {message}", self.file.display(), loc.line(), loc.column()));
+        } else {
+            self.problems.push(format!("{}: {path}: {message}", self.file.display()));
+        }
+    }
+
+    fn key(&mut self, key: &Key, path: &str, message: impl std::fmt::Display) {
+        self.at(&key.0, path, message)
+    }
+
+    fn int<T: TryFrom<i64>>(&mut self, v: &Spanned<i64>, path: &str, lo: i64, hi: i64, what: &str) -> Option<T> {
+        if v.value < lo || v.value > hi {
+            self.at(v, path, format!("{} is out of range for {what} (valid: {lo} to {hi})", v.value));
+            return None;
+        }
+        T::try_from(v.value).ok()
+    }
+
+    fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.value.trim()) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.at(v, path, format!("{:?} is too short (at least {})", v.value, humantime::format_duration(min)));
+                default
+            }
+            Err(e) => {
+                self.at(v, path, format!("{:?} is not a duration: {e} (write e.g. 300ms, 2s, 1m)", v.value));
+                default
+            }
+        }
+    }
+
+    /// `${NAME}` → environment variable; `$${` → literal `${`.
+    fn interpolate(&mut self, v: &Spanned<String>, path: &str) -> String {
+        let s = &v.value;
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s.as_str();
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            if let Some(t) = tail.strip_prefix("$${") {
+                out.push_str("${");
+                rest = t;
+            } else if let Some(t) = tail.strip_prefix("${") {
+                let Some(end) = t.find('}') else {
+                    self.at(v, path, "unclosed `${` (write ${NAME}, or $${ for a literal ${)");
+                    return out;
+                };
+                let name = &t[..end];
+                match std::env::var(name) {
+                    Ok(val) => out.push_str(&val),
+                    Err(_) => self.at(v, path, format!("environment variable {name} is not set")),
+                }
+                rest = &t[end + 1..];
+            } else {
+                out.push('$');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigError> {
+    let mut c = Checker { file, problems: Vec::new(), warnings: Vec::new() };
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+
+    let connections: Vec<Connection> =
+        raw.connections.iter().filter_map(|(k, v)| connection(&mut c, k, v, &base)).collect();
+    let buses: Vec<Bus> = raw.buses.iter().filter_map(|(k, v)| bus(&mut c, k, v)).collect();
+    check_bus_conflicts(&mut c, &raw.buses, &buses);
+
+    let mut profiles: HashMap<&str, (Vec<Point>, Option<&RawReadLimits>)> = HashMap::new();
+    for (k, p) in &raw.profiles {
+        let path = format!("profiles.{}", k.name());
+        let points = points(&mut c, &p.points, &path);
+        profiles.insert(k.name(), (points, p.read.as_ref()));
+    }
+
+    let mut devices = Vec::new();
+    for (k, d) in &raw.devices {
+        if let Some(dev) = device(&mut c, k, d, &buses, &connections, &profiles) {
+            devices.push(dev);
+        }
+    }
+    if raw.devices.is_empty() {
+        c.problems.push(format!("{}: devices: no device is configured (add at least one under `devices:`)", file.display()));
+    }
+    check_device_conflicts(&mut c, &raw.devices, &devices, &buses);
+
+    let simulators = raw.simulators.iter().filter_map(|(k, s)| simulator(&mut c, k, s, &devices)).collect();
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError::Invalid { problems: c.problems });
+    }
+    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings })
+}
+
+fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> Option<Connection> {
+    let path = format!("connections.{}", key.name());
+    let broker = match (&raw.embedded, &raw.url) {
+        (Some(e), None) => {
+            let listen = socket_addr(c, &e.value.listen, &format!("{path}.embedded.listen"))?;
+            Some(Broker::Embedded { listen })
+        }
+        (None, Some(url)) => remote(c, url, raw.tls.as_ref(), &format!("{path}.url"), base),
+        (Some(_), Some(_)) => {
+            c.key(key, &path, "has both `embedded` and `url` (choose one)");
+            None
+        }
+        (None, None) => {
+            c.key(key, &path, "needs `url: mqtt://host:port` (or mqtts://) or `embedded: { listen: 127.0.0.1:1883 }`");
+            None
+        }
+    };
+    let client_id = match &raw.client_id {
+        Some(id) => c.interpolate(id, &format!("{path}.client_id")),
+        None => format!("twinbus-{}", key.name()),
+    };
+    if client_id.is_empty() || client_id.len() > 128 {
+        c.key(key, &format!("{path}.client_id"), "must be 1 to 128 characters");
+    }
+    let keep_alive = c.duration(raw.keep_alive.as_ref(), &format!("{path}.keep_alive"), Duration::from_secs(30), Duration::from_secs(5));
+    let password = match (&raw.password, &raw.password_file) {
+        (Some(p), None) => {
+            if !p.value.contains("${") {
+                c.warnings.push(format!(
+                    "{}:{}: {path}.password: the password is written inline; prefer `password: ${{ENV_VAR}}` or `password_file`",
+                    c.file.display(),
+                    p.referenced.line()
+                ));
+            }
+            Some(Secret(c.interpolate(p, &format!("{path}.password"))))
+        }
+        (None, Some(f)) => {
+            let file = base.join(c.interpolate(f, &format!("{path}.password_file")));
+            match std::fs::read_to_string(&file) {
+                Ok(s) => Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())),
+                Err(e) => {
+                    c.at(f, &format!("{path}.password_file"), format!("cannot read {}: {e}", file.display()));
+                    None
+                }
+            }
+        }
+        (Some(p), Some(_)) => {
+            c.at(p, &format!("{path}.password"), "both `password` and `password_file` are set (choose one)");
+            None
+        }
+        (None, None) => None,
+    };
+    let credentials = match (&raw.username, password) {
+        (Some(u), password) => {
+            let username = c.interpolate(u, &format!("{path}.username"));
+            Some(Credentials { username, password: password.unwrap_or(Secret(String::new())) })
+        }
+        (None, Some(_)) => {
+            c.key(key, &format!("{path}.username"), "a password is set but no `username`");
+            None
+        }
+        (None, None) => None,
+    };
+    Some(Connection { name: key.name().to_string(), broker: broker?, client_id, keep_alive, credentials })
+}
+
+fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>, path: &str, base: &Path) -> Option<Broker> {
+    let text = c.interpolate(url, path);
+    let (scheme, rest) = match text.split_once("://") {
+        Some(parts) => parts,
+        None => {
+            c.at(url, path, format!("{text:?} is not a URL (write mqtt://host:1883 or mqtts://host:8883)"));
+            return None;
+        }
+    };
+    let (secure, default_port) = match scheme {
+        "mqtt" | "tcp" => (false, 1883),
+        "mqtts" | "ssl" => (true, 8883),
+        "ws" | "wss" => {
+            c.at(url, path, format!("{scheme}:// is not supported yet (use mqtt:// or mqtts://)"));
+            return None;
+        }
+        other => {
+            c.at(url, path, format!("unknown scheme {other:?} (valid: mqtt, mqtts)"));
+            return None;
+        }
+    };
+    let authority = rest.trim_end_matches('/');
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) if port > 0 => (h.trim_matches(['[', ']']).to_string(), port),
+            _ => {
+                c.at(url, path, format!("{p:?} is not a port (1 to 65535)"));
+                return None;
+            }
+        },
+        _ => (authority.to_string(), default_port),
+    };
+    if host.is_empty() || host.contains('/') {
+        c.at(url, path, format!("{text:?} has no valid host (write mqtts://host:8883)"));
+        return None;
+    }
+    let tls = match (secure, tls) {
+        (true, t) => Some(t.map(|t| tls_settings(c, &t.value, path, base)).unwrap_or_default()),
+        (false, Some(t)) => {
+            c.at(t, path, "`tls` is set but the URL is mqtt:// (use mqtts:// for TLS)");
+            None
+        }
+        (false, None) => None,
+    };
+    Some(Broker::Remote { host, port, tls })
+}
+
+fn tls_settings(c: &mut Checker, t: &RawTls, path: &str, base: &Path) -> Tls {
+    let mut file = |v: &Option<Spanned<String>>, field: &str| -> Option<PathBuf> {
+        let v = v.as_ref()?;
+        let p = base.join(c.interpolate(v, &format!("{path}.tls.{field}")));
+        if !p.is_file() {
+            c.at(v, &format!("{path}.tls.{field}"), format!("{} does not exist or is not a file", p.display()));
+        }
+        Some(p)
+    };
+    let tls = Tls { ca: file(&t.ca, "ca"), cert: file(&t.cert, "cert"), key: file(&t.key, "key"), alpn: t.alpn.clone() };
+    if tls.cert.is_some() != tls.key.is_some() {
+        let v = t.cert.as_ref().or(t.key.as_ref());
+        if let Some(v) = v {
+            c.at(v, &format!("{path}.tls"), "a client certificate needs both `cert` and `key`");
+        }
+    }
+    tls
+}
+
+fn socket_addr(c: &mut Checker, v: &Spanned<String>, path: &str) -> Option<SocketAddr> {
+    match v.value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            c.at(v, path, format!("{:?} is not an address:port (write e.g. 127.0.0.1:1883)", v.value));
+            None
+        }
+    }
+}
+
+fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
+    let path = format!("buses.{}", key.name());
+    let transport = match (&raw.rtu, &raw.tcp) {
+        (Some(r), None) => {
+            let r = &r.value;
+            let p = format!("{path}.rtu");
+            let port = c.interpolate(&r.port, &format!("{p}.port"));
+            let baud = r.baud.as_ref().map_or(Some(9600), |b| c.int(b, &format!("{p}.baud"), 300, 4_000_000, "a baud rate"));
+            let data_bits = r.data_bits.as_ref().map_or(Some(8), |b| c.int(b, &format!("{p}.data_bits"), 7, 8, "data bits"));
+            let stop_bits = r.stop_bits.as_ref().map_or(Some(1), |b| c.int(b, &format!("{p}.stop_bits"), 1, 2, "stop bits"));
+            let parity = match r.parity.unwrap_or(RawParity::Even) {
+                RawParity::None => Parity::None,
+                RawParity::Even => Parity::Even,
+                RawParity::Odd => Parity::Odd,
+            };
+            Some(Transport::Rtu(SerialSettings { port, baud: baud?, parity, data_bits: data_bits?, stop_bits: stop_bits? }))
+        }
+        (None, Some(t)) => {
+            let t = &t.value;
+            let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
+            let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
+            Some(Transport::Tcp { host, port: port? })
+        }
+        (Some(_), Some(_)) => {
+            c.key(key, &path, "has both `rtu` and `tcp` (choose one)");
+            None
+        }
+        (None, None) => {
+            c.key(key, &path, "needs `rtu: { port: /dev/ttyUSB0, baud: 9600 }` or `tcp: { host: 10.0.0.5, port: 502 }`");
+            None
+        }
+    };
+    let timeout = c.duration(raw.timeout.as_ref(), &format!("{path}.timeout"), Duration::from_millis(500), Duration::from_millis(10));
+    let retries = raw.retries.as_ref().map_or(Some(1), |r| c.int(r, &format!("{path}.retries"), 0, 10, "retries"));
+    let transport = transport?;
+    // Modbus RTU frames are separated by 3.5 character times of silence; the
+    // spec fixes it at 1.75 ms above 19200 baud.
+    let default_delay = match &transport {
+        Transport::Rtu(s) if s.baud > 19200 => Duration::from_micros(1750),
+        Transport::Rtu(s) => Duration::from_micros(u64::from(38_500_000 / s.baud.max(1))),
+        Transport::Tcp { .. } => Duration::ZERO,
+    };
+    let delay = c.duration(raw.delay.as_ref(), &format!("{path}.delay"), default_delay, Duration::ZERO);
+    Some(Bus { name: key.name().to_string(), transport, timeout, retries: retries?, delay })
+}
+
+fn check_bus_conflicts(c: &mut Checker, raw: &Map<RawBus>, buses: &[Bus]) {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for b in buses {
+        let resource = match &b.transport {
+            Transport::Rtu(s) => format!("serial port {}", s.port),
+            Transport::Tcp { host, port } => format!("Modbus TCP endpoint {host}:{port}"),
+        };
+        if let Some(first) = seen.get(&resource) {
+            let key = raw.keys().find(|k| k.name() == b.name);
+            if let Some(key) = key {
+                c.key(key, &format!("buses.{}", b.name), format!(
+                    "uses the {resource} like bus `{first}`: one line has one owner (put both devices on `{first}`)"
+                ));
+            }
+        } else {
+            seen.insert(resource, &b.name);
+        }
+    }
+}
+
+fn read_limits(c: &mut Checker, raw: Option<&RawReadLimits>, path: &str) -> ReadLimits {
+    let mut limits = ReadLimits::default();
+    if let Some(r) = raw {
+        if let Some(v) = &r.max_registers {
+            limits.max_registers = c.int(v, &format!("{path}.read.max_registers"), 1, 125, "registers per read").unwrap_or(125);
+        }
+        if let Some(v) = &r.max_bits {
+            limits.max_bits = c.int(v, &format!("{path}.read.max_bits"), 1, 2000, "bits per read").unwrap_or(2000);
+        }
+        if let Some(v) = &r.max_gap {
+            limits.max_gap = c.int(v, &format!("{path}.read.max_gap"), 0, 124, "a gap").unwrap_or(0);
+        }
+    }
+    limits
+}
+
+fn device(
+    c: &mut Checker,
+    key: &Key,
+    raw: &RawDevice,
+    buses: &[Bus],
+    connections: &[Connection],
+    profiles: &HashMap<&str, (Vec<Point>, Option<&RawReadLimits>)>,
+) -> Option<Device> {
+    let path = format!("devices.{}", key.name());
+    let bus = buses.iter().position(|b| b.name == raw.bus.value);
+    if bus.is_none() {
+        let known = buses.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ");
+        c.at(&raw.bus, &format!("{path}.bus"), format!("no bus named {:?} (defined: {known})", raw.bus.value));
+    }
+    let is_tcp = bus.is_some_and(|i| matches!(buses[i].transport, Transport::Tcp { .. }));
+    // Modbus TCP devices are often addressed as 0 or 255; on a serial line 0
+    // is broadcast and 248–255 are reserved.
+    let (lo, hi) = if is_tcp { (0, 255) } else { (1, 247) };
+    let unit = c.int(&raw.unit, &format!("{path}.unit"), lo, hi, "a unit id");
+
+    let mut pts = Vec::new();
+    let mut read_raw = raw.read.as_ref();
+    if let Some(p) = &raw.profile {
+        match profiles.get(p.value.as_str()) {
+            Some((points, read)) => {
+                pts.extend(points.iter().cloned());
+                read_raw = read_raw.or(*read);
+            }
+            None => {
+                let known = profiles.keys().copied().collect::<Vec<_>>().join(", ");
+                c.at(p, &format!("{path}.profile"), format!("no profile named {:?} (defined: {known})", p.value));
+            }
+        }
+    }
+    let own = points(c, &raw.points, &path);
+    for p in own {
+        if pts.iter().any(|q: &Point| q.path == p.path) {
+            c.key(key, &format!("{path}.points.{}", p.path), "is also defined by the profile (rename one)");
+        } else {
+            pts.push(p);
+        }
+    }
+    pts.sort_by(|a, b| a.path.cmp(&b.path));
+    let unknown_profile = raw.profile.as_ref().is_some_and(|p| !profiles.contains_key(p.value.as_str()));
+    if pts.is_empty() && !unknown_profile {
+        c.key(key, &path, "has no points (give it `profile:` or `points:`)");
+    }
+    check_overlaps(c, key, &path, &pts);
+    let read = read_limits(c, read_raw, &path);
+    let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
+    let twin = match &raw.twin {
+        Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
+        None => None,
+    };
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, poll, twin })
+}
+
+fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connection]) -> Option<Twin> {
+    let raw = &t.value;
+    let connection = connections.iter().position(|x| x.name == raw.connection.value);
+    if connection.is_none() {
+        let known = connections.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ");
+        c.at(&raw.connection, &format!("{path}.connection"), format!("no connection named {:?} (defined: {known})", raw.connection.value));
+    }
+    let mut topic = |v: &Option<Spanned<String>>, field: &str| -> Option<String> {
+        let v = v.as_ref()?;
+        let s = v.value.trim();
+        if s.is_empty() || s.contains(['+', '#', '\0']) || s.len() > 1024 {
+            c.at(v, &format!("{path}.{field}"), format!("{s:?} is not a topic name (no wildcards + or #, not empty)"));
+        }
+        Some(s.to_string())
+    };
+    let commands = topic(&raw.commands, "commands");
+    let responses = topic(&raw.responses, "responses");
+    let telemetry = topic(&raw.telemetry, "telemetry");
+    if commands.is_some() && responses.is_none() {
+        c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
+    }
+    let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    Some(Twin {
+        connection: connection?,
+        commands,
+        responses,
+        telemetry,
+        telemetry_interval,
+        report_on_change: raw.report_on_change.unwrap_or(true),
+        acknowledge: raw.acknowledge.unwrap_or(false),
+        allow_shutdown: raw.allow_shutdown.unwrap_or(false),
+    })
+}
+
+fn points(c: &mut Checker, raw: &Map<RawPoint>, parent: &str) -> Vec<Point> {
+    let mut out: Vec<Point> = Vec::new();
+    for (k, p) in raw {
+        let path = format!("{parent}.points.{}", k.name());
+        if let Some(point) = point(c, k, p, &path) {
+            out.push(point);
+        }
+    }
+    // `a.b` and `a.b.c` cannot both exist in one JSON document.
+    for a in &out {
+        for b in &out {
+            if b.path.starts_with(&format!("{}.", a.path)) {
+                let key = raw.keys().find(|k| k.name() == b.path);
+                if let Some(key) = key {
+                    c.key(key, &format!("{parent}.points.{}", b.path), format!("is inside point `{}`, which holds a value (rename one)", a.path));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> {
+    let name = key.name();
+    let valid_path = !name.is_empty()
+        && name.split('.').all(|s| !s.is_empty() && s.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-'));
+    if !valid_path {
+        c.key(key, path, "is not a point path (segments of letters, digits, _ or -, joined by dots: deviceAttrib.motorStatus)");
+    }
+    let root = name.split('.').next().unwrap_or("");
+    if RESERVED_ROOTS.contains(&root) {
+        c.key(key, path, format!("`{root}` is used by twinbus's own documents (reserved: {})", RESERVED_ROOTS.join(", ")));
+    }
+    let tables = [(&p.coil, Table::Coil), (&p.discrete, Table::DiscreteInput), (&p.input, Table::InputRegister), (&p.holding, Table::HoldingRegister)];
+    let given: Vec<_> = tables.iter().filter_map(|(v, t)| v.as_ref().map(|v| (v, *t))).collect();
+    let (addr, table) = match given.as_slice() {
+        [(v, t)] => (*v, *t),
+        [] => {
+            c.key(key, path, "needs its location: one of `coil`, `discrete`, `input` or `holding` with an address");
+            return None;
+        }
+        _ => {
+            c.key(key, path, "has more than one of `coil`, `discrete`, `input`, `holding` (choose one)");
+            return None;
+        }
+    };
+    let address: u16 = c.int(addr, &format!("{path}.{}", table.name()), 0, 65535, "an address")?;
+
+    let bit = match &p.bit {
+        Some(b) if !table.is_bits() => Some(c.int::<u8>(b, &format!("{path}.bit"), 0, 15, "a bit number")?),
+        Some(b) => {
+            c.at(b, &format!("{path}.bit"), format!("`bit` selects a bit of a register; a {} is already one bit", table.name()));
+            return None;
+        }
+        None => None,
+    };
+    let default_type = if table.is_bits() || bit.is_some() { RawType::Bool } else { RawType::U16 };
+    let raw_type = p.data_type.as_ref().map_or(default_type, |t| t.value);
+    if (table.is_bits() || bit.is_some()) && raw_type != RawType::Bool {
+        if let Some(t) = &p.data_type {
+            c.at(t, &format!("{path}.type"), "a single bit can only be `bool`");
+        }
+        return None;
+    }
+    let data_type = match raw_type {
+        RawType::Bool => DataType::Bool,
+        RawType::U16 => DataType::U16,
+        RawType::I16 => DataType::I16,
+        RawType::U32 => DataType::U32,
+        RawType::I32 => DataType::I32,
+        RawType::F32 => DataType::F32,
+        RawType::U64 => DataType::U64,
+        RawType::I64 => DataType::I64,
+        RawType::F64 => DataType::F64,
+        RawType::String => match &p.length {
+            Some(l) => DataType::String { len: c.int(l, &format!("{path}.length"), 1, 240, "a string length in characters")? },
+            None => {
+                c.key(key, &format!("{path}.length"), "a string point needs `length` (characters, two per register)");
+                return None;
+            }
+        },
+    };
+    if let (Some(l), false) = (&p.length, raw_type == RawType::String) {
+        c.at(l, &format!("{path}.length"), "`length` is only for `type: string`");
+    }
+    let width = if table.is_bits() || bit.is_some() { 1 } else { data_type.registers() };
+    if u32::from(address) + u32::from(width) - 1 > 65535 {
+        c.at(addr, path, format!("a {} at {address} spans {width} registers and runs past 65535", data_type.name()));
+    }
+
+    let default_access = if table.is_writable() { RawAccess::ReadWrite } else { RawAccess::Read };
+    let access = match p.access.as_ref().map_or(default_access, |a| a.value) {
+        RawAccess::Read => Access::Read,
+        RawAccess::Write => Access::Write,
+        RawAccess::ReadWrite => Access::ReadWrite,
+    };
+    if access.writable() && !table.is_writable() {
+        if let Some(a) = &p.access {
+            c.at(a, &format!("{path}.access"), format!("a {} cannot be written (only coils and holding registers can)", table.name()));
+        }
+    }
+
+    let scale = p.scale.as_ref().map_or(1.0, |s| s.value);
+    let offset = p.offset.as_ref().map_or(0.0, |s| s.value);
+    let numeric = !matches!(data_type, DataType::Bool | DataType::String { .. });
+    for (v, field) in [(&p.scale, "scale"), (&p.offset, "offset")] {
+        if let Some(v) = v {
+            if !numeric {
+                c.at(v, &format!("{path}.{field}"), format!("`{field}` applies to numbers, not to a {}", data_type.name()));
+            } else if !v.value.is_finite() || (field == "scale" && v.value == 0.0) {
+                c.at(v, &format!("{path}.{field}"), format!("{} is not a usable {field}", v.value));
+            }
+        }
+    }
+
+    let mut labels = Vec::new();
+    if let Some(values) = &p.values {
+        if matches!(data_type, DataType::F32 | DataType::F64 | DataType::String { .. }) || scale != 1.0 || offset != 0.0 {
+            c.at(values, &format!("{path}.values"), "enum labels apply to bool and unscaled integer points");
+        }
+        for (name, raw) in &values.value {
+            let raw = match raw {
+                RawLabel::Bool(b) => i64::from(*b),
+                RawLabel::Int(i) => *i,
+            };
+            if let Some(other) = labels.iter().find(|l: &&Label| l.raw == raw) {
+                c.at(values, &format!("{path}.values.{name}"), format!("has the same device value {raw} as `{}`", other.name));
+            }
+            labels.push(Label { name: name.clone(), raw });
+        }
+        if labels.is_empty() {
+            c.at(values, &format!("{path}.values"), "is empty (write e.g. `{ on: true, off: false }`)");
+        }
+    }
+
+    let point = Point {
+        path: name.to_string(),
+        location: Location { table, address, bit },
+        data_type,
+        word_order: order(p.word_order),
+        byte_order: order(p.byte_order),
+        scale,
+        offset,
+        labels,
+        access,
+        min: p.min.as_ref().map(|v| v.value),
+        max: p.max.as_ref().map(|v| v.value),
+        allowed: p.allowed.as_ref().map(|v| v.value.clone()).unwrap_or_default(),
+        deadband: p.deadband.as_ref().map_or(0.0, |v| v.value),
+    };
+    check_limits(c, p, &point, path);
+    if let Some(v) = &p.values {
+        let mut probe = point.clone();
+        probe.access = Access::ReadWrite;
+        for l in &point.labels {
+            if let Err(e) = probe.encode(&Value::Text(l.name.clone())) {
+                c.at(v, &format!("{path}.values.{}", l.name), e);
+            }
+        }
+    }
+    Some(point)
+}
+
+fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
+    let limited = p.min.is_some() || p.max.is_some() || p.allowed.is_some();
+    let numeric = point.labels.is_empty() && !matches!(point.data_type, DataType::Bool | DataType::String { .. });
+    if limited && !numeric {
+        let at = p.min.as_ref().or(p.max.as_ref());
+        if let Some(v) = at {
+            c.at(v, path, "`min`, `max` and `allowed` apply to numeric points (use `values` for labels)");
+        } else if let Some(v) = &p.allowed {
+            c.at(v, path, "`allowed` applies to numeric points (use `values` for labels)");
+        }
+        return;
+    }
+    if let (Some(lo), Some(hi)) = (&p.min, &p.max) {
+        if lo.value > hi.value {
+            c.at(lo, &format!("{path}.min"), format!("{} is above max {}", lo.value, hi.value));
+        }
+    }
+    // Each limit must itself be writable, or the limit is a typo.
+    let mut probe = point.clone();
+    probe.min = None;
+    probe.max = None;
+    probe.allowed = Vec::new();
+    probe.access = Access::ReadWrite;
+    for (v, field) in [(&p.min, "min"), (&p.max, "max")] {
+        if let Some(v) = v {
+            if let Err(e) = probe.encode(&Value::Float(v.value)) {
+                if !e.contains("multiple of the scale") {
+                    c.at(v, &format!("{path}.{field}"), format!("does not fit the point's type: {e}"));
+                }
+            }
+        }
+    }
+    if let Some(list) = &p.allowed {
+        for a in &list.value {
+            if let Err(e) = probe.encode(&Value::Float(*a)) {
+                c.at(list, &format!("{path}.allowed"), format!("{a}: {e}"));
+            }
+        }
+    }
+    if let Some(d) = &p.deadband {
+        if !(d.value >= 0.0 && d.value.is_finite()) {
+            c.at(d, &format!("{path}.deadband"), "must be zero or a positive number");
+        }
+    }
+}
+
+fn order(o: Option<RawOrder>) -> Order {
+    match o {
+        Some(RawOrder::Little) => Order::Little,
+        _ => Order::Big,
+    }
+}
+
+/// Two writable points on the same registers would let one command clobber
+/// another's value; read-only views of the same registers are fine.
+fn check_overlaps(c: &mut Checker, key: &Key, path: &str, points: &[Point]) {
+    let writable: Vec<&Point> = points.iter().filter(|p| p.access.writable()).collect();
+    for (i, a) in writable.iter().enumerate() {
+        for b in &writable[i + 1..] {
+            if a.location.table != b.location.table {
+                continue;
+            }
+            let (a0, a1) = a.span();
+            let (b0, b1) = b.span();
+            let same_range = a0 <= b1 && b0 <= a1;
+            let distinct_bits = matches!((a.location.bit, b.location.bit), (Some(x), Some(y)) if x != y);
+            if same_range && !distinct_bits {
+                c.key(key, path, format!(
+                    "writable points `{}` ({} {a0}..={a1}) and `{}` ({} {b0}..={b1}) overlap (make one `access: read`, or move it)",
+                    a.path, a.location.table.name(), b.path, b.location.table.name()
+                ));
+            }
+        }
+    }
+}
+
+fn check_device_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Device], buses: &[Bus]) {
+    let key_of = |name: &str| raw.keys().find(|k| k.name() == name);
+    let mut units: BTreeMap<(usize, u8), &str> = BTreeMap::new();
+    let mut topics: BTreeMap<(usize, String), (String, &str)> = BTreeMap::new();
+    for d in devices {
+        if let Some(first) = units.insert((d.bus, d.unit), &d.name) {
+            if let Some(k) = key_of(&d.name) {
+                c.key(k, &format!("devices.{}.unit", d.name), format!(
+                    "unit {} on bus `{}` is already used by device `{first}` (each device on a line needs its own unit id)",
+                    d.unit, buses[d.bus].name
+                ));
+            }
+        }
+        let Some(t) = &d.twin else { continue };
+        for (field, topic) in [("commands", &t.commands), ("responses", &t.responses), ("telemetry", &t.telemetry)] {
+            let Some(topic) = topic else { continue };
+            let here = format!("devices.{}.twin.{field}", d.name);
+            if let Some((other, _)) = topics.insert((t.connection, topic.clone()), (here.clone(), &d.name)) {
+                if let Some(k) = key_of(&d.name) {
+                    c.key(k, &here, format!("topic {topic:?} is already used by {other} on the same connection (give each its own topic)"));
+                }
+            }
+        }
+    }
+}
+
+fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -> Option<Simulator> {
+    let path = format!("simulators.{}", key.name());
+    let listen = socket_addr(c, &s.listen, &format!("{path}.listen"));
+    let mut served: Vec<&Device> = Vec::new();
+    for name in &s.serves {
+        match devices.iter().find(|d| d.name == name.value) {
+            Some(d) if served.iter().any(|x| x.unit == d.unit) => {
+                c.at(name, &format!("{path}.serves"), format!("two served devices share unit {}", d.unit));
+            }
+            Some(d) => served.push(d),
+            None => c.at(name, &format!("{path}.serves"), format!("no device named {:?}", name.value)),
+        }
+    }
+    let find = |p: &str| served.iter().flat_map(|d| d.points.iter()).find(|x| x.path == p).cloned();
+    let mut initial = Vec::new();
+    for (k, v) in &s.initial {
+        let Some(point) = find(k.name()) else {
+            c.key(k, &format!("{path}.initial"), format!("no served device has a point {:?}", k.name()));
+            continue;
+        };
+        let value = match &v.value {
+            RawSimValue::Bool(b) => Value::Bool(*b),
+            RawSimValue::Int(i) => Value::Int(*i),
+            RawSimValue::Float(f) => Value::Float(*f),
+            RawSimValue::Text(t) => Value::Text(t.clone()),
+        };
+        let mut probe = point.clone();
+        probe.access = Access::ReadWrite;
+        probe.min = None;
+        probe.max = None;
+        probe.allowed.clear();
+        if let Err(e) = probe.encode(&value) {
+            c.at(v, &format!("{path}.initial.{}", k.name()), e);
+        }
+        initial.push((k.name().to_string(), value));
+    }
+    for d in &s.drift {
+        if find(&d.value).is_none() {
+            c.at(d, &format!("{path}.drift"), format!("no served device has a point {:?}", d.value));
+        }
+    }
+    let mut mirror = Vec::new();
+    for (k, leader) in &s.mirror {
+        if find(k.name()).is_none() {
+            c.key(k, &format!("{path}.mirror"), format!("no served device has a point {:?}", k.name()));
+        }
+        if find(&leader.value).is_none() {
+            c.at(leader, &format!("{path}.mirror.{}", k.name()), format!("no served device has a point {:?}", leader.value));
+        }
+        mirror.push((k.name().to_string(), leader.value.clone()));
+    }
+    let devices = served
+        .iter()
+        .map(|d| {
+            let has = |p: &str| d.points.iter().any(|x| x.path == p);
+            SimulatedDevice {
+                unit: d.unit,
+                points: d.points.clone(),
+                initial: initial.iter().filter(|(p, _)| has(p)).cloned().collect(),
+                drift: s.drift.iter().map(|x| x.value.clone()).filter(|p| has(p)).collect(),
+                mirror: mirror.iter().filter(|(f, _)| has(f)).cloned().collect(),
+            }
+        })
+        .collect();
+    Some(Simulator { name: key.name().to_string(), listen: listen?, devices })
+}

@@ -1,0 +1,183 @@
+//! Wiring: build every part from a validated config, run it, shut it down.
+//!
+//! Start order follows the data flow from the field up: embedded brokers and
+//! simulators, bus owners, device actors, MQTT connections, twin adapters.
+//! Shutdown goes the other way, so that nothing in flight is cut off:
+//! 1. adapters stop taking commands (queued ones are answered with a refusal)
+//!    and finish the one they are executing;
+//! 2. device actors finish what they were asked and stop polling;
+//! 3. connections flush their answers (until PUBACK, at most 2 s) and disconnect;
+//! 4. bus owners, simulators and embedded brokers stop.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Broker, Config};
+use crate::device::{spawn_device, DeviceHandle};
+use crate::modbus::spawn_bus;
+use crate::mqtt::{spawn_connection, ConnectionHandle, Routes};
+use crate::sim::{self, SimHandle};
+use crate::twin::{run_commands, run_telemetry};
+
+/// How long shutdown waits for answers to reach the broker.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+/// How long shutdown waits for a command on the wire to finish.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    adapters: TaskTracker,
+    devices: Vec<(DeviceHandle, tokio::task::JoinHandle<()>)>,
+    connections: Vec<ConnectionHandle>,
+    simulators: Vec<(String, SimHandle)>,
+    #[cfg(feature = "embedded-broker")]
+    brokers: Vec<crate::mqtt::EmbeddedBroker>,
+    stop_adapters: CancellationToken,
+    stop_devices: CancellationToken,
+    stop_connections: CancellationToken,
+    stop_simulators: CancellationToken,
+    remote_shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Starts everything the config describes.
+    pub async fn start(config: &Config) -> anyhow::Result<Gateway> {
+        // ring is the only provider we build with; installing it explicitly
+        // keeps rustls from guessing (it panics if it finds two).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let stop_simulators = CancellationToken::new();
+        let stop_adapters = CancellationToken::new();
+        let stop_devices = CancellationToken::new();
+        let stop_connections = CancellationToken::new();
+        let remote_shutdown = CancellationToken::new();
+
+        #[cfg(feature = "embedded-broker")]
+        let mut brokers = Vec::new();
+        for c in &config.connections {
+            if let Broker::Embedded { listen } = &c.broker {
+                #[cfg(feature = "embedded-broker")]
+                {
+                    brokers.push(crate::mqtt::EmbeddedBroker::start(*listen)?);
+                    tracing::info!(connection = %c.name, %listen, "embedded MQTT broker listening");
+                }
+                #[cfg(not(feature = "embedded-broker"))]
+                anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
+            }
+        }
+
+        let mut simulators = Vec::new();
+        for s in &config.simulators {
+            simulators.push((s.name.clone(), sim::start(s, stop_simulators.clone()).await?));
+        }
+
+        let buses: Vec<_> = config.buses.iter().map(|b| spawn_bus(b.clone())).collect();
+        let mut devices = Vec::new();
+        for d in &config.devices {
+            let bus = &config.buses[d.bus];
+            devices.push(spawn_device(d, buses[d.bus].clone(), bus.retries, stop_devices.clone()));
+        }
+        drop(buses); // each bus owner ends when its last device actor does
+
+        let mut routes: Vec<Routes> = vec![HashMap::new(); config.connections.len()];
+        let mut inboxes = HashMap::new();
+        for d in &config.devices {
+            if let Some(t) = &d.twin {
+                if let Some(topic) = &t.commands {
+                    let (tx, rx) = mpsc::channel(64);
+                    routes[t.connection].insert(topic.clone(), tx);
+                    inboxes.insert(d.name.clone(), rx);
+                }
+            }
+        }
+        let mut connections = Vec::new();
+        for (c, r) in config.connections.iter().zip(routes) {
+            let handle = spawn_connection(c, r, stop_connections.clone()).with_context(|| format!("connection `{}`", c.name))?;
+            connections.push(handle);
+        }
+
+        let adapters = TaskTracker::new();
+        for (d, (device, _)) in config.devices.iter().zip(&devices) {
+            let Some(twin) = &d.twin else { continue };
+            let conn = connections[twin.connection].clone();
+            if let Some(inbox) = inboxes.remove(&d.name) {
+                adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
+            }
+            adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));
+        }
+        adapters.close();
+        tracing::info!(
+            devices = config.devices.len(),
+            buses = config.buses.len(),
+            connections = config.connections.len(),
+            "twinbus running (config {})",
+            config.source.display()
+        );
+        Ok(Gateway {
+            adapters,
+            devices,
+            connections,
+            simulators,
+            #[cfg(feature = "embedded-broker")]
+            brokers,
+            stop_adapters,
+            stop_devices,
+            stop_connections,
+            stop_simulators,
+            remote_shutdown,
+        })
+    }
+
+    /// Fires when a twin allowed to do so sent `{"shutdown": true}`.
+    pub fn remote_shutdown(&self) -> CancellationToken {
+        self.remote_shutdown.clone()
+    }
+
+    /// A simulator started by the config, by name.
+    pub fn simulator(&self, name: &str) -> Option<&SimHandle> {
+        self.simulators.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    /// The device actors, for embedding and tests.
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceHandle> {
+        self.devices.iter().map(|(d, _)| d)
+    }
+
+    /// Stops everything in order; see the module docs.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new commands");
+        self.stop_adapters.cancel();
+        if tokio::time::timeout(COMMAND_DEADLINE, self.adapters.wait()).await.is_err() {
+            tracing::warn!("a command was still running after {COMMAND_DEADLINE:?}; it was abandoned");
+        }
+        self.stop_devices.cancel();
+        for (device, task) in self.devices {
+            if tokio::time::timeout(COMMAND_DEADLINE, task).await.is_err() {
+                tracing::warn!(device = %device.name, "device actor did not stop in time");
+            }
+        }
+        for c in &self.connections {
+            if !c.flush(FLUSH_DEADLINE).await {
+                tracing::warn!(connection = %c.name, "some messages were not acknowledged by the broker before shutdown");
+            }
+            c.disconnect().await;
+        }
+        // Give the event loops a moment to put DISCONNECT on the wire.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop_connections.cancel();
+        self.stop_simulators.cancel();
+        #[cfg(feature = "embedded-broker")]
+        for b in self.brokers {
+            b.stop();
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,16 @@
+//! twinbus: an edge gateway that gives every Modbus device a cloud digital twin.
+//!
+//! The data flows one way in and one way out:
+//! connection (`mqtt`) → twin adapter (`twin`) → device actor (`device`) →
+//! bus owner (`modbus`) → wire, and back. `config` validates everything before
+//! any of it starts; `gateway` wires the parts together. See ARCHITECTURE.md.
+#![warn(unreachable_pub, missing_debug_implementations)]
+
+pub mod config;
+pub mod device;
+pub mod gateway;
+pub mod modbus;
+pub mod mqtt;
+pub mod point;
+pub mod sim;
+pub mod twin;

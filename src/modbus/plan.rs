@@ -1,0 +1,202 @@
+//! The read planner: the fewest requests that cover a set of points.
+//!
+//! Other gateways send one request per configured value, which makes serial
+//! polling crawl. Here points of one table that sit next to each other (or
+//! within `max_gap` unconfigured addresses) share one request, up to the
+//! device's per-request limit. Writes are merged the same way when their
+//! addresses are contiguous.
+
+use crate::config::ReadLimits;
+use crate::point::{Encoded, Point, Table};
+
+use super::Op;
+
+/// One read request and the points it serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadBlock {
+    /// Table read.
+    pub table: Table,
+    /// First address.
+    pub start: u16,
+    /// Number of bits or registers.
+    pub count: u16,
+    /// Indices (into the point list given to [`plan_reads`]) of the points served.
+    pub points: Vec<usize>,
+}
+
+impl ReadBlock {
+    /// The request to send.
+    pub fn op(&self) -> Op {
+        match self.table {
+            Table::Coil => Op::ReadCoils(self.start, self.count),
+            Table::DiscreteInput => Op::ReadDiscreteInputs(self.start, self.count),
+            Table::InputRegister => Op::ReadInputRegisters(self.start, self.count),
+            Table::HoldingRegister => Op::ReadHoldingRegisters(self.start, self.count),
+        }
+    }
+}
+
+/// Plans reads for the points at `indices` of `points`.
+pub fn plan_reads(points: &[Point], indices: &[usize], limits: &ReadLimits) -> Vec<ReadBlock> {
+    let mut sorted: Vec<usize> = indices.to_vec();
+    sorted.sort_by_key(|&i| (points[i].location.table, points[i].span()));
+    let mut blocks: Vec<ReadBlock> = Vec::new();
+    for i in sorted {
+        let p = &points[i];
+        let table = p.location.table;
+        let (start, end) = p.span();
+        let max = u32::from(if table.is_bits() { limits.max_bits } else { limits.max_registers });
+        if let Some(b) = blocks.last_mut() {
+            let b_end = u32::from(b.start) + u32::from(b.count) - 1;
+            let new_end = b_end.max(end);
+            let near = start <= b_end + 1 + u32::from(limits.max_gap);
+            if b.table == table && near && new_end - u32::from(b.start) < max {
+                b.count = (new_end - u32::from(b.start) + 1) as u16;
+                b.points.push(i);
+                continue;
+            }
+        }
+        blocks.push(ReadBlock { table, start: start as u16, count: (end - start + 1) as u16, points: vec![i] });
+    }
+    blocks
+}
+
+/// One write request and the points it carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOp {
+    /// A plain write.
+    Write {
+        /// The request.
+        op: Op,
+        /// Indices of the points written.
+        points: Vec<usize>,
+    },
+    /// Bits of one holding register: read it, change the bits, write it back.
+    RegisterBits {
+        /// Register address.
+        address: u16,
+        /// (bit, new state) pairs.
+        bits: Vec<(u8, bool)>,
+        /// Indices of the points written.
+        points: Vec<usize>,
+    },
+}
+
+/// Plans the writes of already-validated values, merging contiguous ones.
+/// Writes go out in address order.
+pub fn plan_writes(points: &[Point], writes: &[(usize, Encoded)]) -> Vec<WriteOp> {
+    let mut sorted: Vec<&(usize, Encoded)> = writes.iter().collect();
+    sorted.sort_by_key(|(i, _)| (points[*i].location.table, points[*i].location.address, points[*i].location.bit));
+    let mut ops: Vec<WriteOp> = Vec::new();
+    for (i, enc) in sorted {
+        let addr = points[*i].location.address;
+        match (ops.last_mut(), enc) {
+            (Some(WriteOp::Write { op: Op::WriteCoils(start, bits), points: ps }), Encoded::Bits(new))
+                if usize::from(*start) + bits.len() == usize::from(addr) && bits.len() + new.len() <= 1968 =>
+            {
+                bits.extend_from_slice(new);
+                ps.push(*i);
+            }
+            (Some(WriteOp::Write { op: Op::WriteRegisters(start, words), points: ps }), Encoded::Words(new))
+                if usize::from(*start) + words.len() == usize::from(addr) && words.len() + new.len() <= 123 =>
+            {
+                words.extend_from_slice(new);
+                ps.push(*i);
+            }
+            (Some(WriteOp::RegisterBits { address, bits, points: ps }), Encoded::RegisterBit { bit, value })
+                if *address == addr =>
+            {
+                bits.push((*bit, *value));
+                ps.push(*i);
+            }
+            (_, Encoded::Bits(b)) => ops.push(WriteOp::Write { op: Op::WriteCoils(addr, b.clone()), points: vec![*i] }),
+            (_, Encoded::Words(w)) => ops.push(WriteOp::Write { op: Op::WriteRegisters(addr, w.clone()), points: vec![*i] }),
+            (_, Encoded::RegisterBit { bit, value }) => {
+                ops.push(WriteOp::RegisterBits { address: addr, bits: vec![(*bit, *value)], points: vec![*i] })
+            }
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::{Access, DataType, Location, Order};
+
+    fn pt(table: Table, address: u16, data_type: DataType) -> Point {
+        Point {
+            path: format!("p{address}"),
+            location: Location { table, address, bit: None },
+            data_type,
+            word_order: Order::Big,
+            byte_order: Order::Big,
+            scale: 1.0,
+            offset: 0.0,
+            labels: vec![],
+            access: Access::ReadWrite,
+            min: None,
+            max: None,
+            allowed: vec![],
+            deadband: 0.0,
+        }
+    }
+
+    fn all(points: &[Point]) -> Vec<usize> {
+        (0..points.len()).collect()
+    }
+
+    #[test]
+    fn contiguous_registers_share_one_request() {
+        let points = vec![
+            pt(Table::HoldingRegister, 10, DataType::F32),
+            pt(Table::HoldingRegister, 12, DataType::U16),
+            pt(Table::HoldingRegister, 13, DataType::U64),
+        ];
+        let plan = plan_reads(&points, &all(&points), &ReadLimits::default());
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].op(), Op::ReadHoldingRegisters(10, 7));
+        assert_eq!(plan[0].points, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn gaps_split_requests_unless_allowed() {
+        let points = vec![pt(Table::InputRegister, 0, DataType::U16), pt(Table::InputRegister, 5, DataType::U16)];
+        assert_eq!(plan_reads(&points, &all(&points), &ReadLimits::default()).len(), 2);
+        let limits = ReadLimits { max_gap: 4, ..ReadLimits::default() };
+        let plan = plan_reads(&points, &all(&points), &limits);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].op(), Op::ReadInputRegisters(0, 6));
+    }
+
+    #[test]
+    fn tables_are_never_mixed_and_the_device_limit_holds() {
+        let points: Vec<Point> = (0..10).map(|a| pt(Table::HoldingRegister, a, DataType::U16)).chain([pt(Table::Coil, 0, DataType::Bool)]).collect();
+        let limits = ReadLimits { max_registers: 4, ..ReadLimits::default() };
+        let plan = plan_reads(&points, &all(&points), &limits);
+        let counts: Vec<(Table, u16)> = plan.iter().map(|b| (b.table, b.count)).collect();
+        assert_eq!(counts, vec![(Table::Coil, 1), (Table::HoldingRegister, 4), (Table::HoldingRegister, 4), (Table::HoldingRegister, 2)]);
+    }
+
+    #[test]
+    fn contiguous_writes_merge_and_others_do_not() {
+        let points = vec![
+            pt(Table::HoldingRegister, 10, DataType::F32),
+            pt(Table::HoldingRegister, 12, DataType::U16),
+            pt(Table::HoldingRegister, 20, DataType::U16),
+            pt(Table::Coil, 0, DataType::Bool),
+        ];
+        let writes = vec![
+            (2, Encoded::Words(vec![7])),
+            (0, Encoded::Words(vec![1, 2])),
+            (1, Encoded::Words(vec![3])),
+            (3, Encoded::Bits(vec![true])),
+        ];
+        let plan = plan_writes(&points, &writes);
+        assert_eq!(plan, vec![
+            WriteOp::Write { op: Op::WriteCoils(0, vec![true]), points: vec![3] },
+            WriteOp::Write { op: Op::WriteRegisters(10, vec![1, 2, 3]), points: vec![0, 1] },
+            WriteOp::Write { op: Op::WriteRegisters(20, vec![7]), points: vec![2] },
+        ]);
+    }
+}

@@ -1,0 +1,101 @@
+//! The embedded MQTT broker (rmqtt), for the demo, the tests and local-only sites.
+//!
+//! rmqtt spawns every client session as a task of its own, so stopping its
+//! `run()` future would leave sessions alive. It therefore gets a thread and a
+//! runtime of its own, dropped at shutdown, which ends every session. Its
+//! listener defaults to 0.0.0.0 with Nagle on; we always pass the configured
+//! address (loopback in the shipped config) and turn Nagle off.
+
+use std::net::SocketAddr;
+use std::sync::mpsc as std_mpsc;
+
+use anyhow::{anyhow, Context as _};
+use tokio::sync::oneshot;
+
+/// A running embedded broker; dropping it (or [`EmbeddedBroker::stop`]) stops it.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    listen: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Largest MQTT packet the broker accepts: above the 256 KiB command limit, so
+/// that an oversized command reaches the gateway and gets a clear answer.
+const MAX_PACKET: u32 = 1024 * 1024;
+
+impl EmbeddedBroker {
+    /// Starts the broker and returns once it listens (or why it cannot).
+    pub fn start(listen: SocketAddr) -> anyhow::Result<EmbeddedBroker> {
+        let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<()>>();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("embedded-broker".to_string())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!("cannot start the broker runtime: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let scx = rmqtt::context::ServerContext::new().build().await;
+                    let listener = rmqtt::net::Builder::new()
+                        .name("embedded/tcp")
+                        .laddr(listen)
+                        .nodelay(true)
+                        .max_packet_size(MAX_PACKET)
+                        .bind()
+                        .and_then(|b| b.tcp());
+                    let listener = match listener {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow!("{e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let server = rmqtt::server::MqttServer::new(scx).listener(listener).build();
+                    tokio::select! {
+                        r = server.run() => if let Err(e) = r { tracing::error!("embedded broker stopped: {e}") },
+                        _ = stopped => {}
+                    }
+                });
+                rt.shutdown_background();
+            })
+            .context("cannot start the broker thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(EmbeddedBroker { listen, stop: Some(stop), thread: Some(thread) }),
+            Ok(Err(e)) => Err(e).with_context(|| {
+                format!("the embedded broker cannot listen on {listen} (is another broker or gateway using the port?)")
+            }),
+            Err(_) => Err(anyhow!("the embedded broker thread ended before listening on {listen}")),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Stops the broker and every session in it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

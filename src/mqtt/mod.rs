@@ -1,0 +1,15 @@
+//! The cloud side's wire: MQTT connections and the embedded broker.
+//!
+//! Only this module knows rumqttc and rmqtt types. Twin adapters get incoming
+//! messages on channels (one per subscribed topic) and publish through a
+//! [`ConnectionHandle`]; they never see the client or its options, which print
+//! passwords in their `Debug` output.
+
+#[cfg(feature = "embedded-broker")]
+mod broker;
+mod connection;
+mod tls;
+
+#[cfg(feature = "embedded-broker")]
+pub use broker::EmbeddedBroker;
+pub use connection::{spawn_connection, ConnectionHandle, Message, Routes};

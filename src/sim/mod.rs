@@ -1,0 +1,344 @@
+//! The built-in Modbus TCP simulator: a slave that serves configured devices.
+//!
+//! It lets the shipped demo and the tests run the whole loop over a real
+//! Modbus TCP socket with no hardware. It serves the points of each device it
+//! is given, with plausible behaviour: written values are held, a `mirror`
+//! point reads whatever its leader holds (a status register that follows a
+//! coil), and `drift` points wander slowly (a temperature). It refuses
+//! addresses no point covers (Modbus exception 2), never answers a unit it
+//! does not serve (a dead device), and records every write it receives so
+//! that tests can prove what was, and was not, written.
+
+use std::collections::HashMap;
+use std::future::{ready, Ready};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SimulatedDevice, Simulator};
+use crate::point::{Access, Encoded, Point, Table, Value};
+
+/// One write the simulator received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteRecord {
+    /// Unit id written to.
+    pub unit: u8,
+    /// Table written.
+    pub table: Table,
+    /// First address.
+    pub address: u16,
+    /// Registers written, or bits as 0/1.
+    pub values: Vec<u16>,
+}
+
+#[derive(Debug, Default)]
+struct Unit {
+    bits: HashMap<(Table, u16), bool>,
+    words: HashMap<(Table, u16), u16>,
+    points: Vec<Point>,
+    drift: Vec<(usize, f64)>,
+    mirror: Vec<(usize, usize)>,
+    silent: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    units: HashMap<u8, Unit>,
+    writes: Vec<WriteRecord>,
+    requests: u64,
+}
+
+/// A running simulator; cloning shares it. Dropping the last clone does not
+/// stop it: cancel the token given to [`start`].
+#[derive(Clone, Debug)]
+pub struct SimHandle {
+    state: Arc<Mutex<State>>,
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+}
+
+impl SimHandle {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every write received so far.
+    pub fn writes(&self) -> Vec<WriteRecord> {
+        self.lock().writes.clone()
+    }
+
+    /// Requests received so far (reads and writes, answered or not).
+    pub fn requests(&self) -> u64 {
+        self.lock().requests
+    }
+
+    /// Makes a unit stop (or resume) answering, like a device losing power.
+    pub fn set_silent(&self, unit: u8, silent: bool) {
+        if let Some(u) = self.lock().units.get_mut(&unit) {
+            u.silent = silent;
+        }
+    }
+
+    /// The value a point of a unit holds now, decoded as the gateway would.
+    pub fn value(&self, unit: u8, path: &str) -> Option<Value> {
+        let mut st = self.lock();
+        let u = st.units.get_mut(&unit)?;
+        u.apply_mirrors();
+        let p = u.points.iter().find(|p| p.path == path)?.clone();
+        u.read_point(&p).ok()
+    }
+
+    /// Sets a point's value on the device side (as if the process changed it).
+    pub fn set_value(&self, unit: u8, path: &str, value: &Value) -> Result<(), String> {
+        let mut st = self.lock();
+        let u = st.units.get_mut(&unit).ok_or("no such unit")?;
+        let p = u.points.iter().find(|p| p.path == path).ok_or("no such point")?.clone();
+        u.store_point(&p, value)
+    }
+}
+
+/// Starts a simulator from its configuration; runs until `cancel` fires.
+pub async fn start(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result<SimHandle> {
+    let listener = TcpListener::bind(sim.listen)
+        .await
+        .with_context(|| format!("simulator `{}` cannot listen on {}", sim.name, sim.listen))?;
+    let addr = listener.local_addr()?;
+    let mut state = State::default();
+    for d in &sim.devices {
+        state.units.insert(d.unit, Unit::from_config(d));
+    }
+    let state = Arc::new(Mutex::new(state));
+    let handle = SimHandle { state: state.clone(), addr };
+
+    let drift_state = state.clone();
+    let drift_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut t = 0u64;
+        loop {
+            tokio::select! {
+                () = drift_cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            t += 1;
+            let mut st = drift_state.lock().unwrap_or_else(|e| e.into_inner());
+            for u in st.units.values_mut() {
+                u.drift(t);
+            }
+        }
+    });
+
+    let server = Server::new(listener);
+    let service = Service { state };
+    tokio::spawn(async move {
+        let on_connected = |stream: tokio::net::TcpStream, peer: SocketAddr| {
+            let service = service.clone();
+            let _ = stream.set_nodelay(true);
+            async move { accept_tcp_connection(stream, peer, |_| Ok(Some(service.clone()))) }
+        };
+        let on_error = |e| tracing::debug!("simulator connection ended: {e}");
+        tokio::select! {
+            r = server.serve(&on_connected, on_error) => if let Err(e) = r { tracing::error!("simulator stopped: {e}") },
+            () = cancel.cancelled() => {}
+        }
+    });
+    tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "Modbus TCP simulator listening");
+    Ok(handle)
+}
+
+impl Unit {
+    fn from_config(d: &SimulatedDevice) -> Unit {
+        let mut u = Unit { points: d.points.clone(), ..Unit::default() };
+        // Every address a point covers exists, zeroed; the rest do not.
+        for p in &d.points {
+            let (start, end) = p.span();
+            for a in start..=end {
+                let a = a as u16;
+                if p.location.table.is_bits() {
+                    u.bits.insert((p.location.table, a), false);
+                } else {
+                    u.words.insert((p.location.table, a), 0);
+                }
+            }
+        }
+        for (path, v) in &d.initial {
+            if let Some(p) = d.points.iter().find(|p| &p.path == path).cloned() {
+                if let Err(e) = u.store_point(&p, v) {
+                    tracing::warn!(point = %path, "simulator: bad initial value: {e}");
+                }
+            }
+        }
+        let index = |path: &str| d.points.iter().position(|p| p.path == path);
+        for path in &d.drift {
+            if let Some(i) = index(path) {
+                let base = u.read_point(&d.points[i]).ok().and_then(|v| v.as_f64()).unwrap_or(0.0);
+                u.drift.push((i, base));
+            }
+        }
+        for (follower, leader) in &d.mirror {
+            if let (Some(f), Some(l)) = (index(follower), index(leader)) {
+                u.mirror.push((f, l));
+            }
+        }
+        u
+    }
+
+    fn read_point(&self, p: &Point) -> Result<Value, String> {
+        let (start, end) = p.span();
+        let t = p.location.table;
+        if t.is_bits() {
+            let b = *self.bits.get(&(t, start as u16)).ok_or("unmapped")?;
+            p.decode_bits(&[b])
+        } else {
+            let words: Option<Vec<u16>> = (start..=end).map(|a| self.words.get(&(t, a as u16)).copied()).collect();
+            p.decode_words(&words.ok_or("unmapped")?)
+        }
+    }
+
+    /// Stores a value the device side produced (ignores access and limits).
+    fn store_point(&mut self, p: &Point, v: &Value) -> Result<(), String> {
+        let probe = Point { access: Access::ReadWrite, min: None, max: None, allowed: vec![], ..p.clone() };
+        let t = p.location.table;
+        let a = p.location.address;
+        match probe.encode(v)? {
+            Encoded::Bits(bits) => {
+                self.bits.insert((t, a), bits.first().copied().unwrap_or(false));
+            }
+            Encoded::Words(words) => {
+                for (k, w) in words.into_iter().enumerate() {
+                    self.words.insert((t, a + k as u16), w);
+                }
+            }
+            Encoded::RegisterBit { bit, value } => {
+                let w = self.words.entry((t, a)).or_insert(0);
+                if value {
+                    *w |= 1 << bit;
+                } else {
+                    *w &= !(1 << bit);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_mirrors(&mut self) {
+        for (f, l) in self.mirror.clone() {
+            let leader = self.points[l].clone();
+            let follower = self.points[f].clone();
+            if let Ok(v) = self.read_point(&leader) {
+                let v = match (v, follower.location.table.is_bits() || !follower.labels.is_empty()) {
+                    // A bool leader drives a numeric register as 0/1.
+                    (Value::Bool(b), false) => Value::Int(i64::from(b)),
+                    (Value::Text(label), false) => leader.labels.iter().find(|x| x.name == label).map_or(Value::Int(0), |x| Value::Int(x.raw)),
+                    (v, _) => v,
+                };
+                let _ = self.store_point(&follower, &v);
+            }
+        }
+    }
+
+    fn drift(&mut self, t: u64) {
+        for (i, base) in self.drift.clone() {
+            let p = self.points[i].clone();
+            let amplitude = (p.deadband * 4.0).max(0.5);
+            let x = base + amplitude * ((t as f64) / 15.0).sin();
+            // Round to the point's resolution so the encoder accepts it.
+            let step = if p.scale != 1.0 { p.scale.abs() } else { 0.01 };
+            let x = (x / step).round() * step;
+            let v = if matches!(p.data_type, crate::point::DataType::F32 | crate::point::DataType::F64) || p.scale != 1.0 {
+                Value::Float(x)
+            } else {
+                Value::Int(x.round() as i64)
+            };
+            let _ = self.store_point(&p, &v);
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Service {
+    state: Arc<Mutex<State>>,
+}
+
+impl tokio_modbus::server::Service for Service {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Ready<Result<Option<Response>, ExceptionCode>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requests += 1;
+        ready(serve(&mut st, req.slave, req.request))
+    }
+}
+
+fn serve(st: &mut State, unit_id: u8, req: Request<'_>) -> Result<Option<Response>, ExceptionCode> {
+    let Some(unit) = st.units.get_mut(&unit_id) else { return Ok(None) };
+    if unit.silent {
+        return Ok(None);
+    }
+    unit.apply_mirrors();
+    let bits = |u: &Unit, t: Table, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
+        (0..n).map(|k| u.bits.get(&(t, a.wrapping_add(k))).copied().ok_or(ExceptionCode::IllegalDataAddress)).collect()
+    };
+    let words = |u: &Unit, t: Table, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
+        (0..n).map(|k| u.words.get(&(t, a.wrapping_add(k))).copied().ok_or(ExceptionCode::IllegalDataAddress)).collect()
+    };
+    let response = match req {
+        Request::ReadCoils(a, n) => Response::ReadCoils(bits(unit, Table::Coil, a, n)?),
+        Request::ReadDiscreteInputs(a, n) => Response::ReadDiscreteInputs(bits(unit, Table::DiscreteInput, a, n)?),
+        Request::ReadInputRegisters(a, n) => Response::ReadInputRegisters(words(unit, Table::InputRegister, a, n)?),
+        Request::ReadHoldingRegisters(a, n) => Response::ReadHoldingRegisters(words(unit, Table::HoldingRegister, a, n)?),
+        Request::WriteSingleCoil(a, v) => {
+            write_bits(st, unit_id, a, &[v])?;
+            Response::WriteSingleCoil(a, v)
+        }
+        Request::WriteMultipleCoils(a, vs) => {
+            write_bits(st, unit_id, a, &vs)?;
+            Response::WriteMultipleCoils(a, vs.len() as u16)
+        }
+        Request::WriteSingleRegister(a, v) => {
+            write_words(st, unit_id, a, &[v])?;
+            Response::WriteSingleRegister(a, v)
+        }
+        Request::WriteMultipleRegisters(a, vs) => {
+            write_words(st, unit_id, a, &vs)?;
+            Response::WriteMultipleRegisters(a, vs.len() as u16)
+        }
+        _ => return Err(ExceptionCode::IllegalFunction),
+    };
+    Ok(Some(response))
+}
+
+fn write_bits(st: &mut State, unit_id: u8, a: u16, vs: &[bool]) -> Result<(), ExceptionCode> {
+    let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
+    let all_mapped = (0..vs.len()).all(|k| unit.bits.contains_key(&(Table::Coil, a.wrapping_add(k as u16))));
+    if !all_mapped {
+        return Err(ExceptionCode::IllegalDataAddress);
+    }
+    for (k, v) in vs.iter().enumerate() {
+        unit.bits.insert((Table::Coil, a.wrapping_add(k as u16)), *v);
+    }
+    st.writes.push(WriteRecord { unit: unit_id, table: Table::Coil, address: a, values: vs.iter().map(|&b| u16::from(b)).collect() });
+    Ok(())
+}
+
+fn write_words(st: &mut State, unit_id: u8, a: u16, vs: &[u16]) -> Result<(), ExceptionCode> {
+    let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
+    let all_mapped = (0..vs.len()).all(|k| unit.words.contains_key(&(Table::HoldingRegister, a.wrapping_add(k as u16))));
+    if !all_mapped {
+        return Err(ExceptionCode::IllegalDataAddress);
+    }
+    for (k, v) in vs.iter().enumerate() {
+        unit.words.insert((Table::HoldingRegister, a.wrapping_add(k as u16)), *v);
+    }
+    st.writes.push(WriteRecord { unit: unit_id, table: Table::HoldingRegister, address: a, values: vs.to_vec() });
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! The raw command-response protocol (OCI IoT style), as pure functions.
+//!
+//! A command is a JSON object on the device's commands topic:
+//! `{"id": "c-42", "set": {"deviceAttrib": {"motorStatus": "on"}}}`,
+//! `{"id": "c-43", "get": ["deviceAttrib.motorStatus"]}` (or `"get": "*"`), or
+//! `{"shutdown": true}`. Every payload gets exactly one answer on the
+//! responses topic, including payloads that are not JSON at all:
+//! `{"status": "succeeded" | "failed" | "rejected", "time", "id", "values",
+//! "errors", "error"}`. `rejected` means nothing was written.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value as Json};
+
+use super::json::{from_json, insert, leaves, to_json};
+use crate::point::{Encoded, Point, Value};
+
+/// Largest command accepted, as in OCI IoT.
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+
+/// What a command asks for, after parsing (not yet checked against points).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Write these leaves (dotted path, JSON value).
+    Set(Vec<(String, Json)>),
+    /// Read these paths (`None` = every readable point).
+    Get(Option<Vec<String>>),
+    /// Stop the gateway.
+    Shutdown,
+}
+
+/// A parsed command: its id (echoed in the answer) and what it asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The sender's id, as sent (string or number).
+    pub id: Option<Json>,
+    /// The request, or why the payload is not a valid command.
+    pub request: Result<Request, String>,
+}
+
+/// Parses a payload. Never fails: a bad payload becomes a command whose
+/// request is the reason it will be rejected.
+pub fn parse(payload: &[u8]) -> Command {
+    let reject = |why: String| Command { id: None, request: Err(why) };
+    if payload.is_empty() {
+        return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
+    }
+    if payload.len() > MAX_COMMAND_BYTES {
+        return reject(format!("the payload is {} bytes; the limit is {MAX_COMMAND_BYTES} bytes", payload.len()));
+    }
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return reject("the payload is binary (not UTF-8 text); commands are JSON objects".to_string());
+    };
+    let doc: Json = match serde_json::from_str(text) {
+        Ok(doc) => doc,
+        Err(e) => return reject(format!("the payload is not valid JSON: {e}")),
+    };
+    let Json::Object(obj) = doc else {
+        return reject(r#"a command is a JSON object with "set", "get" or "shutdown""#.to_string());
+    };
+    let id = obj.get("id").cloned();
+    let with_id = |request| Command { id: id.clone(), request };
+    if let Some(id) = &id {
+        if !(id.is_string() || id.is_number()) {
+            return Command { id: None, request: Err("\"id\" must be a string or a number".to_string()) };
+        }
+    }
+    if let Some(unknown) = obj.keys().find(|k| !["id", "set", "get", "shutdown"].contains(&k.as_str())) {
+        return with_id(Err(format!("unknown field {unknown:?} (valid: id, set, get, shutdown)")));
+    }
+    let asked: Vec<&str> = ["set", "get", "shutdown"].into_iter().filter(|k| obj.contains_key(*k)).collect();
+    let request = match asked.as_slice() {
+        ["set"] => match &obj["set"] {
+            Json::Object(m) if !m.is_empty() => {
+                Ok(Request::Set(leaves(m, &|_| false).into_iter().map(|(p, v)| (p, v.clone())).collect()))
+            }
+            _ => Err(r#""set" must be a non-empty object of point values, e.g. {"deviceAttrib":{"motorStatus":"on"}}"#.to_string()),
+        },
+        ["get"] => match &obj["get"] {
+            Json::String(s) if s == "*" => Ok(Request::Get(None)),
+            Json::String(s) => Ok(Request::Get(Some(vec![s.clone()]))),
+            Json::Array(items) if !items.is_empty() => items
+                .iter()
+                .map(|i| i.as_str().map(str::to_string).ok_or_else(|| "\"get\" lists point paths as strings".to_string()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| Request::Get(Some(v))),
+            _ => Err(r#""get" must be "*", a point path, or a list of point paths"#.to_string()),
+        },
+        ["shutdown"] => match obj["shutdown"] {
+            Json::Bool(true) => Ok(Request::Shutdown),
+            _ => Err(r#""shutdown" must be true"#.to_string()),
+        },
+        [] => Err(r#"the command has none of "set", "get" or "shutdown""#.to_string()),
+        _ => Err(format!("the command has {} at once; send one per command", asked.join(" and "))),
+    };
+    with_id(request)
+}
+
+/// Checks every leaf of a `set` against the points; either all of them are
+/// valid and encoded, or nothing is written and each bad one has a reason.
+pub fn check_set(points: &[Point], leaves: &[(String, Json)]) -> Result<Vec<(usize, Encoded)>, BTreeMap<String, String>> {
+    let mut writes = Vec::new();
+    let mut errors = BTreeMap::new();
+    for (path, raw) in leaves {
+        let Some(i) = points.iter().position(|p| &p.path == path) else {
+            errors.insert(path.clone(), unknown_point(points, path));
+            continue;
+        };
+        match from_json(raw).and_then(|v| points[i].encode(&v)) {
+            Ok(enc) => writes.push((i, enc)),
+            Err(e) => {
+                errors.insert(path.clone(), e);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(writes)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Resolves the paths of a `get` to readable points (`None` = all readable).
+pub fn check_get(points: &[Point], paths: Option<&[String]>) -> Result<Vec<usize>, BTreeMap<String, String>> {
+    let Some(paths) = paths else {
+        return Ok((0..points.len()).filter(|&i| points[i].access.readable()).collect());
+    };
+    let mut found = Vec::new();
+    let mut errors = BTreeMap::new();
+    for path in paths {
+        // A group path ("deviceAttrib") reads every readable point under it.
+        let prefix = format!("{path}.");
+        let matches: Vec<usize> = (0..points.len()).filter(|&i| points[i].path == *path || points[i].path.starts_with(&prefix)).collect();
+        if matches.is_empty() {
+            errors.insert(path.clone(), unknown_point(points, path));
+        } else if matches.iter().all(|&i| !points[i].access.readable()) {
+            errors.insert(path.clone(), "the point is write-only".to_string());
+        } else {
+            found.extend(matches.into_iter().filter(|&i| points[i].access.readable()));
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    if errors.is_empty() {
+        Ok(found)
+    } else {
+        Err(errors)
+    }
+}
+
+fn unknown_point(points: &[Point], path: &str) -> String {
+    let prefix = format!("{path}.");
+    let under: Vec<&str> = points.iter().filter(|p| p.path.starts_with(&prefix)).map(|p| p.path.as_str()).collect();
+    if !under.is_empty() {
+        return format!("is a group of points ({}), not a point", under.join(", "));
+    }
+    let known: Vec<&str> = points.iter().filter(|p| p.access.writable() || p.access.readable()).map(|p| p.path.as_str()).collect();
+    format!("unknown point (known: {})", known.join(", "))
+}
+
+/// The outcome of a command, ready to be answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Done; values are what the device holds now.
+    Succeeded,
+    /// Tried, and the device or the line failed; values are what could be read.
+    Failed(String),
+    /// Refused before anything was written.
+    Rejected(String),
+    /// Received, not executed yet (the optional early answer).
+    Acknowledged,
+}
+
+/// Builds an answer document.
+pub fn answer(id: Option<&Json>, status: &Status, values: &[(&str, &Value)], errors: &BTreeMap<String, String>, time_ms: u64) -> Json {
+    let mut doc = Map::new();
+    let (name, error) = match status {
+        Status::Succeeded => ("succeeded", None),
+        Status::Failed(e) => ("failed", Some(e)),
+        Status::Rejected(e) => ("rejected", Some(e)),
+        Status::Acknowledged => ("acknowledged", None),
+    };
+    doc.insert("status".into(), json!(name));
+    doc.insert("time".into(), json!(time_ms));
+    if let Some(id) = id {
+        doc.insert("id".into(), id.clone());
+    }
+    if !values.is_empty() {
+        let mut nested = Map::new();
+        for (path, v) in values {
+            insert(&mut nested, path, to_json(v));
+        }
+        doc.insert("values".into(), Json::Object(nested));
+    }
+    if !errors.is_empty() {
+        doc.insert("errors".into(), json!(errors));
+    }
+    if let Some(e) = error {
+        doc.insert("error".into(), json!(e));
+    }
+    Json::Object(doc)
+}
+
+/// The one-line summary of per-field errors.
+pub fn summary(errors: &BTreeMap<String, String>) -> String {
+    let n = errors.len();
+    let first = errors.iter().next().map(|(p, e)| format!("{p}: {e}")).unwrap_or_default();
+    if n == 1 {
+        format!("nothing was written: {first}")
+    } else {
+        format!("nothing was written: {n} fields are invalid ({first}; ...)")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,19 @@
+//! Cloud dialects: turn MQTT payloads into typed point operations and back.
+//!
+//! `json` maps point paths and typed values to JSON documents; `command` is
+//! the raw command-response protocol (OCI IoT style) as pure functions;
+//! `raw` and `telemetry` are the adapter tasks that connect a device actor to
+//! an MQTT connection. Shadows (AWS IoT) will be a third dialect beside them.
+
+pub mod command;
+pub mod json;
+mod raw;
+mod telemetry;
+
+pub use raw::run_commands;
+pub use telemetry::run_telemetry;
+
+/// Milliseconds since the Unix epoch, the `time` of every document we publish.
+pub fn epoch_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

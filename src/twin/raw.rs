@@ -1,0 +1,128 @@
+//! The raw command adapter task: one per device with a commands topic.
+//!
+//! Commands for one device are executed one after the other, in arrival
+//! order. Each gets exactly one answer (plus the optional early
+//! `acknowledged`). A repeated id (an MQTT redelivery, a retrying cloud) is
+//! not executed again: it gets the answer of the first execution.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::SystemTime;
+
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::command::{answer, check_get, check_set, parse, summary, Request, Status};
+use super::epoch_ms;
+use crate::config::Twin;
+use crate::device::{DeviceHandle, Outcome};
+use crate::mqtt::{ConnectionHandle, Message};
+
+/// How many answered ids each device remembers, to recognise duplicates.
+const REMEMBERED_IDS: usize = 256;
+
+/// Serves the commands topic of one device until `stop` fires; then answers
+/// what is still queued with a refusal. `shutdown` is fired by an allowed
+/// `{"shutdown": true}`.
+pub async fn run_commands(
+    twin: Twin,
+    device: DeviceHandle,
+    conn: ConnectionHandle,
+    mut inbox: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let Some(responses) = twin.responses.clone() else { return };
+    let mut answered: VecDeque<(Json, Vec<u8>)> = VecDeque::new();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            m = inbox.recv() => match m { Some(m) => m, None => break },
+        };
+        let cmd = parse(&msg.payload);
+        let id = cmd.id.clone();
+        if let Some(id) = &id {
+            if let Some((_, previous)) = answered.iter().find(|(seen, _)| seen == id) {
+                tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
+                conn.publish(&responses, previous.clone()).await;
+                continue;
+            }
+        }
+        let request = match cmd.request {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::info!(device = %device.name, reason = %why, "command rejected");
+                let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now());
+                conn.publish(&responses, doc.to_string().into_bytes()).await;
+                continue;
+            }
+        };
+        if twin.acknowledge {
+            let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now());
+            conn.publish(&responses, ack.to_string().into_bytes()).await;
+        }
+        let is_shutdown = request == Request::Shutdown;
+        let doc = execute(&twin, &device, request, id.as_ref()).await;
+        let bytes = doc.to_string().into_bytes();
+        if let Some(id) = id {
+            answered.push_back((id, bytes.clone()));
+            if answered.len() > REMEMBERED_IDS {
+                answered.pop_front();
+            }
+        }
+        conn.publish(&responses, bytes).await;
+        if is_shutdown && twin.allow_shutdown {
+            tracing::info!(device = %device.name, "shutdown requested by a remote command");
+            shutdown.cancel();
+        }
+    }
+    inbox.close();
+    while let Some(msg) = inbox.recv().await {
+        let id = parse(&msg.payload).id;
+        let doc = answer(id.as_ref(), &Status::Rejected("the gateway is shutting down".into()), &[], &BTreeMap::new(), now());
+        conn.publish(&responses, doc.to_string().into_bytes()).await;
+    }
+}
+
+async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Option<&Json>) -> Json {
+    let points = &device.points;
+    let no_errors = BTreeMap::new();
+    let outcome = match request {
+        Request::Shutdown if twin.allow_shutdown => {
+            return answer(id, &Status::Succeeded, &[], &no_errors, now());
+        }
+        Request::Shutdown => {
+            let why = "remote shutdown is not allowed for this twin (set `allow_shutdown: true` in gateway.yaml)";
+            return answer(id, &Status::Rejected(why.into()), &[], &no_errors, now());
+        }
+        Request::Set(leaves) => match check_set(points, &leaves) {
+            Ok(writes) => {
+                tracing::info!(device = %device.name, points = writes.len(), "writing");
+                device.write(writes).await
+            }
+            Err(errors) => return answer(id, &Status::Rejected(summary(&errors)), &[], &errors, now()),
+        },
+        Request::Get(paths) => match check_get(points, paths.as_deref()) {
+            Ok(indices) => device.read(indices).await,
+            Err(errors) => {
+                let why = summary(&errors).replace("nothing was written", "nothing was read");
+                return answer(id, &Status::Rejected(why), &[], &errors, now());
+            }
+        },
+    };
+    outcome_answer(device, &outcome, id)
+}
+
+fn outcome_answer(device: &DeviceHandle, outcome: &Outcome, id: Option<&Json>) -> Json {
+    let values: Vec<(&str, &crate::point::Value)> = outcome.values.iter().map(|(i, v)| (device.points[*i].path.as_str(), v)).collect();
+    let status = match &outcome.error {
+        None => Status::Succeeded,
+        Some(e) => Status::Failed(e.clone()),
+    };
+    answer(id, &status, &values, &BTreeMap::new(), now())
+}
+
+fn now() -> u64 {
+    epoch_ms(SystemTime::now())
+}

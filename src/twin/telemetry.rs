@@ -1,0 +1,126 @@
+//! The telemetry adapter task: one per device with a telemetry topic.
+//!
+//! A full document goes out every `telemetry_interval`; between those, with
+//! `report_on_change`, a document with only the values that moved beyond
+//! their deadband goes out after the poll that saw the change. A change of
+//! health (online ⇄ offline) is published at once. An offline device's
+//! document says so and why, and carries no values: never stale ones.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value as Json};
+use tokio_util::sync::CancellationToken;
+
+use super::epoch_ms;
+use super::json::{insert, to_json};
+use crate::config::Twin;
+use crate::device::{DeviceHandle, Health, Snapshot};
+use crate::mqtt::ConnectionHandle;
+use crate::point::{Point, Value};
+
+/// Publishes the device's telemetry until `stop` fires.
+pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHandle, stop: CancellationToken) {
+    let Some(topic) = twin.telemetry.clone() else { return };
+    let mut snapshots = device.watch();
+    let mut ticker = tokio::time::interval(twin.telemetry_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = Reported::new(device.points.len());
+    loop {
+        let full = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            _ = ticker.tick() => true,
+            changed = snapshots.changed() => {
+                if changed.is_err() { break }
+                false
+            }
+        };
+        let snap: Arc<Snapshot> = snapshots.borrow_and_update().clone();
+        if snap.health == Health::Unknown {
+            continue;
+        }
+        let doc = if full || snap.health != reported.health {
+            Some(reported.full(&device.points, &snap))
+        } else if twin.report_on_change {
+            reported.changes(&device.points, &snap)
+        } else {
+            None
+        };
+        if let Some(doc) = doc {
+            conn.publish(&topic, doc.to_string().into_bytes()).await;
+        }
+    }
+}
+
+/// What the cloud was last told, to find changes beyond the deadband.
+struct Reported {
+    values: Vec<Option<Value>>,
+    health: Health,
+}
+
+impl Reported {
+    fn new(n: usize) -> Self {
+        Reported { values: vec![None; n], health: Health::Unknown }
+    }
+
+    fn full(&mut self, points: &[Point], snap: &Snapshot) -> Json {
+        self.health = snap.health.clone();
+        self.values.clone_from(&snap.values);
+        document(points, snap, |_| true)
+    }
+
+    fn changes(&mut self, points: &[Point], snap: &Snapshot) -> Option<Json> {
+        let moved: Vec<bool> = (0..points.len()).map(|i| moved(&points[i], self.values[i].as_ref(), snap.values[i].as_ref())).collect();
+        if !moved.contains(&true) {
+            return None;
+        }
+        for (i, m) in moved.iter().enumerate() {
+            if *m {
+                self.values[i].clone_from(&snap.values[i]);
+            }
+        }
+        Some(document(points, snap, |i| moved[i]))
+    }
+}
+
+fn moved(point: &Point, before: Option<&Value>, now: Option<&Value>) -> bool {
+    match (before, now) {
+        (Some(a), Some(b)) => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) if point.deadband > 0.0 => (x - y).abs() > point.deadband,
+            _ => a != b,
+        },
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+fn document(points: &[Point], snap: &Snapshot, include: impl Fn(usize) -> bool) -> Json {
+    let mut doc = Map::new();
+    doc.insert("time".into(), json!(epoch_ms(snap.at)));
+    match &snap.health {
+        Health::Offline(reason) => {
+            doc.insert("online".into(), json!(false));
+            doc.insert("error".into(), json!(reason));
+            return Json::Object(doc);
+        }
+        _ => {
+            doc.insert("online".into(), json!(true));
+        }
+    }
+    let mut errors = Map::new();
+    for (i, p) in points.iter().enumerate() {
+        if !include(i) {
+            continue;
+        }
+        if let Some(v) = &snap.values[i] {
+            insert(&mut doc, &p.path, to_json(v));
+        } else if let Some(e) = &snap.errors[i] {
+            errors.insert(p.path.clone(), json!(e));
+        }
+    }
+    if !errors.is_empty() {
+        doc.insert("errors".into(), Json::Object(errors));
+    }
+    Json::Object(doc)
+}
+
