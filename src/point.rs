@@ -356,8 +356,9 @@ impl Point {
         }
     }
 
-    /// Checks a value against type, labels and limits and turns it into what
-    /// to write. An `Err` says why in words meant for the person who sent it.
+    /// Checks a value against access, type, labels and limits and turns it
+    /// into what to write. An `Err` says why in words meant for the person
+    /// who sent it.
     pub fn encode(&self, value: &Value) -> Result<Encoded, String> {
         if !self.access.writable() {
             return Err("the point is read-only".to_string());
@@ -365,7 +366,18 @@ impl Point {
         if !self.location.table.is_writable() {
             return Err(format!("a {} cannot be written", self.location.table.name()));
         }
-        let raw = self.raw_for_write(value)?;
+        self.encode_checked(value, true)
+    }
+
+    /// Encodes a value the device itself may hold, checking only that it fits
+    /// the type and labels: for the simulator, and for checking limits in the
+    /// configuration. Never use it for a write that came from outside.
+    pub fn encode_device_value(&self, value: &Value) -> Result<Encoded, String> {
+        self.encode_checked(value, false)
+    }
+
+    fn encode_checked(&self, value: &Value, limits: bool) -> Result<Encoded, String> {
+        let raw = self.raw_for_write(value, limits)?;
         if self.location.table == Table::Coil {
             return Ok(Encoded::Bits(vec![raw != RawWrite::Int(0)]));
         }
@@ -392,7 +404,7 @@ impl Point {
     }
 
     /// The raw (device-side) value for a write, after every check.
-    fn raw_for_write(&self, value: &Value) -> Result<RawWrite, String> {
+    fn raw_for_write(&self, value: &Value, limits: bool) -> Result<RawWrite, String> {
         if !self.labels.is_empty() {
             let names = || self.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ");
             let Value::Text(name) = value else {
@@ -431,17 +443,17 @@ impl Point {
         if !eng.is_finite() {
             return Err("expected a finite number".to_string());
         }
-        if let Some(min) = self.min {
+        if let Some(min) = self.min.filter(|_| limits) {
             if eng < min {
                 return Err(format!("{eng} is below the minimum {min}"));
             }
         }
-        if let Some(max) = self.max {
+        if let Some(max) = self.max.filter(|_| limits) {
             if eng > max {
                 return Err(format!("{eng} is above the maximum {max}"));
             }
         }
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|a| close(*a, eng)) {
+        if limits && !self.allowed.is_empty() && !self.allowed.iter().any(|a| close(*a, eng)) {
             let list = self.allowed.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
             return Err(format!("{eng} is not an allowed value; allowed: {list}"));
         }

@@ -147,7 +147,9 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
     };
     let client_id = match &raw.client_id {
         Some(id) => c.interpolate(id, &format!("{path}.client_id")),
-        None => format!("twinbus-{}", key.name()),
+        // Two gateways of one site share a broker: a client id per host keeps
+        // them from disconnecting each other.
+        None => format!("twinbus-{}-{}", host_name(), key.name()),
     };
     if client_id.is_empty() || client_id.len() > 128 {
         c.key(key, &format!("{path}.client_id"), "must be 1 to 128 characters");
@@ -192,6 +194,15 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         (None, None) => None,
     };
     Some(Connection { name: key.name().to_string(), broker: broker?, client_id, keep_alive, credentials })
+}
+
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(48).collect();
+    if name.is_empty() { "gateway".to_string() } else { name }
 }
 
 fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>, path: &str, base: &Path) -> Option<Broker> {
@@ -595,10 +606,8 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
     };
     check_limits(c, p, &point, path);
     if let Some(v) = &p.values {
-        let mut probe = point.clone();
-        probe.access = Access::ReadWrite;
         for l in &point.labels {
-            if let Err(e) = probe.encode(&Value::Text(l.name.clone())) {
+            if let Err(e) = point.encode_device_value(&Value::Text(l.name.clone())) {
                 c.at(v, &format!("{path}.values.{}", l.name), e);
             }
         }
@@ -623,15 +632,10 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
             c.at(lo, &format!("{path}.min"), format!("{} is above max {}", lo.value, hi.value));
         }
     }
-    // Each limit must itself be writable, or the limit is a typo.
-    let mut probe = point.clone();
-    probe.min = None;
-    probe.max = None;
-    probe.allowed = Vec::new();
-    probe.access = Access::ReadWrite;
+    // Each limit must itself fit the type, or the limit is a typo.
     for (v, field) in [(&p.min, "min"), (&p.max, "max")] {
         if let Some(v) = v {
-            if let Err(e) = probe.encode(&Value::Float(v.value)) {
+            if let Err(e) = point.encode_device_value(&Value::Float(v.value)) {
                 if !e.contains("multiple of the scale") {
                     c.at(v, &format!("{path}.{field}"), format!("does not fit the point's type: {e}"));
                 }
@@ -640,7 +644,7 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
     }
     if let Some(list) = &p.allowed {
         for a in &list.value {
-            if let Err(e) = probe.encode(&Value::Float(*a)) {
+            if let Err(e) = point.encode_device_value(&Value::Float(*a)) {
                 c.at(list, &format!("{path}.allowed"), format!("{a}: {e}"));
             }
         }
@@ -734,12 +738,7 @@ fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -
             RawSimValue::Float(f) => Value::Float(*f),
             RawSimValue::Text(t) => Value::Text(t.clone()),
         };
-        let mut probe = point.clone();
-        probe.access = Access::ReadWrite;
-        probe.min = None;
-        probe.max = None;
-        probe.allowed.clear();
-        if let Err(e) = probe.encode(&value) {
+        if let Err(e) = point.encode_device_value(&value) {
             c.at(v, &format!("{path}.initial.{}", k.name()), e);
         }
         initial.push((k.name().to_string(), value));

@@ -22,7 +22,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SimulatedDevice, Simulator};
-use crate::point::{Access, Encoded, Point, Table, Value};
+use crate::point::{Encoded, Point, Table, Value};
 
 /// One write the simulator received.
 #[derive(Clone, Debug, PartialEq)]
@@ -203,10 +203,9 @@ impl Unit {
 
     /// Stores a value the device side produced (ignores access and limits).
     fn store_point(&mut self, p: &Point, v: &Value) -> Result<(), String> {
-        let probe = Point { access: Access::ReadWrite, min: None, max: None, allowed: vec![], ..p.clone() };
         let t = p.location.table;
         let a = p.location.address;
-        match probe.encode(v)? {
+        match p.encode_device_value(v)? {
             Encoded::Bits(bits) => {
                 self.bits.insert((t, a), bits.first().copied().unwrap_or(false));
             }

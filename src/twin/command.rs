@@ -29,6 +29,17 @@ pub enum Request {
     Shutdown,
 }
 
+impl Request {
+    /// `set`, `get` or `shutdown`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Set(_) => "set",
+            Request::Get(_) => "get",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// A parsed command: its id (echoed in the answer) and what it asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {

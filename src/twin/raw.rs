@@ -63,7 +63,17 @@ pub async fn run_commands(
             conn.publish(&responses, ack.to_string().into_bytes()).await;
         }
         let is_shutdown = request == Request::Shutdown;
+        let kind = request.kind();
+        let started = std::time::Instant::now();
         let doc = execute(&twin, &device, request, id.as_ref()).await;
+        tracing::info!(
+            device = %device.name,
+            id = %id.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
+            status = %doc["status"].as_str().unwrap_or("?"),
+            ms = started.elapsed().as_millis() as u64,
+            error = %doc["error"].as_str().unwrap_or(""),
+            "command {kind}"
+        );
         let bytes = doc.to_string().into_bytes();
         if let Some(id) = id {
             answered.push_back((id, bytes.clone()));
@@ -97,10 +107,7 @@ async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Optio
             return answer(id, &Status::Rejected(why.into()), &[], &no_errors, now());
         }
         Request::Set(leaves) => match check_set(points, &leaves) {
-            Ok(writes) => {
-                tracing::info!(device = %device.name, points = writes.len(), "writing");
-                device.write(writes).await
-            }
+            Ok(writes) => device.write(writes).await,
             Err(errors) => return answer(id, &Status::Rejected(summary(&errors)), &[], &errors, now()),
         },
         Request::Get(paths) => match check_get(points, paths.as_deref()) {

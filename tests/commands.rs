@@ -1,0 +1,160 @@
+//! End to end: a raw command in over MQTT, registers on the simulated device,
+//! the answer out with the values read back.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{pump_config, start, Cloud};
+use twinbus::point::{Table, Value};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_writes_the_coil_and_answers_with_the_value_read_back() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+
+    let answer = cloud.command(&json!({"id": "1", "set": {"deviceAttrib": {"motorStatus": "on"}}})).await;
+
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    assert_eq!(answer["id"], "1");
+    assert_eq!(answer["values"]["deviceAttrib"]["motorStatus"], "on");
+    assert!(answer["time"].as_u64().is_some_and(|t| t > 1_600_000_000_000), "time is epoch ms: {answer}");
+    assert_eq!(h.sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+    let writes = h.sim.writes();
+    assert_eq!(writes.len(), 1, "exactly one write: {writes:?}");
+    assert_eq!((writes[0].table, writes[0].address, writes[0].values.clone()), (Table::Coil, 0, vec![1]));
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_reports_what_the_device_holds_not_what_was_asked() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+
+    // f32 cannot hold 33.3 exactly: the read-back shows the device's value.
+    let answer = cloud.command(&json!({"id": 7, "set": {"deviceAttrib": {"setpoint": 33.3, "mode": "manual"}}})).await;
+
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    assert_eq!(answer["id"], 7, "numeric ids are echoed as sent");
+    let held = answer["values"]["deviceAttrib"]["setpoint"].as_f64().expect("setpoint read back");
+    assert_eq!(held, f64::from(33.3f32));
+    assert_eq!(answer["values"]["deviceAttrib"]["mode"], "manual");
+    // setpoint (10-11) and mode (12) are contiguous: one request.
+    let writes = h.sim.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!((writes[0].address, writes[0].values.len()), (10, 3));
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_reads_points_from_the_device() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+    h.sim.set_value(1, "deviceData.temperature", &Value::Float(23.4)).expect("sim accepts the value");
+
+    let all = cloud.command(&json!({"id": "g1", "get": "*"})).await;
+    assert_eq!(all["status"], "succeeded", "{all}");
+    assert_eq!(all["values"]["deviceData"]["temperature"], 23.4);
+    assert_eq!(all["values"]["deviceAttrib"]["setpoint"], 40.0);
+    assert_eq!(all["values"]["deviceAttrib"]["motorStatus"], "off");
+
+    let one = cloud.command(&json!({"id": "g2", "get": ["deviceAttrib.motorStatus"]})).await;
+    assert_eq!(one["values"], json!({"deviceAttrib": {"motorStatus": "off"}}));
+    assert!(h.sim.writes().is_empty(), "a get writes nothing");
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_command_is_answered_and_writes_nothing() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+
+    // Commands with an id: rejected, with a reason per field where there is one.
+    let with_id = [
+        (json!({"id": "u", "set": {"deviceAttrib": {"nope": 1}}}), Some("deviceAttrib.nope")),
+        (json!({"id": "r", "set": {"deviceAttrib": {"setpoint": 500}}}), Some("deviceAttrib.setpoint")),
+        (json!({"id": "ro", "set": {"deviceData": {"temperature": 20}}}), Some("deviceData.temperature")),
+        (json!({"id": "t", "set": {"deviceAttrib": {"motorStatus": 1}}}), Some("deviceAttrib.motorStatus")),
+        (json!({"id": "l", "set": {"deviceAttrib": {"motorStatus": "maybe"}}}), Some("deviceAttrib.motorStatus")),
+        // One valid and one invalid value: the valid one is not written either.
+        (json!({"id": "mix", "set": {"deviceAttrib": {"motorStatus": "on", "setpoint": -1}}}), Some("deviceAttrib.setpoint")),
+        (json!({"id": "f", "sett": {}}), None),
+        (json!({"id": "s", "shutdown": true}), None),
+    ];
+    for (cmd, field) in &with_id {
+        let answer = cloud.command(cmd).await;
+        assert_eq!(answer["status"], "rejected", "{cmd} → {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{answer}");
+        if let Some(field) = field {
+            assert!(answer["errors"][field].is_string(), "reason for {field}: {answer}");
+        }
+    }
+
+    // Payloads with no usable id: each gets one rejection, in order.
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let big = format!(r#"{{"id":"big","set":{{"x":"{}"}}}}"#, "a".repeat(300 * 1024));
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), "JSON"),
+        (vec![0xff, 0xfe, 0x00, 0x01], "binary"),
+        (Vec::new(), "empty"),
+        (deep.into_bytes(), "JSON"),
+        (big.into_bytes(), "limit"),
+        (b"[1,2]".to_vec(), "object"),
+    ];
+    for (payload, reason) in bad {
+        cloud.publish("site/pump/cmd", payload).await;
+        let answer = cloud.next_on("site/pump/rsp", WAIT).await;
+        assert_eq!(answer["status"], "rejected", "{answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(reason), "expected {reason:?} in {error:?}");
+    }
+
+    assert!(h.sim.writes().is_empty(), "nothing was written: {:?}", h.sim.writes());
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_id_is_answered_again_but_executed_once() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+    let cmd = json!({"id": "once", "set": {"deviceAttrib": {"motorStatus": "on"}}});
+
+    let first = cloud.command(&cmd).await;
+    let second = cloud.command(&cmd).await;
+
+    assert_eq!(first["status"], "succeeded");
+    assert_eq!(first, second, "the duplicate gets the first answer");
+    assert_eq!(h.sim.writes().len(), 1, "written once: {:?}", h.sim.writes());
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledge_comes_first_when_the_twin_asks_for_it() {
+    let h = start(&pump_config("      acknowledge: true")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+
+    cloud.publish("site/pump/cmd", json!({"id": "a", "get": "*"}).to_string()).await;
+    let first = cloud.next_on("site/pump/rsp", WAIT).await;
+    let second = cloud.next_on("site/pump/rsp", WAIT).await;
+
+    assert_eq!((first["status"].as_str(), first["id"].as_str()), (Some("acknowledged"), Some("a")), "{first}");
+    assert!(first["time"].is_u64());
+    assert_eq!(second["status"], "succeeded");
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_shutdown_is_answered_then_stops_the_gateway_when_allowed() {
+    let h = start(&pump_config("      allow_shutdown: true")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+    let stop = h.gateway.remote_shutdown();
+
+    let answer = cloud.command(&json!({"id": "bye", "shutdown": true})).await;
+
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    tokio::time::timeout(WAIT, stop.cancelled()).await.expect("the gateway is told to stop");
+    h.gateway.shutdown().await;
+}

@@ -1,0 +1,173 @@
+//! Shared test doubles: a gateway on free loopback ports with its embedded
+//! broker and simulator, and an MQTT probe that plays the cloud.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use twinbus::config::Config;
+use twinbus::gateway::Gateway;
+use twinbus::sim::SimHandle;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running gateway plus what a test needs to drive and observe it.
+pub struct Harness {
+    pub gateway: Gateway,
+    pub mqtt_port: u16,
+    pub sim: SimHandle,
+}
+
+/// The profile most tests use: the demo pump.
+pub const PUMP_PROFILE: &str = r#"
+profiles:
+  pump:
+    points:
+      deviceAttrib.motorStatus: { coil: 0, values: { on: true, off: false } }
+      deviceAttrib.setpoint:    { holding: 10, type: f32, min: 0, max: 80 }
+      deviceAttrib.mode:        { holding: 12, values: { auto: 0, manual: 1 } }
+      deviceData.running:       { input: 1, access: read }
+      deviceData.temperature:   { input: 0, type: i16, scale: 0.1, deadband: 0.2 }
+"#;
+
+/// Starts a gateway from a YAML template in which `{MQTT}` and `{MODBUS}`
+/// are replaced by free ports. The simulator must be named `sim`.
+pub async fn start(template: &str) -> Harness {
+    let mqtt_port = free_port();
+    let modbus_port = free_port();
+    let yaml = template.replace("{MQTT}", &mqtt_port.to_string()).replace("{MODBUS}", &modbus_port.to_string());
+    let config = match Config::parse(&yaml, Path::new("test.yaml")) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid: {e}\n{yaml}"),
+    };
+    let gateway = Gateway::start(&config).await.expect("gateway starts");
+    let sim = gateway.simulator("sim").expect("a simulator named sim").clone();
+    Harness { gateway, mqtt_port, sim }
+}
+
+/// The demo pump on a simulator, with a commands/responses/telemetry twin.
+pub fn pump_config(extra_twin: &str) -> String {
+    format!(
+        r#"
+connections:
+  local: {{ embedded: {{ listen: "127.0.0.1:{{MQTT}}" }} }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {{MODBUS}} }}, timeout: 300ms, retries: 1 }}
+{PUMP_PROFILE}
+devices:
+  pump:
+    bus: line
+    unit: 1
+    profile: pump
+    poll: 200ms
+    twin:
+      connection: local
+      commands: site/pump/cmd
+      responses: site/pump/rsp
+      telemetry: site/pump/telemetry
+      telemetry_interval: 1s
+{extra_twin}
+simulators:
+  sim:
+    listen: "127.0.0.1:{{MODBUS}}"
+    serves: [pump]
+    initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }}
+    mirror: {{ deviceData.running: deviceAttrib.motorStatus }}
+"#
+    )
+}
+
+/// An MQTT client playing the cloud.
+pub struct Cloud {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl Cloud {
+    /// Connects to the broker and subscribes to `topics` (waits for SUBACK).
+    pub async fn connect(port: u16, topics: &[&str]) -> Cloud {
+        let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+        let filters: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for f in &filters {
+                            let _ = sub_client.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = subscribed_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
+                        if tx.send((topic, p.payload.to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        for _ in topics {
+            tokio::time::timeout(Duration::from_secs(10), subscribed.recv()).await.expect("SUBACK in time");
+        }
+        Cloud { client, rx }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("publish");
+    }
+
+    /// The next JSON message on `topic` within `wait`.
+    pub async fn next_on(&mut self, topic: &str, wait: Duration) -> Json {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let got = tokio::time::timeout(left, self.rx.recv()).await;
+            match got {
+                Ok(Some((t, payload))) if t == topic => {
+                    return serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("non-JSON on {t}: {e}"));
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("probe closed"),
+                Err(_) => panic!("nothing on {topic} within {wait:?}"),
+            }
+        }
+    }
+
+    /// The next message on `topic` that satisfies `pred`, skipping others.
+    pub async fn wait_for(&mut self, topic: &str, wait: Duration, pred: impl Fn(&Json) -> bool) -> Json {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "no matching message on {topic} within {wait:?}");
+            let m = self.next_on(topic, left).await;
+            if pred(&m) {
+                return m;
+            }
+        }
+    }
+
+    /// Sends a command and waits for the answer carrying its id (skipping an
+    /// `acknowledged` one).
+    pub async fn command(&mut self, cmd: &Json) -> Json {
+        let id = cmd["id"].clone();
+        self.publish("site/pump/cmd", cmd.to_string()).await;
+        self.wait_for("site/pump/rsp", Duration::from_secs(10), |m| m["id"] == id && m["status"] != "acknowledged").await
+    }
+}
