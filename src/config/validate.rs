@@ -154,10 +154,14 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
     if client_id.is_empty() || client_id.len() > 128 {
         c.key(key, &format!("{path}.client_id"), "must be 1 to 128 characters");
     }
-    let keep_alive = c.duration(raw.keep_alive.as_ref(), &format!("{path}.keep_alive"), Duration::from_secs(30), Duration::from_secs(5));
+    let mut keep_alive = c.duration(raw.keep_alive.as_ref(), &format!("{path}.keep_alive"), Duration::from_secs(30), Duration::from_secs(5));
+    if let Some(k) = raw.keep_alive.as_ref().filter(|_| keep_alive > Duration::from_secs(65535)) {
+        c.at(k, &format!("{path}.keep_alive"), "MQTT allows at most 65535s (about 18h)");
+        keep_alive = Duration::from_secs(30);
+    }
     let password = match (&raw.password, &raw.password_file) {
         (Some(p), None) => {
-            if !p.value.contains("${") {
+            if !p.value.replace("$${", "").contains("${") {
                 c.warnings.push(format!(
                     "{}:{}: {path}.password: the password is written inline; prefer `password: ${{ENV_VAR}}` or `password_file`",
                     c.file.display(),
@@ -210,7 +214,7 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
     let (scheme, rest) = match text.split_once("://") {
         Some(parts) => parts,
         None => {
-            c.at(url, path, format!("{text:?} is not a URL (write mqtt://host:1883 or mqtts://host:8883)"));
+            c.at(url, path, format!("{:?} is not a URL (write mqtt://host:1883 or mqtts://host:8883)", url.value));
             return None;
         }
     };
@@ -226,21 +230,15 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
             return None;
         }
     };
-    let authority = rest.trim_end_matches('/');
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse::<u16>() {
-            Ok(port) if port > 0 => (h.trim_matches(['[', ']']).to_string(), port),
-            _ => {
-                c.at(url, path, format!("{p:?} is not a port (1 to 65535)"));
-                return None;
-            }
-        },
-        _ => (authority.to_string(), default_port),
+    let (host, port) = match split_authority(rest, default_port) {
+        Ok(hp) => hp,
+        Err(why) => {
+            // The message quotes what the user wrote, not the interpolated
+            // text, which may hold a secret.
+            c.at(url, path, format!("{:?}: {why}", url.value));
+            return None;
+        }
     };
-    if host.is_empty() || host.contains('/') {
-        c.at(url, path, format!("{text:?} has no valid host (write mqtts://host:8883)"));
-        return None;
-    }
     let tls = match (secure, tls) {
         (true, t) => Some(t.map(|t| tls_settings(c, &t.value, path, base)).unwrap_or_default()),
         (false, Some(t)) => {
@@ -250,6 +248,37 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
         (false, None) => None,
     };
     Some(Broker::Remote { host, port, tls })
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`, with an optional trailing path.
+fn split_authority(rest: &str, default_port: u16) -> Result<(String, u16), String> {
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("credentials do not belong in the URL (use `username` and `password`)".to_string());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or("an IPv6 address needs a closing `]`")?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':').ok_or("expected `:port` after `]`")?)),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host (write e.g. mqtts://broker.example.com:8883)".to_string());
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("{p:?} is not a port (1 to 65535)")),
+        },
+    };
+    Ok((host.to_string(), port))
 }
 
 fn tls_settings(c: &mut Checker, t: &RawTls, path: &str, base: &Path) -> Tls {
@@ -288,6 +317,9 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
             let r = &r.value;
             let p = format!("{path}.rtu");
             let port = c.interpolate(&r.port, &format!("{p}.port"));
+            if port.trim().is_empty() {
+                c.at(&r.port, &format!("{p}.port"), "is empty (write the serial device, e.g. /dev/ttyUSB0)");
+            }
             let baud = r.baud.as_ref().map_or(Some(9600), |b| c.int(b, &format!("{p}.baud"), 300, 4_000_000, "a baud rate"));
             let data_bits = r.data_bits.as_ref().map_or(Some(8), |b| c.int(b, &format!("{p}.data_bits"), 7, 8, "data bits"));
             let stop_bits = r.stop_bits.as_ref().map_or(Some(1), |b| c.int(b, &format!("{p}.stop_bits"), 1, 2, "stop bits"));
@@ -301,6 +333,9 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
         (None, Some(t)) => {
             let t = &t.value;
             let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
+            if host.trim().is_empty() {
+                c.at(&t.host, &format!("{path}.tcp.host"), "is empty (write the device's address, e.g. 192.168.1.50)");
+            }
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
             Some(Transport::Tcp { host, port: port? })
         }
@@ -398,6 +433,21 @@ fn device(
         }
     }
     let own = points(c, &raw.points, &path);
+    for (a, b) in nested_pairs(pts.iter().chain(&own)) {
+        // Pairs within the profile or within the device were reported already.
+        let a_own = own.iter().any(|p| p.path == a);
+        let b_own = own.iter().any(|p| p.path == b);
+        if a_own != b_own {
+            let (mine, message) = if b_own {
+                (&b, format!("is inside point `{a}` of the profile, which holds a value (rename one)"))
+            } else {
+                (&a, format!("holds a value, but the profile's point `{b}` is inside it (rename one)"))
+            };
+            if let Some(k) = raw.points.keys().find(|k| k.name() == mine) {
+                c.key(k, &format!("{path}.points.{mine}"), message);
+            }
+        }
+    }
     for p in own {
         if pts.iter().any(|q: &Point| q.path == p.path) {
             c.key(key, &format!("{path}.points.{}", p.path), "is also defined by the profile (rename one)");
@@ -462,18 +512,26 @@ fn points(c: &mut Checker, raw: &Map<RawPoint>, parent: &str) -> Vec<Point> {
             out.push(point);
         }
     }
-    // `a.b` and `a.b.c` cannot both exist in one JSON document.
-    for a in &out {
-        for b in &out {
-            if b.path.starts_with(&format!("{}.", a.path)) {
-                let key = raw.keys().find(|k| k.name() == b.path);
-                if let Some(key) = key {
-                    c.key(key, &format!("{parent}.points.{}", b.path), format!("is inside point `{}`, which holds a value (rename one)", a.path));
-                }
-            }
+    for (a, b) in nested_pairs(out.iter()) {
+        if let Some(key) = raw.keys().find(|k| k.name() == b) {
+            c.key(key, &format!("{parent}.points.{b}"), format!("is inside point `{a}`, which holds a value (rename one)"));
         }
     }
     out
+}
+
+/// (outer, inner) paths where `inner` lies inside `outer`: `a.b` and `a.b.c`
+/// cannot both exist in one JSON document.
+fn nested_pairs<'a>(points: impl Iterator<Item = &'a Point> + Clone) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for a in points.clone() {
+        for b in points.clone() {
+            if b.path.starts_with(&format!("{}.", a.path)) {
+                pairs.push((a.path.clone(), b.path.clone()));
+            }
+        }
+    }
+    pairs
 }
 
 fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> {
@@ -687,13 +745,13 @@ fn check_overlaps(c: &mut Checker, key: &Key, path: &str, points: &[Point]) {
 }
 
 fn check_device_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Device], buses: &[Bus]) {
-    let key_of = |name: &str| raw.keys().find(|k| k.name() == name);
+    let raw_of = |name: &str| raw.iter().find(|(k, _)| k.name() == name).map(|(_, d)| d);
     let mut units: BTreeMap<(usize, u8), &str> = BTreeMap::new();
     let mut topics: BTreeMap<(usize, String), (String, &str)> = BTreeMap::new();
     for d in devices {
         if let Some(first) = units.insert((d.bus, d.unit), &d.name) {
-            if let Some(k) = key_of(&d.name) {
-                c.key(k, &format!("devices.{}.unit", d.name), format!(
+            if let Some(rd) = raw_of(&d.name) {
+                c.at(&rd.unit, &format!("devices.{}.unit", d.name), format!(
                     "unit {} on bus `{}` is already used by device `{first}` (each device on a line needs its own unit id)",
                     d.unit, buses[d.bus].name
                 ));
@@ -704,8 +762,13 @@ fn check_device_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Devi
             let Some(topic) = topic else { continue };
             let here = format!("devices.{}.twin.{field}", d.name);
             if let Some((other, _)) = topics.insert((t.connection, topic.clone()), (here.clone(), &d.name)) {
-                if let Some(k) = key_of(&d.name) {
-                    c.key(k, &here, format!("topic {topic:?} is already used by {other} on the same connection (give each its own topic)"));
+                let at = raw_of(&d.name).and_then(|rd| rd.twin.as_ref()).and_then(|t| match field {
+                    "commands" => t.value.commands.as_ref(),
+                    "responses" => t.value.responses.as_ref(),
+                    _ => t.value.telemetry.as_ref(),
+                });
+                if let Some(at) = at {
+                    c.at(at, &here, format!("topic {topic:?} is already used by {other} on the same connection (give each its own topic)"));
                 }
             }
         }

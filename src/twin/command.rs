@@ -117,6 +117,10 @@ pub fn check_set(points: &[Point], leaves: &[(String, Json)]) -> Result<Vec<(usi
             errors.insert(path.clone(), unknown_point(points, path));
             continue;
         };
+        if writes.iter().any(|(j, _)| *j == i) {
+            errors.insert(path.clone(), "is given more than once".to_string());
+            continue;
+        }
         match from_json(raw).and_then(|v| points[i].encode(&v)) {
             Ok(enc) => writes.push((i, enc)),
             Err(e) => {
