@@ -29,6 +29,14 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for a command on the wire to finish.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Waits for all futures (connections close in parallel, each with its deadline).
+async fn futures_join_all<F: std::future::Future<Output = bool>>(futures: impl Iterator<Item = F>) {
+    let set: Vec<F> = futures.collect();
+    for f in set {
+        f.await;
+    }
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -100,7 +108,7 @@ impl Gateway {
         }
         let mut connections = Vec::new();
         for (c, r) in config.connections.iter().zip(routes) {
-            let handle = spawn_connection(c, r, stop_connections.clone()).with_context(|| format!("connection `{}`", c.name))?;
+            let handle = spawn_connection(c, r, stop_connections.clone()).await.with_context(|| format!("connection `{}`", c.name))?;
             connections.push(handle);
         }
 
@@ -164,14 +172,8 @@ impl Gateway {
                 tracing::warn!(device = %device.name, "device actor did not stop in time");
             }
         }
-        for c in &self.connections {
-            if !c.flush(FLUSH_DEADLINE).await {
-                tracing::warn!(connection = %c.name, "some messages were not acknowledged by the broker before shutdown");
-            }
-            c.disconnect().await;
-        }
-        // Give the event loops a moment to put DISCONNECT on the wire.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let closing = self.connections.iter().map(|c| c.close(FLUSH_DEADLINE));
+        futures_join_all(closing).await;
         self.stop_connections.cancel();
         self.stop_simulators.cancel();
         #[cfg(feature = "embedded-broker")]

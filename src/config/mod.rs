@@ -54,6 +54,64 @@ pub struct Connection {
     pub keep_alive: Duration,
     /// User name and password, if the broker wants them.
     pub credentials: Option<Credentials>,
+    /// MQTT protocol version.
+    pub version: MqttVersion,
+    /// Start a new session on every connect (true), or resume the broker's.
+    pub clean_session: bool,
+    /// Proxy to reach a remote broker through.
+    pub proxy: Option<Proxy>,
+    /// Online/offline status topic; `offline` is also the Last Will.
+    pub presence: Option<Presence>,
+    /// Shortest wait before reconnecting (doubles up to `reconnect_max`).
+    pub reconnect_min: Duration,
+    /// Longest wait before reconnecting.
+    pub reconnect_max: Duration,
+    /// Messages kept while the broker is unreachable; beyond it the oldest go.
+    pub outbox_limit: usize,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1 (protocol level 4).
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+/// A proxy between the gateway and a remote broker.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// HTTP CONNECT or SOCKS5.
+    pub kind: ProxyKind,
+    /// Proxy host.
+    pub host: String,
+    /// Proxy port.
+    pub port: u16,
+    /// Proxy login, if it wants one.
+    pub credentials: Option<Credentials>,
+}
+
+/// Proxy protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// HTTP CONNECT (`http://`).
+    Http,
+    /// SOCKS5 (`socks5://`).
+    Socks5,
+}
+
+/// The connection's status topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence {
+    /// Topic.
+    pub topic: String,
+    /// Payload published after every connect.
+    pub online: String,
+    /// Payload of the Last Will and of a graceful shutdown.
+    pub offline: String,
+    /// Whether the broker should keep the last status.
+    pub retain: bool,
 }
 
 /// How a connection reaches its broker.
@@ -70,8 +128,10 @@ pub enum Broker {
         host: String,
         /// TCP port.
         port: u16,
-        /// TLS settings, for `mqtts://`.
+        /// TLS settings, for `mqtts://` and `wss://`.
         tls: Option<Tls>,
+        /// For `ws://` and `wss://`: the HTTP path (default `/mqtt`).
+        websocket_path: Option<String>,
     },
 }
 

@@ -69,6 +69,52 @@ pub(crate) struct RawConnection {
     pub(crate) password_file: Option<S<String>>,
     pub(crate) keep_alive: Option<S<String>>,
     pub(crate) tls: Option<S<RawTls>>,
+    pub(crate) mqtt_version: Option<S<RawScalar>>,
+    pub(crate) clean_session: Option<S<bool>>,
+    pub(crate) proxy: Option<S<RawProxy>>,
+    pub(crate) presence: Option<S<RawPresence>>,
+    pub(crate) reconnect: Option<RawReconnect>,
+    pub(crate) outbox: Option<RawOutbox>,
+}
+
+/// A scalar YAML may spell as a number or a string (`5`, `3.1.1`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawScalar {
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub(crate) url: S<String>,
+    pub(crate) username: Option<S<String>>,
+    pub(crate) password: Option<S<String>>,
+    pub(crate) password_file: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPresence {
+    pub(crate) topic: S<String>,
+    pub(crate) online: Option<String>,
+    pub(crate) offline: Option<String>,
+    pub(crate) retain: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReconnect {
+    pub(crate) min: Option<S<String>>,
+    pub(crate) max: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutbox {
+    pub(crate) max_messages: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -764,11 +764,11 @@ fn remote_urls_give_host_port_and_tls() {
     let config = valid(&text);
     let broker = |name: &str| config.connections.iter().find(|c| c.name == name).unwrap().broker.clone();
     match broker("plain") {
-        Broker::Remote { host, port, tls } => assert_eq!((host.as_str(), port, tls.is_none()), ("broker.example.com", 1883, true)),
+        Broker::Remote { host, port, tls, .. } => assert_eq!((host.as_str(), port, tls.is_none()), ("broker.example.com", 1883, true)),
         other => panic!("{other:?}"),
     }
     match broker("secure") {
-        Broker::Remote { host, port, tls } => assert_eq!((host.as_str(), port, tls.is_some()), ("broker.example.com", 8883, true)),
+        Broker::Remote { host, port, tls, .. } => assert_eq!((host.as_str(), port, tls.is_some()), ("broker.example.com", 8883, true)),
         other => panic!("{other:?}"),
     }
     match broker("v6") {

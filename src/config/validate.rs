@@ -159,7 +159,90 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         c.at(k, &format!("{path}.keep_alive"), "MQTT allows at most 65535s (about 18h)");
         keep_alive = Duration::from_secs(30);
     }
-    let password = match (&raw.password, &raw.password_file) {
+    let credentials = credentials(c, &raw.username, &raw.password, &raw.password_file, &key.0, &path, base);
+    let version = match raw.mqtt_version.as_ref() {
+        None => MqttVersion::V311,
+        Some(v) => match &v.value {
+            RawScalar::Int(5) | RawScalar::Float(5.0) => MqttVersion::V5,
+            RawScalar::Int(4) | RawScalar::Int(3) => MqttVersion::V311,
+            RawScalar::Text(t) if t == "5" || t == "5.0" => MqttVersion::V5,
+            RawScalar::Text(t) if t == "3.1.1" || t == "3" || t == "4" => MqttVersion::V311,
+            _ => {
+                c.at(v, &format!("{path}.mqtt_version"), "valid: 3.1.1 or 5");
+                MqttVersion::V311
+            }
+        },
+    };
+    let clean_session = raw.clean_session.as_ref().is_none_or(|c| c.value);
+    if let (Some(cs), None) = (&raw.clean_session, &raw.client_id) {
+        if !cs.value {
+            c.at(cs, &format!("{path}.clean_session"), "a persistent session (clean_session: false) needs an explicit `client_id`, the key of the session on the broker");
+        }
+    }
+    let embedded = matches!(broker, Some(Broker::Embedded { .. }));
+    let proxy = raw.proxy.as_ref().and_then(|p| proxy(c, p, &format!("{path}.proxy"), base, embedded));
+    let presence = raw.presence.as_ref().map(|p| {
+        let topic = p.value.topic.value.trim().to_string();
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            c.at(&p.value.topic, &format!("{path}.presence.topic"), "is not a topic name (no wildcards + or #, not empty)");
+        }
+        let retain = p.value.retain.unwrap_or(true);
+        // rmqtt (without its retain storage) refuses a CONNECT whose Will is
+        // retained on MQTT 5, which would loop forever on a refused CONNACK.
+        if embedded && retain && version == MqttVersion::V5 {
+            c.at(p, &format!("{path}.presence.retain"), "the embedded broker refuses a retained Last Will on MQTT 5 (set `retain: false`, or use mqtt_version 3.1.1)");
+        } else if embedded && retain {
+            c.warnings.push(format!("{}: {path}.presence: the embedded broker keeps no retained messages; presence is published, not retained", c.file.display()));
+        }
+        Presence {
+            topic,
+            online: p.value.online.clone().unwrap_or_else(|| "online".to_string()),
+            offline: p.value.offline.clone().unwrap_or_else(|| "offline".to_string()),
+            retain,
+        }
+    });
+    let (rmin, rmax) = raw.reconnect.as_ref().map_or((None, None), |r| (r.min.as_ref(), r.max.as_ref()));
+    let reconnect_min = c.duration(rmin, &format!("{path}.reconnect.min"), Duration::from_secs(1), Duration::from_millis(100));
+    let mut reconnect_max = c.duration(rmax, &format!("{path}.reconnect.max"), Duration::from_secs(60), Duration::from_millis(100));
+    if reconnect_max < reconnect_min {
+        if let Some(m) = rmax {
+            c.at(m, &format!("{path}.reconnect.max"), "is shorter than `min`");
+        }
+        reconnect_max = reconnect_min;
+    }
+    let outbox_limit = raw
+        .outbox
+        .as_ref()
+        .and_then(|o| o.max_messages.as_ref())
+        .map_or(Some(10_000), |m| c.int(m, &format!("{path}.outbox.max_messages"), 1, 10_000_000, "a message count"))
+        .unwrap_or(10_000);
+    Some(Connection {
+        name: key.name().to_string(),
+        broker: broker?,
+        client_id,
+        keep_alive,
+        credentials,
+        version,
+        clean_session,
+        proxy,
+        presence,
+        reconnect_min,
+        reconnect_max,
+        outbox_limit,
+    })
+}
+
+/// `username` with `password` or `password_file`, for a broker or a proxy.
+fn credentials(
+    c: &mut Checker,
+    username: &Option<Spanned<String>>,
+    password: &Option<Spanned<String>>,
+    password_file: &Option<Spanned<String>>,
+    at: &Spanned<String>,
+    path: &str,
+    base: &Path,
+) -> Option<Credentials> {
+    let password = match (password, password_file) {
         (Some(p), None) => {
             if !p.value.replace("$${", "").contains("${") {
                 c.warnings.push(format!(
@@ -186,18 +269,43 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         }
         (None, None) => None,
     };
-    let credentials = match (&raw.username, password) {
+    match (username, password) {
         (Some(u), password) => {
             let username = c.interpolate(u, &format!("{path}.username"));
             Some(Credentials { username, password: password.unwrap_or(Secret(String::new())) })
         }
         (None, Some(_)) => {
-            c.key(key, &format!("{path}.username"), "a password is set but no `username`");
+            c.at(at, &format!("{path}.username"), "a password is set but no `username`");
             None
         }
         (None, None) => None,
+    }
+}
+
+fn proxy(c: &mut Checker, p: &Spanned<RawProxy>, path: &str, base: &Path, embedded: bool) -> Option<Proxy> {
+    if embedded {
+        c.at(p, path, "the embedded broker is in the gateway itself: it needs no proxy");
+        return None;
+    }
+    let raw = &p.value;
+    let text = c.interpolate(&raw.url, &format!("{path}.url"));
+    let (kind, rest, default_port) = if let Some(r) = text.strip_prefix("http://") {
+        (ProxyKind::Http, r, 3128)
+    } else if let Some(r) = text.strip_prefix("socks5://") {
+        (ProxyKind::Socks5, r, 1080)
+    } else {
+        c.at(&raw.url, &format!("{path}.url"), format!("{:?}: write http://host:port or socks5://host:port", raw.url.value));
+        return None;
     };
-    Some(Connection { name: key.name().to_string(), broker: broker?, client_id, keep_alive, credentials })
+    let (host, port) = match split_authority(rest, default_port) {
+        Ok(hp) => hp,
+        Err(why) => {
+            c.at(&raw.url, &format!("{path}.url"), format!("{:?}: {why}", raw.url.value));
+            return None;
+        }
+    };
+    let credentials = credentials(c, &raw.username, &raw.password, &raw.password_file, &raw.url, path, base);
+    Some(Proxy { kind, host, port, credentials })
 }
 
 fn host_name() -> String {
@@ -218,18 +326,20 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
             return None;
         }
     };
-    let (secure, default_port) = match scheme {
-        "mqtt" | "tcp" => (false, 1883),
-        "mqtts" | "ssl" => (true, 8883),
-        "ws" | "wss" => {
-            c.at(url, path, format!("{scheme}:// is not supported yet (use mqtt:// or mqtts://)"));
-            return None;
-        }
+    let (secure, websocket, default_port) = match scheme {
+        "mqtt" | "tcp" => (false, false, 1883),
+        "mqtts" | "ssl" => (true, false, 8883),
+        "ws" => (false, true, 80),
+        "wss" => (true, true, 443),
         other => {
-            c.at(url, path, format!("unknown scheme {other:?} (valid: mqtt, mqtts)"));
+            c.at(url, path, format!("unknown scheme {other:?} (valid: mqtt, mqtts, ws, wss)"));
             return None;
         }
     };
+    let websocket_path = websocket.then(|| match rest.find('/') {
+        Some(i) if i + 1 < rest.len() => rest[i..].to_string(),
+        _ => "/mqtt".to_string(),
+    });
     let (host, port) = match split_authority(rest, default_port) {
         Ok(hp) => hp,
         Err(why) => {
@@ -242,12 +352,12 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
     let tls = match (secure, tls) {
         (true, t) => Some(t.map(|t| tls_settings(c, &t.value, path, base)).unwrap_or_default()),
         (false, Some(t)) => {
-            c.at(t, path, "`tls` is set but the URL is mqtt:// (use mqtts:// for TLS)");
+            c.at(t, path, "`tls` is set but the URL has no TLS (use mqtts:// or wss://)");
             None
         }
         (false, None) => None,
     };
-    Some(Broker::Remote { host, port, tls })
+    Some(Broker::Remote { host, port, tls, websocket_path })
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port`, with an optional trailing path.

@@ -45,6 +45,9 @@ impl EmbeddedBroker {
                         .name("embedded/tcp")
                         .laddr(listen)
                         .nodelay(true)
+                        // A restarted gateway must get its port back at once,
+                        // even with old connections in TIME_WAIT.
+                        .reuseaddr(Some(true))
                         .max_packet_size(MAX_PACKET)
                         .bind()
                         .and_then(|b| b.tcp());

@@ -1,35 +1,30 @@
-//! One MQTT session: an event-loop task and a publisher task.
+//! One MQTT connection: a poll task and an actor that owns the outbox.
 //!
-//! The event-loop task only polls rumqttc and forwards: incoming publishes go
-//! to the channel registered for their topic; after every CONNACK it
-//! resubscribes (rumqttc does not). It never awaits a publish, which would
-//! deadlock when rumqttc's request channel is full. Publishing goes through
-//! our own bounded queue to a second task. A lost connection is retried after
-//! a fixed delay; exponential backoff and a disk outbox come with the
-//! connections issue.
+//! The poll task only drives rumqttc's event loop and forwards its events; it
+//! is never interrupted mid-connect, and after an error it waits (exponential
+//! backoff with jitter, capped) before the next attempt. The actor owns the
+//! [`Outbox`], routes incoming publishes by topic to the twin adapters,
+//! resubscribes and publishes `online` after every CONNACK (rumqttc does
+//! neither), and hands publishes to rumqttc with `try_publish`, so nothing
+//! ever awaits rumqttc's request channel.
 //!
-//! `publish` returning means queued, not delivered: [`ConnectionHandle::flush`]
-//! waits until the queue is empty and every QoS 1 publish has its PUBACK.
+//! Connection errors are logged once per outage as one line that says what
+//! to check; the same error repeating is logged at debug level.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS, TlsConfiguration};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Broker, Connection};
+use super::outbox::{Entry, Outbox};
+use super::session::{self, Client, Ev, EventLoop, Properties};
+use crate::config::{Broker, Connection, ProxyKind};
 
-/// Delay before reconnecting after a lost connection.
-const RECONNECT_DELAY: Duration = Duration::from_secs(2);
-
-/// Largest packet accepted or sent. Raw commands may be 256 KiB; a larger
-/// packet must still arrive so that it can be answered with a clear refusal,
-/// rather than break the connection (rumqttc's default is 10 KiB).
-pub(crate) const MAX_PACKET: usize = 1024 * 1024;
+/// QoS 1 publishes handed to rumqttc and not yet acknowledged, at most.
+const WINDOW: usize = 64;
 
 /// An incoming message, handed to the twin adapter subscribed to its topic.
 #[derive(Clone, Debug)]
@@ -38,24 +33,17 @@ pub struct Message {
     pub topic: String,
     /// Raw payload, unparsed.
     pub payload: Bytes,
+    /// MQTT 5 request-response properties, when the sender set them.
+    pub properties: Option<Properties>,
 }
 
 /// Topic → the adapter's inbox. Exact topics only (no wildcards).
 pub type Routes = HashMap<String, mpsc::Sender<Message>>;
 
 #[derive(Debug)]
-struct Publish {
-    topic: String,
-    payload: Vec<u8>,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    /// Publishes in our queue or being handed to rumqttc.
-    queued: AtomicUsize,
-    /// QoS 1 publishes sent and not yet acknowledged.
-    inflight: AtomicUsize,
-    connected: AtomicBool,
+enum Cmd {
+    Publish(Entry),
+    Close { deadline: Duration, done: oneshot::Sender<bool> },
 }
 
 /// How twin adapters publish on a connection; cheap to clone.
@@ -63,172 +51,335 @@ struct Counters {
 pub struct ConnectionHandle {
     /// Connection name, for logs.
     pub name: String,
-    tx: mpsc::Sender<Publish>,
-    counters: Arc<Counters>,
-    client: AsyncClient,
+    tx: mpsc::Sender<Cmd>,
+    connected: watch::Receiver<bool>,
 }
 
 impl ConnectionHandle {
-    /// Queues a QoS 1 publish. Waits when the queue is full (backpressure).
+    /// Queues a QoS 1 publish in the outbox. Waits when the actor is busy.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.counters.queued.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(Publish { topic: topic.to_string(), payload }).await.is_err() {
-            self.counters.queued.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(connection = %self.name, topic, "publish dropped: the connection is closed");
+        self.send(Entry { topic: topic.to_string(), payload: payload.into(), retain: false, properties: None }).await;
+    }
+
+    /// Queues an answer carrying MQTT 5 properties (correlation data, user properties).
+    pub async fn publish_reply(&self, topic: &str, payload: Vec<u8>, properties: Properties) {
+        self.send(Entry { topic: topic.to_string(), payload: payload.into(), retain: false, properties: Some(properties) }).await;
+    }
+
+    async fn send(&self, entry: Entry) {
+        if self.tx.send(Cmd::Publish(entry)).await.is_err() {
+            tracing::warn!(connection = %self.name, "publish dropped: the connection is closed");
         }
     }
 
-    /// Whether the session is up.
+    /// Whether the session is up now.
     pub fn is_connected(&self) -> bool {
-        self.counters.connected.load(Ordering::SeqCst)
+        *self.connected.borrow()
     }
 
-    /// Waits until everything queued was acknowledged by the broker, or the deadline.
-    /// Returns whether it all went out.
-    pub async fn flush(&self, deadline: Duration) -> bool {
-        let wait = async {
-            while self.counters.queued.load(Ordering::SeqCst) + self.counters.inflight.load(Ordering::SeqCst) > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(deadline, wait).await.is_ok()
+    /// Waits until the session is up, or the timeout.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
     }
 
-    /// Sends DISCONNECT (after what is already queued in rumqttc).
-    pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+    /// Graceful close: publishes `offline` presence, waits until every queued
+    /// message is acknowledged (or `deadline`), then disconnects. Returns
+    /// whether everything was delivered.
+    pub async fn close(&self, deadline: Duration) -> bool {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Close { deadline, done }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 }
 
 /// Starts one connection. `routes` lists the topics to subscribe to on every
-/// connect. The tasks end when `cancel` fires (call `flush` and `disconnect` first).
-pub fn spawn_connection(conn: &Connection, routes: Routes, cancel: CancellationToken) -> anyhow::Result<ConnectionHandle> {
-    let (host, port, tls) = match &conn.broker {
-        Broker::Embedded { listen } => {
-            let ip = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
-            (ip, listen.port(), None)
-        }
-        Broker::Remote { host, port, tls } => (host.clone(), *port, tls.as_ref()),
+/// connect. Runs until closed or `cancel` fires.
+pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: CancellationToken) -> anyhow::Result<ConnectionHandle> {
+    let tls = match &conn.broker {
+        Broker::Remote { tls: Some(tls), .. } => Some(super::tls::client_config(tls)?),
+        _ => None,
     };
-    let mut options = MqttOptions::new(conn.client_id.clone(), host.clone(), port);
-    options.set_keep_alive(conn.keep_alive);
-    options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-    options.set_request_channel_capacity(256);
-    options.set_clean_session(true);
-    if let Some(c) = &conn.credentials {
-        options.set_credentials(c.username.clone(), c.password.expose().to_string());
-    }
-    if let Some(tls) = tls {
-        let config = super::tls::client_config(tls)?;
-        options.set_transport(rumqttc::Transport::tls_with_config(TlsConfiguration::Rustls(config)));
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let mut network = NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-
-    let counters = Arc::new(Counters::default());
-    let (tx, rx) = mpsc::channel(1024);
-    let name = conn.name.clone();
-    let target = format!("{host}:{port}");
-    tokio::spawn(event_loop(name.clone(), target, eventloop, client.clone(), routes, counters.clone(), cancel.clone()));
-    tokio::spawn(publisher(name.clone(), client.clone(), rx, counters.clone(), cancel));
-    Ok(ConnectionHandle { name, tx, counters, client })
-}
-
-async fn publisher(name: String, client: AsyncClient, mut rx: mpsc::Receiver<Publish>, counters: Arc<Counters>, cancel: CancellationToken) {
-    loop {
-        let p = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => break },
-            () = cancel.cancelled() => break,
-        };
-        if let Err(e) = client.publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload).await {
-            tracing::warn!(connection = %name, topic = %p.topic, "publish failed: {e}");
+    let (tunnel_errors_tx, tunnel_errors) = mpsc::unbounded_channel();
+    let (endpoint, target) = match (&conn.broker, &conn.proxy) {
+        (Broker::Remote { host, port, websocket_path, .. }, Some(proxy)) if proxy.kind == ProxyKind::Socks5 => {
+            let local = super::socks::start(proxy.clone(), host.clone(), *port, tls, tunnel_errors_tx, cancel.clone()).await?;
+            let endpoint = session::Endpoint {
+                host: "127.0.0.1".to_string(),
+                port: local,
+                tls: None,
+                websocket_path: websocket_path.clone(),
+                ws_host_header: Some(format!("{host}:{port}")),
+            };
+            (endpoint, format!("{host}:{port} via SOCKS5 {}:{}", proxy.host, proxy.port))
         }
-        counters.queued.fetch_sub(1, Ordering::SeqCst);
-    }
+        _ => {
+            let endpoint = session::direct_endpoint(conn, tls);
+            let target = format!("{}:{}", endpoint.host, endpoint.port);
+            (endpoint, target)
+        }
+    };
+    let (client, eventloop) = session::build(conn, &endpoint);
+    let (events_tx, events) = mpsc::channel(256);
+    let poll_cancel = cancel.child_token();
+    tokio::spawn(poll_loop(eventloop, events_tx, conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
+
+    let (tx, rx) = mpsc::channel(1024);
+    let (connected_tx, connected) = watch::channel(false);
+    let actor = Actor {
+        conn: conn.clone(),
+        target,
+        client,
+        routes,
+        topics: Vec::new(),
+        outbox: Outbox::new(conn.outbox_limit, WINDOW),
+        connected: connected_tx,
+        last_error: None,
+        tunnel_errors,
+        warned_full: false,
+    };
+    tokio::spawn(actor.run(rx, events, cancel, poll_cancel));
+    Ok(ConnectionHandle { name: conn.name.clone(), tx, connected })
 }
 
-async fn event_loop(
-    name: String,
-    target: String,
+/// Drives rumqttc; never interrupted except at shutdown.
+async fn poll_loop(
     mut eventloop: EventLoop,
-    client: AsyncClient,
-    routes: Routes,
-    counters: Arc<Counters>,
+    events: mpsc::Sender<Result<Ev, String>>,
+    min: Duration,
+    max: Duration,
     cancel: CancellationToken,
 ) {
-    let topics: Vec<String> = routes.keys().cloned().collect();
-    let mut was_down = false;
+    let mut backoff = Backoff::new(min, max);
     loop {
-        let event = tokio::select! {
-            e = eventloop.poll() => e,
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
             () = cancel.cancelled() => break,
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                counters.connected.store(true, Ordering::SeqCst);
-                // A clean session drops what was in flight; our own outbox
-                // (a later issue) will resend it. Do not wait for lost acks.
-                counters.inflight.store(0, Ordering::SeqCst);
-                tracing::info!(connection = %name, broker = %target, "MQTT connected");
-                was_down = false;
-                if !topics.is_empty() {
-                    let client = client.clone();
-                    let filters: Vec<rumqttc::SubscribeFilter> =
-                        topics.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)).collect();
-                    let name = name.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = client.subscribe_many(filters).await {
-                            tracing::warn!(connection = %name, "subscribe failed: {e}");
-                        }
-                    });
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count();
-                if refused > 0 {
-                    tracing::error!(connection = %name, refused, "the broker refused {refused} subscription(s): check its ACLs");
-                } else {
-                    tracing::debug!(connection = %name, topics = ?topics, "subscribed");
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                match routes.get(&topic) {
-                    Some(inbox) => {
-                        if inbox.try_send(Message { topic: topic.clone(), payload: p.payload }).is_err() {
-                            metrics::counter!("twinbus_mqtt_dropped_total", "connection" => name.clone()).increment(1);
-                            tracing::warn!(connection = %name, %topic, "message dropped: the twin adapter is busy");
-                        }
-                    }
-                    None => tracing::debug!(connection = %name, %topic, "message on a topic nobody handles"),
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                let _ = counters.inflight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
-                counters.inflight.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                counters.connected.store(false, Ordering::SeqCst);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                counters.connected.store(false, Ordering::SeqCst);
-                if !was_down {
-                    tracing::warn!(connection = %name, broker = %target, "MQTT connection lost: {e}; retrying every {}s", RECONNECT_DELAY.as_secs());
-                    was_down = true;
-                } else {
-                    tracing::debug!(connection = %name, "MQTT reconnect failed: {e}");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(RECONNECT_DELAY) => {}
-                    () = cancel.cancelled() => break,
-                }
+        let failed = ev.is_err();
+        if matches!(ev, Ok(Ev::ConnAck { .. })) {
+            backoff.reset();
+        }
+        if events.send(ev).await.is_err() {
+            break;
+        }
+        if failed {
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next()) => {}
+                () = cancel.cancelled() => break,
             }
         }
     }
-    counters.connected.store(false, Ordering::SeqCst);
+}
+
+struct Actor {
+    conn: Connection,
+    target: String,
+    client: Client,
+    routes: Routes,
+    topics: Vec<String>,
+    outbox: Outbox,
+    connected: watch::Sender<bool>,
+    last_error: Option<String>,
+    tunnel_errors: mpsc::UnboundedReceiver<String>,
+    warned_full: bool,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Cmd>,
+        mut events: mpsc::Receiver<Result<Ev, String>>,
+        cancel: CancellationToken,
+        poll_cancel: CancellationToken,
+    ) {
+        self.topics = self.routes.keys().cloned().collect();
+        self.topics.sort();
+        let mut closing: Option<(Instant, oneshot::Sender<bool>)> = None;
+        loop {
+            self.feed();
+            if let Some((deadline, _)) = &closing {
+                if self.outbox.len() == 0 || Instant::now() >= *deadline {
+                    break;
+                }
+            }
+            let deadline = closing.as_ref().map(|(d, _)| *d);
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                cmd = rx.recv(), if closing.is_none() => match cmd {
+                    Some(Cmd::Publish(entry)) => self.enqueue(entry),
+                    Some(Cmd::Close { deadline, done }) => {
+                        if let Some(p) = self.conn.presence.clone() {
+                            let retain = session::presence_retain(&p, &self.conn);
+                            self.enqueue(Entry { topic: p.topic, payload: p.offline.into(), retain, properties: None });
+                        }
+                        closing = Some((Instant::now() + deadline, done));
+                    }
+                    None => break,
+                },
+                ev = events.recv() => match ev {
+                    Some(Ok(ev)) => self.on_event(ev),
+                    Some(Err(e)) => self.on_error(e),
+                    None => break,
+                },
+                () = sleep_until(deadline) => {}
+            }
+        }
+        let delivered = self.outbox.len() == 0;
+        if !delivered {
+            tracing::warn!(connection = %self.conn.name, unsent = self.outbox.len(), "closing with messages the broker has not acknowledged");
+        }
+        if *self.connected.borrow() {
+            self.client.try_disconnect();
+            // Let the poll task put DISCONNECT on the wire.
+            let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                while let Some(ev) = events.recv().await {
+                    if ev.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        poll_cancel.cancel();
+        self.connected.send_replace(false);
+        if let Some((_, done)) = closing {
+            let _ = done.send(delivered);
+        }
+    }
+
+    fn enqueue(&mut self, entry: Entry) {
+        if !self.outbox.push(entry) && !self.warned_full {
+            self.warned_full = true;
+            tracing::warn!(connection = %self.conn.name, limit = self.conn.outbox_limit, "outbox full: dropping the oldest messages");
+        }
+        metrics::gauge!("twinbus_mqtt_outbox_messages", "connection" => self.conn.name.clone()).set(self.outbox.len() as f64);
+    }
+
+    /// Hands waiting messages to rumqttc while connected and the window allows.
+    fn feed(&mut self) {
+        if !*self.connected.borrow() {
+            return;
+        }
+        while let Some(e) = self.outbox.next_to_send() {
+            let topic = e.topic.clone();
+            match self.client.try_publish(&topic, e.payload.clone(), e.retain, e.properties.as_ref()) {
+                Ok(()) => self.outbox.mark_sent(),
+                Err(_) => break, // rumqttc's queue is full: retry after its next event
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Ev) {
+        match ev {
+            Ev::ConnAck { session_present } => {
+                self.connected.send_replace(true);
+                tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
+                self.last_error = None;
+                self.warned_full = false;
+                if !self.topics.is_empty() {
+                    if let Err(e) = self.client.try_subscribe(&self.topics) {
+                        tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
+                    }
+                }
+                self.outbox.on_connected(session_present);
+                if let Some(p) = self.conn.presence.clone() {
+                    let retain = session::presence_retain(&p, &self.conn);
+                    self.outbox.push_front(Entry { topic: p.topic, payload: p.online.into(), retain, properties: None });
+                }
+            }
+            Ev::SubAck { refused: 0 } => tracing::debug!(connection = %self.conn.name, topics = ?self.topics, "subscribed"),
+            Ev::SubAck { refused } => {
+                tracing::error!(connection = %self.conn.name, refused, "the broker refused {refused} subscription(s): check its ACL for {:?}", self.topics)
+            }
+            Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
+                Some(inbox) => {
+                    if inbox.try_send(Message { topic: topic.clone(), payload, properties }).is_err() {
+                        metrics::counter!("twinbus_mqtt_dropped_total", "connection" => self.conn.name.clone()).increment(1);
+                        tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy");
+                    }
+                }
+                None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
+            },
+            Ev::PubAck(pkid) => self.outbox.on_puback(pkid),
+            Ev::SentPublish(pkid) => self.outbox.on_sent(pkid),
+            Ev::Other => {}
+        }
+    }
+
+    fn on_error(&mut self, error: String) {
+        let was_connected = self.connected.send_replace(false);
+        // A tunnel knows the real cause; rumqttc only saw the socket close.
+        let mut cause = error;
+        while let Ok(e) = self.tunnel_errors.try_recv() {
+            cause = e;
+        }
+        let line = session::explain(&cause, &self.target, &self.conn);
+        if was_connected {
+            tracing::warn!(connection = %self.conn.name, "MQTT connection lost: {line}; reconnecting");
+        } else if self.last_error.as_deref() != Some(line.as_str()) {
+            tracing::error!(connection = %self.conn.name, "cannot connect to the MQTT broker: {line}; retrying with backoff");
+        } else {
+            tracing::debug!(connection = %self.conn.name, "still cannot connect: {line}");
+        }
+        self.last_error = Some(line);
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with jitter: each wait is random in [d/2, d], d doubling up to `max`.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+        Backoff { min, max, current: min, seed }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift: jitter needs spread, not cryptographic quality.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let fraction = 0.5 + (self.seed % 1000) as f64 / 2000.0;
+        let wait = self.current.mul_f64(fraction).max(self.min.min(self.current));
+        self.current = (self.current * 2).min(self.max);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let d = Duration::from_millis(100 * (1u64 << i)).min(Duration::from_millis(1000));
+            assert!(*w <= d && *w >= d / 2 || *w >= Duration::from_millis(100), "wait {i}: {w:?} for {d:?}");
+            assert!(*w <= Duration::from_millis(1000));
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
 }

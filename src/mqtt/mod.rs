@@ -8,8 +8,12 @@
 #[cfg(feature = "embedded-broker")]
 mod broker;
 mod connection;
+mod outbox;
+mod session;
+mod socks;
 mod tls;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::EmbeddedBroker;
 pub use connection::{spawn_connection, ConnectionHandle, Message, Routes};
+pub use session::Properties;

@@ -16,7 +16,7 @@ use super::command::{answer, check_get, check_set, parse, summary, Request, Stat
 use super::epoch_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
-use crate::mqtt::{ConnectionHandle, Message};
+use crate::mqtt::{ConnectionHandle, Message, Properties};
 
 /// How many answered ids each device remembers, to recognise duplicates.
 const REMEMBERED_IDS: usize = 256;
@@ -40,12 +40,13 @@ pub async fn run_commands(
             () = stop.cancelled() => break,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
+        let reply = ReplyTo::of(&msg, &responses);
         let cmd = parse(&msg.payload);
         let id = cmd.id.clone();
         if let Some(id) = &id {
             if let Some((_, previous)) = answered.iter().find(|(seen, _)| seen == id) {
                 tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
-                conn.publish(&responses, previous.clone()).await;
+                reply.send(&conn, previous.clone()).await;
                 continue;
             }
         }
@@ -54,13 +55,13 @@ pub async fn run_commands(
             Err(why) => {
                 tracing::info!(device = %device.name, reason = %why, "command rejected");
                 let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now());
-                conn.publish(&responses, doc.to_string().into_bytes()).await;
+                reply.send(&conn, doc.to_string().into_bytes()).await;
                 continue;
             }
         };
         if twin.acknowledge {
             let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now());
-            conn.publish(&responses, ack.to_string().into_bytes()).await;
+            reply.send(&conn, ack.to_string().into_bytes()).await;
         }
         let is_shutdown = request == Request::Shutdown;
         let kind = request.kind();
@@ -81,7 +82,7 @@ pub async fn run_commands(
                 answered.pop_front();
             }
         }
-        conn.publish(&responses, bytes).await;
+        reply.send(&conn, bytes).await;
         if is_shutdown && twin.allow_shutdown {
             tracing::info!(device = %device.name, "shutdown requested by a remote command");
             shutdown.cancel();
@@ -91,7 +92,7 @@ pub async fn run_commands(
     while let Some(msg) = inbox.recv().await {
         let id = parse(&msg.payload).id;
         let doc = answer(id.as_ref(), &Status::Rejected("the gateway is shutting down".into()), &[], &BTreeMap::new(), now());
-        conn.publish(&responses, doc.to_string().into_bytes()).await;
+        ReplyTo::of(&msg, &responses).send(&conn, doc.to_string().into_bytes()).await;
     }
 }
 
@@ -128,6 +129,33 @@ fn outcome_answer(device: &DeviceHandle, outcome: &Outcome, id: Option<&Json>) -
         Some(e) => Status::Failed(e.clone()),
     };
     answer(id, &status, &values, &BTreeMap::new(), now())
+}
+
+/// Where an answer goes: the MQTT 5 response topic when the command named
+/// one (with its correlation data and user properties echoed), else the
+/// twin's responses topic.
+struct ReplyTo {
+    topic: String,
+    properties: Option<Properties>,
+}
+
+impl ReplyTo {
+    fn of(msg: &Message, responses: &str) -> ReplyTo {
+        match &msg.properties {
+            Some(p) => ReplyTo {
+                topic: p.response_topic.clone().filter(|t| !t.is_empty() && !t.contains(['+', '#'])).unwrap_or_else(|| responses.to_string()),
+                properties: Some(Properties { response_topic: None, ..p.clone() }),
+            },
+            None => ReplyTo { topic: responses.to_string(), properties: None },
+        }
+    }
+
+    async fn send(&self, conn: &ConnectionHandle, payload: Vec<u8>) {
+        match &self.properties {
+            Some(p) => conn.publish_reply(&self.topic, payload, p.clone()).await,
+            None => conn.publish(&self.topic, payload).await,
+        }
+    }
 }
 
 fn now() -> u64 {

@@ -2,6 +2,7 @@
 //! broker and simulator, and an MQTT probe that plays the cloud.
 #![allow(dead_code, unreachable_pub)]
 
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -143,6 +144,20 @@ impl Cloud {
                 Ok(Some((t, payload))) if t == topic => {
                     return serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("non-JSON on {t}: {e}"));
                 }
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("probe closed"),
+                Err(_) => panic!("nothing on {topic} within {wait:?}"),
+            }
+        }
+    }
+
+    /// The next payload on `topic` within `wait`, as bytes.
+    pub async fn next_raw(&mut self, topic: &str, wait: Duration) -> Vec<u8> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some((t, payload))) if t == topic => return payload,
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("probe closed"),
                 Err(_) => panic!("nothing on {topic} within {wait:?}"),

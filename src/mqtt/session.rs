@@ -1,0 +1,314 @@
+//! One MQTT session over rumqttc, MQTT 3.1.1 or 5, behind one small API.
+//!
+//! rumqttc has two clients (`rumqttc` and `rumqttc::v5`) with different types
+//! for the same ideas. The connection actor needs only a few of them: connect
+//! options, try-publish, subscribe, disconnect, and a handful of events. This
+//! file maps both onto [`Client`], [`EventLoop`] and [`Ev`], so the actor has
+//! one code path. It also turns rumqttc's errors into one line that says what
+//! to check ([`explain`]).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::{NetworkOptions, Outgoing, QoS, TlsConfiguration};
+
+use crate::config::{Broker, Connection, MqttVersion, Presence, ProxyKind};
+
+/// Largest packet accepted or sent. Raw commands may be 256 KiB; a larger
+/// packet must still arrive so that it can be answered with a clear refusal,
+/// rather than break the connection (rumqttc's default is 10 KiB).
+pub(crate) const MAX_PACKET: usize = 1024 * 1024;
+
+/// MQTT 5 request-response properties of an incoming message.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Properties {
+    /// Where the sender wants the answer.
+    pub response_topic: Option<String>,
+    /// Echoed unchanged with the answer.
+    pub correlation_data: Option<Bytes>,
+    /// Echoed with the answer.
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// What the actor reacts to.
+#[derive(Debug)]
+pub(crate) enum Ev {
+    ConnAck { session_present: bool },
+    SubAck { refused: usize },
+    Publish { topic: String, payload: Bytes, properties: Option<Properties> },
+    PubAck(u16),
+    SentPublish(u16),
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+pub(crate) enum EventLoop {
+    V4(rumqttc::EventLoop),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventLoop")
+    }
+}
+
+/// Where rumqttc must connect: the broker, or a local tunnel to it.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// rumqttc does TLS itself (false when a tunnel does it).
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) websocket_path: Option<String>,
+    /// The broker's real `host:port`, for the WebSocket `Host` header when tunnelled.
+    pub(crate) ws_host_header: Option<String>,
+}
+
+/// Builds the client and event loop. Never formats the options: rumqttc's
+/// `Debug` prints the password.
+pub(crate) fn build(conn: &Connection, endpoint: &Endpoint) -> (Client, EventLoop) {
+    let url_host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
+    let broker_addr = match &endpoint.websocket_path {
+        Some(path) => {
+            let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
+            format!("{scheme}://{url_host}:{}{path}", endpoint.port)
+        }
+        None => endpoint.host.clone(),
+    };
+    let proxy = conn.proxy.as_ref().filter(|p| p.kind == ProxyKind::Http).map(|p| rumqttc::Proxy {
+        ty: rumqttc::ProxyType::Http,
+        auth: match &p.credentials {
+            Some(c) => rumqttc::ProxyAuth::Basic { username: c.username.clone(), password: c.password.expose().to_string() },
+            None => rumqttc::ProxyAuth::None,
+        },
+        addr: p.host.clone(),
+        port: p.port,
+    });
+    let transport = match (&endpoint.tls, &endpoint.websocket_path) {
+        (None, None) => rumqttc::Transport::Tcp,
+        (Some(tls), None) => rumqttc::Transport::Tls(TlsConfiguration::Rustls(tls.clone())),
+        (None, Some(_)) => rumqttc::Transport::Ws,
+        (Some(tls), Some(_)) => rumqttc::Transport::Wss(TlsConfiguration::Rustls(tls.clone())),
+    };
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(10);
+    let host_header = endpoint.ws_host_header.clone();
+    match conn.version {
+        MqttVersion::V311 => {
+            let mut o = rumqttc::MqttOptions::new(conn.client_id.clone(), broker_addr, endpoint.port);
+            o.set_keep_alive(conn.keep_alive);
+            o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+            o.set_request_channel_capacity(256);
+            o.set_clean_session(conn.clean_session);
+            o.set_transport(transport);
+            if let Some(c) = &conn.credentials {
+                o.set_credentials(c.username.clone(), c.password.expose().to_string());
+            }
+            if let Some(p) = &conn.presence {
+                o.set_last_will(rumqttc::LastWill::new(&p.topic, p.offline.clone(), QoS::AtLeastOnce, p.retain));
+            }
+            if let Some(proxy) = proxy {
+                o.set_proxy(proxy);
+            }
+            if let Some(host) = host_header {
+                o.set_request_modifier(move |mut req| {
+                    let host = host.clone();
+                    async move {
+                        if let Ok(v) = host.parse() {
+                            req.headers_mut().insert("Host", v);
+                        }
+                        req
+                    }
+                });
+            }
+            let (client, mut ev) = rumqttc::AsyncClient::new(o, 256);
+            ev.set_network_options(network);
+            (Client::V4(client), EventLoop::V4(ev))
+        }
+        MqttVersion::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(conn.client_id.clone(), broker_addr, endpoint.port);
+            o.set_keep_alive(conn.keep_alive);
+            o.set_max_packet_size(Some(MAX_PACKET as u32));
+            o.set_request_channel_capacity(256);
+            o.set_clean_start(conn.clean_session);
+            if !conn.clean_session {
+                // Keep the session (and queued commands) for a day offline.
+                o.set_session_expiry_interval(Some(86_400));
+            }
+            o.set_transport(transport);
+            if let Some(c) = &conn.credentials {
+                o.set_credentials(c.username.clone(), c.password.expose().to_string());
+            }
+            if let Some(p) = &conn.presence {
+                o.set_last_will(p5::LastWill::new(&p.topic, p.offline.clone(), QoS5::AtLeastOnce, p.retain, None));
+            }
+            if let Some(proxy) = proxy {
+                o.set_proxy(proxy);
+            }
+            if let Some(host) = host_header {
+                o.set_request_modifier(move |mut req| {
+                    let host = host.clone();
+                    async move {
+                        if let Ok(v) = host.parse() {
+                            req.headers_mut().insert("Host", v);
+                        }
+                        req
+                    }
+                });
+            }
+            o.set_network_options(network);
+            let (client, ev) = rumqttc::v5::AsyncClient::new(o, 256);
+            (Client::V5(client), EventLoop::V5(Box::new(ev)))
+        }
+    }
+}
+
+impl Client {
+    /// Queues a QoS 1 publish without waiting; `Err` when rumqttc's queue is full.
+    pub(crate) fn try_publish(&self, topic: &str, payload: Bytes, retain: bool, props: Option<&Properties>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_publish(topic, QoS::AtLeastOnce, retain, payload).map_err(|e| e.to_string()),
+            Client::V5(c) => match props {
+                Some(p) => {
+                    let properties = p5::PublishProperties {
+                        correlation_data: p.correlation_data.clone(),
+                        user_properties: p.user_properties.clone(),
+                        ..Default::default()
+                    };
+                    c.try_publish_with_properties(topic, QoS5::AtLeastOnce, retain, payload, properties).map_err(|e| e.to_string())
+                }
+                None => c.try_publish(topic, QoS5::AtLeastOnce, retain, payload).map_err(|e| e.to_string()),
+            },
+        }
+    }
+
+    pub(crate) fn try_subscribe(&self, topics: &[String]) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(topics.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)))
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(topics.iter().map(|t| p5::Filter::new(t.clone(), QoS5::AtLeastOnce)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub(crate) fn try_disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+impl EventLoop {
+    /// The next event, or the connection error as one explained line.
+    pub(crate) async fn poll(&mut self) -> Result<Ev, String> {
+        match self {
+            EventLoop::V4(ev) => match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => Ok(Ev::ConnAck { session_present: a.session_present }),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) => Ok(Ev::SubAck {
+                    refused: a.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count(),
+                }),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ok(Ev::Publish {
+                    topic: String::from_utf8_lossy(p.topic.as_ref()).into_owned(),
+                    payload: p.payload,
+                    properties: None,
+                }),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => Ok(Ev::PubAck(a.pkid)),
+                Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::SentPublish(pkid)),
+                Ok(_) => Ok(Ev::Other),
+                Err(e) => Err(error_chain(&e)),
+            },
+            EventLoop::V5(ev) => match ev.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(a))) => Ok(Ev::ConnAck { session_present: a.session_present }),
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::SubAck(a))) => Ok(Ev::SubAck {
+                    refused: a.return_codes.iter().filter(|c| !matches!(c, p5::SubscribeReasonCode::Success(_))).count(),
+                }),
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p))) => {
+                    let properties = p.properties.map(|pp| Properties {
+                        response_topic: pp.response_topic,
+                        correlation_data: pp.correlation_data,
+                        user_properties: pp.user_properties,
+                    });
+                    Ok(Ev::Publish { topic: String::from_utf8_lossy(p.topic.as_ref()).into_owned(), payload: p.payload, properties })
+                }
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a))) => Ok(Ev::PubAck(a.pkid)),
+                Ok(rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::SentPublish(pkid)),
+                Ok(_) => Ok(Ev::Other),
+                Err(e) => Err(error_chain(&e)),
+            },
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// One line: what failed and what to check. `target` is `host:port`.
+pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> String {
+    let e = error.to_ascii_lowercase();
+    let hint = if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("unknownca") {
+        "the broker's certificate is not signed by a trusted CA: check `tls.ca`".to_string()
+    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
+        format!("the broker's certificate is not valid for the host name in the URL ({target}): check the URL")
+    } else if e.contains("expired") {
+        "the broker's certificate has expired (or this machine's clock is wrong)".to_string()
+    } else if e.contains("certificaterequired") || (e.contains("handshake") && e.contains("alert")) {
+        "the broker refused the TLS handshake: it may require a client certificate (`tls.cert`, `tls.key`) it did not get or accept".to_string()
+    } else if e.contains("badusernamepassword") || e.contains("badusername") || e.contains("bad user") {
+        "the broker refused the login: check `username` and `password`".to_string()
+    } else if e.contains("notauthorized") || e.contains("not authorized") {
+        "the broker says the client is not authorized: check `username`, `password`, `client_id` and the broker's ACL".to_string()
+    } else if e.contains("failed to lookup") || e.contains("name or service not known") || e.contains("dns") {
+        format!("cannot resolve the broker's host name ({target}): check the URL and DNS")
+    } else if e.contains("connection refused") {
+        format!("nothing accepts connections at {target}: is the broker running, is the port right?")
+    } else if e.contains("proxy") || e.contains("socks") {
+        let proxy = conn.proxy.as_ref().map_or(String::new(), |p| format!(" {}:{}", p.host, p.port));
+        format!("the proxy{proxy} refused or failed: check `proxy`")
+    } else if e.contains("timeout") || e.contains("timed out") {
+        format!("no answer from {target}: check the address, the port and the firewall")
+    } else {
+        format!("check the broker at {target}")
+    };
+    format!("{hint} ({error})")
+}
+
+/// The endpoint of a connection without a tunnel.
+pub(crate) fn direct_endpoint(conn: &Connection, tls: Option<Arc<rustls::ClientConfig>>) -> Endpoint {
+    match &conn.broker {
+        Broker::Embedded { listen } => {
+            let ip = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            Endpoint { host: ip, port: listen.port(), tls: None, websocket_path: None, ws_host_header: None }
+        }
+        Broker::Remote { host, port, websocket_path, .. } => {
+            Endpoint { host: host.clone(), port: *port, tls, websocket_path: websocket_path.clone(), ws_host_header: None }
+        }
+    }
+}
+
+/// A retained presence publish needs `retain`; the rest never is.
+pub(crate) fn presence_retain(p: &Presence, conn: &Connection) -> bool {
+    p.retain && !matches!(conn.broker, Broker::Embedded { .. })
+}
