@@ -29,14 +29,6 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for a command on the wire to finish.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Waits for all futures (connections close in parallel, each with its deadline).
-async fn futures_join_all<F: std::future::Future<Output = bool>>(futures: impl Iterator<Item = F>) {
-    let set: Vec<F> = futures.collect();
-    for f in set {
-        f.await;
-    }
-}
-
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -172,8 +164,12 @@ impl Gateway {
                 tracing::warn!(device = %device.name, "device actor did not stop in time");
             }
         }
-        let closing = self.connections.iter().map(|c| c.close(FLUSH_DEADLINE));
-        futures_join_all(closing).await;
+        // In parallel: each waits up to its deadline for PUBACKs.
+        let mut closing = tokio::task::JoinSet::new();
+        for c in self.connections {
+            closing.spawn(async move { c.close(FLUSH_DEADLINE).await });
+        }
+        while closing.join_next().await.is_some() {}
         self.stop_connections.cancel();
         self.stop_simulators.cancel();
         #[cfg(feature = "embedded-broker")]

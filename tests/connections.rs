@@ -146,3 +146,45 @@ async fn telemetry_produced_while_the_broker_is_down_arrives_after_it_in_order()
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+/// OCI style: one connection per twin. A hundred of them in one process, each
+/// with its own session, all answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_per_twin_connections_work_side_by_side() {
+    let broker_port = free_port();
+    let _broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr")).expect("broker");
+    let modbus = free_port();
+    let mut yaml = String::from("connections:\n");
+    for n in 1..=100 {
+        yaml += &format!("  twin-{n}: {{ url: \"mqtt://127.0.0.1:{broker_port}\", client_id: twin-{n} }}\n");
+    }
+    yaml += &format!("buses:\n  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 500ms }}\n{PUMP_PROFILE}\ndevices:\n");
+    for n in 1..=100 {
+        yaml += &format!(
+            "  pump-{n}: {{ bus: line, unit: {n}, profile: pump, poll: 5s, twin: {{ connection: twin-{n}, commands: t/{n}/cmd, responses: t/{n}/rsp }} }}\n"
+        );
+    }
+    let served: Vec<String> = (1..=100).map(|n| format!("pump-{n}")).collect();
+    yaml += &format!("simulators:\n  sim: {{ listen: \"127.0.0.1:{modbus}\", serves: [{}] }}\n", served.join(", "));
+    let config = Config::parse(&yaml, Path::new("hundred.yaml")).expect("valid");
+    let gateway = Gateway::start(&config).await.expect("start");
+
+    let topics: Vec<String> = (1..=100).map(|n| format!("t/{n}/rsp")).collect();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut cloud = Cloud::connect(broker_port, &refs).await;
+    for n in [1, 37, 100] {
+        let cmd = json!({"id": format!("c{n}"), "set": {"deviceAttrib": {"motorStatus": "on"}}});
+        // Retry until that twin's session is up (they connect in parallel).
+        let mut answered = None;
+        for _ in 0..50 {
+            cloud.publish(&format!("t/{n}/cmd"), cmd.to_string()).await;
+            answered = cloud.try_next_on(&format!("t/{n}/rsp"), Duration::from_millis(300)).await;
+            if answered.is_some() {
+                break;
+            }
+        }
+        let doc = answered.unwrap_or_else(|| panic!("twin {n} never answered"));
+        assert_eq!(doc["status"], "succeeded", "{doc}");
+    }
+    gateway.shutdown().await;
+}

@@ -2,6 +2,8 @@
 //! broker and simulator, and an MQTT probe that plays the cloud.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod shadow;
+
 
 use std::path::Path;
 use std::time::Duration;
@@ -106,9 +108,8 @@ impl Cloud {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        for f in &filters {
-                            let _ = sub_client.try_subscribe(f.clone(), QoS::AtLeastOnce);
-                        }
+                        let many = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        let _ = sub_client.try_subscribe_many(many);
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(());
@@ -124,9 +125,7 @@ impl Cloud {
                 }
             }
         });
-        for _ in topics {
-            tokio::time::timeout(Duration::from_secs(10), subscribed.recv()).await.expect("SUBACK in time");
-        }
+        tokio::time::timeout(Duration::from_secs(10), subscribed.recv()).await.expect("SUBACK in time");
         Cloud { client, rx }
     }
 
@@ -136,17 +135,25 @@ impl Cloud {
 
     /// The next JSON message on `topic` within `wait`.
     pub async fn next_on(&mut self, topic: &str, wait: Duration) -> Json {
+        match self.try_next_on(topic, wait).await {
+            Some(doc) => doc,
+            None => panic!("nothing on {topic} within {wait:?}"),
+        }
+    }
+
+    /// The next JSON message on `topic` within `wait`, if any.
+    pub async fn try_next_on(&mut self, topic: &str, wait: Duration) -> Option<Json> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let got = tokio::time::timeout(left, self.rx.recv()).await;
             match got {
                 Ok(Some((t, payload))) if t == topic => {
-                    return serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("non-JSON on {t}: {e}"));
+                    return Some(serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("non-JSON on {t}: {e}")));
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => panic!("probe closed"),
-                Err(_) => panic!("nothing on {topic} within {wait:?}"),
+                Err(_) => return None,
             }
         }
     }
