@@ -1146,3 +1146,75 @@ fn device_points_are_sorted_by_path_and_profile_read_limits_apply() {
     assert_eq!(paths[0], "aaa.first");
     assert_eq!(d.read, ReadLimits { max_registers: 10, max_bits: 2000, max_gap: 4 });
 }
+
+// ---------------------------------------------------------------------------
+// Connections: transports, sessions, proxies, presence
+
+/// `base()` with the `cloud` connection replaced by `connection` (indented body lines).
+fn with_connection(connection: &str) -> String {
+    base().replace("  cloud:\n    embedded:\n      listen: 127.0.0.1:1883\n", &format!("  cloud:\n{connection}"))
+}
+
+#[test]
+fn websocket_urls_keep_their_path_and_default_to_slash_mqtt() {
+    let c = valid(&with_connection("    url: wss://broker.example.com/custom\n"));
+    match &c.connections[0].broker {
+        Broker::Remote { host, port, tls, websocket_path } => {
+            assert_eq!((host.as_str(), *port, tls.is_some(), websocket_path.as_deref()), ("broker.example.com", 443, true, Some("/custom")));
+        }
+        other => panic!("expected a remote broker, got {other:?}"),
+    }
+    let c = valid(&with_connection("    url: ws://broker.example.com:8080\n"));
+    match &c.connections[0].broker {
+        Broker::Remote { port, tls, websocket_path, .. } => assert_eq!((*port, tls.is_none(), websocket_path.as_deref()), (8080, true, Some("/mqtt"))),
+        other => panic!("expected a remote broker, got {other:?}"),
+    }
+}
+
+#[test]
+fn mqtt_version_accepts_3_1_1_and_5_and_refuses_others() {
+    let c = valid(&with_connection("    url: mqtt://b\n    mqtt_version: 5\n"));
+    assert_eq!(c.connections[0].version, MqttVersion::V5);
+    let c = valid(&with_connection("    url: mqtt://b\n    mqtt_version: 3.1.1\n"));
+    assert_eq!(c.connections[0].version, MqttVersion::V311);
+    let text = with_connection("    url: mqtt://b\n    mqtt_version: 4.5\n");
+    only_problem(&text, line_of(&text, "mqtt_version"), "connections.cloud.mqtt_version", &["3.1.1 or 5"]);
+}
+
+#[test]
+fn a_persistent_session_needs_an_explicit_client_id() {
+    let text = with_connection("    url: mqtt://b\n    clean_session: false\n");
+    only_problem(&text, line_of(&text, "clean_session"), "connections.cloud.clean_session", &["client_id"]);
+    let c = valid(&with_connection("    url: mqtt://b\n    clean_session: false\n    client_id: gw-1\n"));
+    assert!(!c.connections[0].clean_session);
+}
+
+#[test]
+fn proxies_are_http_or_socks5_with_their_own_login() {
+    let c = valid(&with_connection("    url: mqtts://b:8883\n    proxy: { url: \"socks5://p.local\", username: u, password: secret-proxy }\n"));
+    let proxy = c.connections[0].proxy.as_ref().expect("a proxy");
+    assert_eq!((proxy.kind, proxy.host.as_str(), proxy.port), (ProxyKind::Socks5, "p.local", 1080));
+    assert!(!format!("{c:?}").contains("secret-proxy"), "the proxy password never prints");
+    let c = valid(&with_connection("    url: mqtt://b\n    proxy: { url: \"http://p.local:8080\" }\n"));
+    assert_eq!(c.connections[0].proxy.as_ref().map(|p| (p.kind, p.port)), Some((ProxyKind::Http, 8080)));
+    let text = with_connection("    url: mqtt://b\n    proxy: { url: \"ftp://p\" }\n");
+    only_problem(&text, line_of(&text, "ftp://"), "connections.cloud.proxy.url", &["http://", "socks5://"]);
+}
+
+#[test]
+fn the_embedded_broker_takes_no_proxy_and_no_retained_will_on_mqtt5() {
+    let text = with_connection("    embedded: { listen: 127.0.0.1:1883 }\n    proxy: { url: \"http://p\" }\n");
+    only_problem(&text, line_of(&text, "proxy"), "connections.cloud.proxy", &["embedded"]);
+    let text = with_connection("    embedded: { listen: 127.0.0.1:1883 }\n    mqtt_version: 5\n    presence: { topic: gw/status }\n");
+    only_problem(&text, line_of(&text, "presence"), "connections.cloud.presence.retain", &["retain: false"]);
+    let c = valid(&with_connection("    embedded: { listen: 127.0.0.1:1883 }\n    mqtt_version: 5\n    presence: { topic: gw/status, retain: false }\n"));
+    assert_eq!(c.connections[0].presence.as_ref().map(|p| p.offline.as_str()), Some("offline"));
+}
+
+#[test]
+fn reconnect_bounds_are_durations_with_max_not_below_min() {
+    let c = valid(&with_connection("    url: mqtt://b\n    reconnect: { min: 200ms, max: 5s }\n"));
+    assert_eq!((c.connections[0].reconnect_min, c.connections[0].reconnect_max), (Duration::from_millis(200), Duration::from_secs(5)));
+    let text = with_connection("    url: mqtt://b\n    reconnect: { min: 10s, max: 1s }\n");
+    only_problem(&text, line_of(&text, "reconnect"), "connections.cloud.reconnect.max", &["shorter"]);
+}
