@@ -22,7 +22,8 @@ use crate::device::{spawn_device, DeviceHandle};
 use crate::modbus::spawn_bus;
 use crate::mqtt::{spawn_connection, ConnectionHandle, Routes};
 use crate::sim::{self, SimHandle};
-use crate::twin::{run_commands, run_telemetry};
+use crate::store::Store;
+use crate::twin::{run_commands, run_shadow, run_telemetry, shadow_topics};
 
 /// How long shutdown waits for answers to reach the broker.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
@@ -89,15 +90,26 @@ impl Gateway {
 
         let mut routes: Vec<Routes> = vec![HashMap::new(); config.connections.len()];
         let mut inboxes = HashMap::new();
+        let mut shadow_inboxes = HashMap::new();
         for d in &config.devices {
-            if let Some(t) = &d.twin {
-                if let Some(topic) = &t.commands {
-                    let (tx, rx) = mpsc::channel(64);
-                    routes[t.connection].insert(topic.clone(), tx);
-                    inboxes.insert(d.name.clone(), rx);
+            let Some(t) = &d.twin else { continue };
+            if let Some(topic) = &t.commands {
+                let (tx, rx) = mpsc::channel(64);
+                routes[t.connection].insert(topic.clone(), tx);
+                inboxes.insert(d.name.clone(), rx);
+            }
+            if let Some(s) = &t.shadow {
+                let (tx, rx) = mpsc::channel(64);
+                for topic in shadow_topics(s) {
+                    routes[t.connection].insert(topic, tx.clone());
                 }
+                shadow_inboxes.insert(d.name.clone(), rx);
             }
         }
+        let store = match shadow_inboxes.is_empty() {
+            true => None,
+            false => Some(Store::open(&config.state_dir)?),
+        };
         let mut connections = Vec::new();
         for (c, r) in config.connections.iter().zip(routes) {
             let handle = spawn_connection(c, r, stop_connections.clone()).await.with_context(|| format!("connection `{}`", c.name))?;
@@ -110,6 +122,9 @@ impl Gateway {
             let conn = connections[twin.connection].clone();
             if let Some(inbox) = inboxes.remove(&d.name) {
                 adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
+            }
+            if let (Some(binding), Some(inbox), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
+                adapters.spawn(run_shadow(binding.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
             }
             adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));
         }

@@ -13,4 +13,5 @@ pub mod modbus;
 pub mod mqtt;
 pub mod point;
 pub mod sim;
+pub mod store;
 pub mod twin;

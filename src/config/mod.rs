@@ -39,6 +39,8 @@ pub struct Config {
     pub simulators: Vec<Simulator>,
     /// Things that work but deserve a look (e.g. an inline password).
     pub warnings: Vec<String>,
+    /// Where shadow versions and executed command ids are kept across restarts.
+    pub state_dir: PathBuf,
 }
 
 /// One MQTT session.
@@ -290,6 +292,31 @@ pub struct Twin {
     pub acknowledge: bool,
     /// Whether `{"shutdown": true}` may stop the gateway.
     pub allow_shutdown: bool,
+    /// The AWS IoT device shadow this device is the twin of.
+    pub shadow: Option<ShadowBinding>,
+}
+
+/// A classic or named AWS IoT shadow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowBinding {
+    /// Thing name.
+    pub thing: String,
+    /// Shadow name; `None` for the classic shadow.
+    pub name: Option<String>,
+    /// Dotted path under `reported` where refused desired values are explained.
+    pub errors_key: String,
+    /// How often a running command's RUNNING state is repeated.
+    pub running_interval: Duration,
+}
+
+impl ShadowBinding {
+    /// `$aws/things/<thing>/shadow[/name/<name>]`, the prefix of its topics.
+    pub fn prefix(&self) -> String {
+        match &self.name {
+            Some(n) => format!("$aws/things/{}/shadow/name/{n}", self.thing),
+            None => format!("$aws/things/{}/shadow", self.thing),
+        }
+    }
 }
 
 /// A built-in Modbus TCP slave serving configured devices.

@@ -56,6 +56,7 @@ pub(crate) struct RawConfig {
     pub(crate) devices: Map<RawDevice>,
     #[serde(default)]
     pub(crate) simulators: Map<RawSimulator>,
+    pub(crate) state_dir: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +209,16 @@ pub(crate) struct RawTwin {
     pub(crate) report_on_change: Option<bool>,
     pub(crate) acknowledge: Option<bool>,
     pub(crate) allow_shutdown: Option<bool>,
+    pub(crate) shadow: Option<S<RawShadow>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawShadow {
+    pub(crate) thing: S<String>,
+    pub(crate) name: Option<S<String>>,
+    pub(crate) errors_key: Option<S<String>>,
+    pub(crate) running_interval: Option<S<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -16,7 +16,7 @@ use super::*;
 use crate::point::{Access, DataType, Label, Location, Order, Point, Table, Value};
 
 /// First path segments that the telemetry and answer documents use themselves.
-const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors"];
+const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors", "connected", "command"];
 
 struct Checker<'a> {
     file: &'a Path,
@@ -122,10 +122,17 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
 
     let simulators = raw.simulators.iter().filter_map(|(k, s)| simulator(&mut c, k, s, &devices)).collect();
 
+    // systemd's StateDirectory= sets $STATE_DIRECTORY; otherwise beside the config.
+    let state_dir = match &raw.state_dir {
+        Some(d) => base.join(c.interpolate(d, "state_dir")),
+        None => std::env::var_os("STATE_DIRECTORY").map_or_else(|| base.join("twinbus-state"), PathBuf::from),
+    };
+    check_shadow_conflicts(&mut c, &raw.devices, &devices);
+
     if !c.problems.is_empty() {
         return Err(ConfigError::Invalid { problems: c.problems });
     }
-    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings })
+    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings, state_dir })
 }
 
 fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> Option<Connection> {
@@ -602,6 +609,10 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
     let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    let shadow = raw.shadow.as_ref().map(|s| shadow(c, s, &format!("{path}.shadow")));
+    if raw.commands.is_none() && raw.telemetry.is_none() && raw.shadow.is_none() {
+        c.at(t, path, "binds nothing: give it `commands`/`responses`, `telemetry` or `shadow`");
+    }
     Some(Twin {
         connection: connection?,
         commands,
@@ -611,7 +622,45 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         report_on_change: raw.report_on_change.unwrap_or(true),
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),
+        shadow,
     })
+}
+
+fn shadow(c: &mut Checker, s: &Spanned<RawShadow>, path: &str) -> ShadowBinding {
+    let raw = &s.value;
+    // AWS IoT: thing names up to 128, shadow names up to 64 characters of [a-zA-Z0-9:_-].
+    let valid = |v: &str, max: usize| !v.is_empty() && v.len() <= max && v.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, ':' | '_' | '-'));
+    if !valid(&raw.thing.value, 128) {
+        c.at(&raw.thing, &format!("{path}.thing"), "AWS IoT thing names are 1 to 128 characters of letters, digits, :, _ and -");
+    }
+    if let Some(n) = &raw.name {
+        if !valid(&n.value, 64) {
+            c.at(n, &format!("{path}.name"), "shadow names are 1 to 64 characters of letters, digits, :, _ and -");
+        }
+    }
+    let errors_key = raw.errors_key.as_ref().map_or_else(|| "twinbus.errors".to_string(), |k| k.value.clone());
+    if errors_key.is_empty() || errors_key.split('.').any(str::is_empty) {
+        if let Some(k) = &raw.errors_key {
+            c.at(k, &format!("{path}.errors_key"), "is not a dotted path (e.g. twinbus.errors)");
+        }
+    }
+    let running_interval = c.duration(raw.running_interval.as_ref(), &format!("{path}.running_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval }
+}
+
+/// One shadow has one owner: two devices writing one shadow would fight.
+fn check_shadow_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Device]) {
+    let mut seen: BTreeMap<(usize, String), &str> = BTreeMap::new();
+    for d in devices {
+        let Some(t) = &d.twin else { continue };
+        let Some(s) = &t.shadow else { continue };
+        if let Some(first) = seen.insert((t.connection, s.prefix()), &d.name) {
+            let at = raw.iter().find(|(k, _)| k.name() == d.name).and_then(|(_, rd)| rd.twin.as_ref()).and_then(|t| t.value.shadow.as_ref());
+            if let Some(at) = at {
+                c.at(at, &format!("devices.{}.twin.shadow", d.name), format!("device `{first}` is already the twin of this shadow (give each device its own thing or shadow name)"));
+            }
+        }
+    }
 }
 
 fn points(c: &mut Checker, raw: &Map<RawPoint>, parent: &str) -> Vec<Point> {

@@ -53,6 +53,7 @@ pub struct ConnectionHandle {
     pub name: String,
     tx: mpsc::Sender<Cmd>,
     connected: watch::Receiver<bool>,
+    sessions: watch::Receiver<u64>,
 }
 
 impl ConnectionHandle {
@@ -70,6 +71,12 @@ impl ConnectionHandle {
         if self.tx.send(Cmd::Publish(entry)).await.is_err() {
             tracing::warn!(connection = %self.name, "publish dropped: the connection is closed");
         }
+    }
+
+    /// Counts sessions that are up with their subscriptions acknowledged:
+    /// changes after every (re)connect's SUBACK. A shadow syncs on each change.
+    pub fn sessions(&self) -> watch::Receiver<u64> {
+        self.sessions.clone()
     }
 
     /// Whether the session is up now.
@@ -128,6 +135,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
 
     let (tx, rx) = mpsc::channel(1024);
     let (connected_tx, connected) = watch::channel(false);
+    let (sessions_tx, sessions) = watch::channel(0u64);
     let actor = Actor {
         conn: conn.clone(),
         target,
@@ -136,12 +144,13 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         topics: Vec::new(),
         outbox: Outbox::new(conn.outbox_limit, WINDOW),
         connected: connected_tx,
+        sessions: sessions_tx,
         last_error: None,
         tunnel_errors,
         warned_full: false,
     };
     tokio::spawn(actor.run(rx, events, cancel, poll_cancel));
-    Ok(ConnectionHandle { name: conn.name.clone(), tx, connected })
+    Ok(ConnectionHandle { name: conn.name.clone(), tx, connected, sessions })
 }
 
 /// Drives rumqttc; never interrupted except at shutdown.
@@ -182,6 +191,7 @@ struct Actor {
     topics: Vec<String>,
     outbox: Outbox,
     connected: watch::Sender<bool>,
+    sessions: watch::Sender<u64>,
     last_error: Option<String>,
     tunnel_errors: mpsc::UnboundedReceiver<String>,
     warned_full: bool,
@@ -279,10 +289,10 @@ impl Actor {
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
                 self.warned_full = false;
-                if !self.topics.is_empty() {
-                    if let Err(e) = self.client.try_subscribe(&self.topics) {
-                        tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
-                    }
+                if self.topics.is_empty() {
+                    self.sessions.send_modify(|n| *n += 1);
+                } else if let Err(e) = self.client.try_subscribe(&self.topics) {
+                    tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
                 }
                 self.outbox.on_connected(session_present);
                 if let Some(p) = self.conn.presence.clone() {
@@ -290,9 +300,13 @@ impl Actor {
                     self.outbox.push_front(Entry { topic: p.topic, payload: p.online.into(), retain, properties: None });
                 }
             }
-            Ev::SubAck { refused: 0 } => tracing::debug!(connection = %self.conn.name, topics = ?self.topics, "subscribed"),
             Ev::SubAck { refused } => {
-                tracing::error!(connection = %self.conn.name, refused, "the broker refused {refused} subscription(s): check its ACL for {:?}", self.topics)
+                if refused == 0 {
+                    tracing::debug!(connection = %self.conn.name, topics = ?self.topics, "subscribed");
+                } else {
+                    tracing::error!(connection = %self.conn.name, refused, "the broker refused {refused} subscription(s): check its ACL for {:?}", self.topics);
+                }
+                self.sessions.send_modify(|n| *n += 1);
             }
             Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
                 Some(inbox) => {

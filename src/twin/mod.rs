@@ -3,14 +3,16 @@
 //! `json` maps point paths and typed values to JSON documents; `command` is
 //! the raw command-response protocol (OCI IoT style) as pure functions;
 //! `raw` and `telemetry` are the adapter tasks that connect a device actor to
-//! an MQTT connection. Shadows (AWS IoT) will be a third dialect beside them.
+//! an MQTT connection; `shadow` is the AWS IoT device shadow dialect.
 
 pub mod command;
 pub mod json;
 mod raw;
+mod shadow;
 mod telemetry;
 
 pub use raw::run_commands;
+pub use shadow::{run_shadow, shadow_topics};
 pub use telemetry::run_telemetry;
 
 /// Milliseconds since the Unix epoch, the `time` of every document we publish.

@@ -53,13 +53,15 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
 }
 
 /// What the cloud was last told, to find changes beyond the deadband.
-struct Reported {
+/// Shared with the shadow adapter, which reports changes the same way.
+#[derive(Debug)]
+pub(super) struct Reported {
     values: Vec<Option<Value>>,
-    health: Health,
+    pub(super) health: Health,
 }
 
 impl Reported {
-    fn new(n: usize) -> Self {
+    pub(super) fn new(n: usize) -> Self {
         Reported { values: vec![None; n], health: Health::Unknown }
     }
 
@@ -70,16 +72,28 @@ impl Reported {
     }
 
     fn changes(&mut self, points: &[Point], snap: &Snapshot) -> Option<Json> {
-        let moved: Vec<bool> = (0..points.len()).map(|i| moved(&points[i], self.values[i].as_ref(), snap.values[i].as_ref())).collect();
+        let moved = self.take_changes(points, &snap.values);
         if !moved.contains(&true) {
             return None;
         }
+        Some(document(points, snap, |i| moved[i]))
+    }
+
+    /// Marks which values moved beyond their deadband since last reported,
+    /// and records them as reported.
+    pub(super) fn take_changes(&mut self, points: &[Point], values: &[Option<Value>]) -> Vec<bool> {
+        let moved: Vec<bool> = (0..points.len()).map(|i| moved(&points[i], self.values[i].as_ref(), values[i].as_ref())).collect();
         for (i, m) in moved.iter().enumerate() {
             if *m {
-                self.values[i].clone_from(&snap.values[i]);
+                self.values[i].clone_from(&values[i]);
             }
         }
-        Some(document(points, snap, |i| moved[i]))
+        moved
+    }
+
+    /// Records values the cloud was just told (e.g. a read-back).
+    pub(super) fn record(&mut self, i: usize, value: Option<Value>) {
+        self.values[i] = value;
     }
 }
 

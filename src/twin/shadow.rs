@@ -1,0 +1,506 @@
+//! The AWS IoT device shadow adapter: one task per device bound to a shadow.
+//!
+//! On every (re)connect, once the subscriptions are acknowledged, it asks for
+//! the shadow (`get`), applies its `state.delta`, and reports what the device
+//! actually holds. While connected it applies each `update/delta`. A document
+//! whose `version` is not newer than the last one acted upon is skipped; that
+//! version is kept in the [`Store`], so a restart does not re-apply an old
+//! delta. Desired values are checked like raw commands (known, writable,
+//! type, labels, limits); refused ones are not written and are explained
+//! under `reported.<errors_key>`, so the application sees why its delta
+//! persists. What is written is read back, and the read-back is reported.
+//!
+//! `desired.command` may hold an array of commands (`relay-command` is built
+//! in). Each has an id (given, or derived from the shadow, its `metadata`
+//! timestamp and its content — never from the document version, which every
+//! update bumps), is recorded in the store before it runs, and so runs at
+//! most once, across restarts. A command older than its `ttl` (measured from
+//! when it was written to `desired`, per its metadata) fails as `expired`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::json::{from_json, insert, leaves, to_json};
+use super::telemetry::Reported;
+use crate::config::ShadowBinding;
+use crate::device::{DeviceHandle, Health};
+use crate::mqtt::{ConnectionHandle, Message};
+use crate::point::Encoded;
+use crate::store::Store;
+
+/// AWS limit for a shadow document's state.
+const MAX_DOCUMENT: usize = 8 * 1024;
+/// Command states kept in `reported.command`; older ones are removed.
+const REPORTED_COMMANDS: usize = 10;
+
+/// The topics a shadow adapter must be subscribed to.
+pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {
+    let p = binding.prefix();
+    ["get/accepted", "get/rejected", "update/delta", "update/accepted", "update/rejected"].iter().map(|s| format!("{p}/{s}")).collect()
+}
+
+/// Serves one shadow until `stop` fires; then reports `connected: false`.
+pub async fn run_shadow(
+    binding: ShadowBinding,
+    device: DeviceHandle,
+    conn: ConnectionHandle,
+    store: Store,
+    mut inbox: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+) {
+    let mut sessions = conn.sessions();
+    let mut snapshots = device.watch();
+    let mut shadow = Shadow::new(binding, device.clone(), conn.clone(), store);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            changed = sessions.changed() => {
+                if changed.is_err() { break }
+                shadow.sync().await;
+            }
+            m = inbox.recv() => match m {
+                Some(m) => shadow.on_message(&m).await,
+                None => break,
+            },
+            changed = snapshots.changed() => {
+                if changed.is_err() { break }
+                let snap = snapshots.borrow_and_update().clone();
+                shadow.on_snapshot(&snap.values, &snap.health).await;
+            }
+        }
+    }
+    shadow.report(json!({"connected": false})).await;
+}
+
+struct Shadow {
+    binding: ShadowBinding,
+    prefix: String,
+    /// Store key: the connection name keeps two accounts with one thing name apart.
+    key: String,
+    device: DeviceHandle,
+    conn: ConnectionHandle,
+    store: Store,
+    last_version: Option<u64>,
+    reported: Reported,
+    health: Health,
+    tokens: u64,
+    /// Our own client tokens still waiting for accepted/rejected.
+    ours: VecDeque<String>,
+    /// Ids currently listed in `reported.command`, oldest first.
+    listed_commands: VecDeque<String>,
+}
+
+impl Shadow {
+    fn new(binding: ShadowBinding, device: DeviceHandle, conn: ConnectionHandle, store: Store) -> Shadow {
+        let prefix = binding.prefix();
+        let key = format!("{}|{prefix}", conn.name);
+        let last_version = store.shadow_version(&key).unwrap_or_else(|e| {
+            tracing::error!(shadow = %prefix, "cannot read the last applied version from the store: {e:#}");
+            None
+        });
+        let n = device.points.len();
+        Shadow {
+            binding,
+            prefix,
+            key,
+            device,
+            conn,
+            store,
+            last_version,
+            reported: Reported::new(n),
+            health: Health::Unknown,
+            tokens: 0,
+            ours: VecDeque::new(),
+            listed_commands: VecDeque::new(),
+        }
+    }
+
+    fn token(&mut self) -> String {
+        self.tokens += 1;
+        let token = format!("twinbus-{}-{}", std::process::id(), self.tokens);
+        self.ours.push_back(token.clone());
+        if self.ours.len() > 64 {
+            self.ours.pop_front();
+        }
+        token
+    }
+
+    /// Connected and subscribed: ask for the whole shadow.
+    async fn sync(&mut self) {
+        let token = self.token();
+        tracing::debug!(shadow = %self.prefix, "syncing: get");
+        self.conn.publish(&format!("{}/get", self.prefix), json!({"clientToken": token}).to_string().into_bytes()).await;
+    }
+
+    async fn on_message(&mut self, m: &Message) {
+        let Some(suffix) = m.topic.strip_prefix(&self.prefix) else { return };
+        let doc: Json = match serde_json::from_slice(&m.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(shadow = %self.prefix, topic = %m.topic, "ignoring a shadow message that is not JSON: {e}");
+                return;
+            }
+        };
+        match suffix {
+            "/get/accepted" => self.on_document(&doc, "state.delta").await,
+            "/update/delta" => self.on_document(&doc, "delta").await,
+            "/get/rejected" => {
+                let code = doc["code"].as_u64().unwrap_or(0);
+                if code == 404 {
+                    tracing::info!(shadow = %self.prefix, "no shadow yet: creating it from the device's values");
+                    self.report_everything(Map::new()).await;
+                } else {
+                    tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], "the shadow service refused our get");
+                }
+            }
+            // Not a version to remember: an application's desired update can be
+            // numbered just below our report and its delta arrive after this.
+            "/update/accepted" => {}
+            "/update/rejected" => {
+                let token = doc["clientToken"].as_str().unwrap_or_default();
+                if !self.ours.iter().any(|t| t == token) {
+                    return; // someone else's update
+                }
+                match doc["code"].as_u64().unwrap_or(0) {
+                    409 => {
+                        tracing::info!(shadow = %self.prefix, "version conflict on our update: fetching the shadow again");
+                        self.sync().await;
+                    }
+                    code => tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], "the shadow service refused our report"),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A `get/accepted` (delta under `state.delta`) or an `update/delta`
+    /// (delta under `state`).
+    async fn on_document(&mut self, doc: &Json, kind: &str) {
+        let version = doc["version"].as_u64();
+        let is_get = kind == "state.delta";
+        let (delta, metadata) = if is_get {
+            (doc["state"]["delta"].clone(), doc["metadata"]["desired"].clone())
+        } else {
+            (doc["state"].clone(), doc["metadata"].clone())
+        };
+        let fresh = match (version, self.last_version) {
+            (Some(v), Some(last)) => v > last,
+            _ => true,
+        };
+        let mut reported = Map::new();
+        if fresh {
+            if let Json::Object(delta) = &delta {
+                if !delta.is_empty() {
+                    tracing::info!(shadow = %self.prefix, version = ?version, "applying desired state");
+                }
+                reported = self.apply(delta, &metadata, doc["timestamp"].as_u64()).await;
+            }
+            if let Some(v) = version {
+                self.remember_version(v);
+            }
+        } else {
+            tracing::debug!(shadow = %self.prefix, version = ?version, last = ?self.last_version, "skipping a shadow document that is not newer");
+        }
+        if is_get {
+            // Every sync reports what the device holds, and that we are here.
+            self.report_everything(reported).await;
+        } else if !reported.is_empty() {
+            self.report(Json::Object(reported)).await;
+        }
+    }
+
+    fn remember_version(&mut self, v: u64) {
+        if self.last_version.is_none_or(|last| v > last) {
+            self.last_version = Some(v);
+            if let Err(e) = self.store.set_shadow_version(&self.key, v) {
+                tracing::error!(shadow = %self.prefix, store = %self.store.path().display(), "cannot persist the shadow version: {e:#}");
+            }
+        }
+    }
+
+    /// Writes the valid desired values, runs commands, and returns the
+    /// `reported` fragment that says what happened.
+    async fn apply(&mut self, delta: &Map<String, Json>, metadata: &Json, doc_time: Option<u64>) -> Map<String, Json> {
+        let mut reported = Map::new();
+        let mut values = delta.clone();
+        if let Some(commands) = values.remove("command") {
+            self.run_commands(&commands, &metadata["command"], doc_time, &mut reported).await;
+        }
+        let points = self.device.points.clone();
+        let is_point = |p: &str| points.iter().any(|x| x.path == p);
+        let mut writes: Vec<(usize, Encoded)> = Vec::new();
+        let mut errors: BTreeMap<String, Json> = BTreeMap::new();
+        for (path, raw) in leaves(&values, &is_point) {
+            let Some(i) = points.iter().position(|p| p.path == path) else {
+                errors.insert(path, json!("unknown point"));
+                continue;
+            };
+            match from_json(raw).and_then(|v| points[i].encode(&v)) {
+                Ok(enc) => {
+                    writes.push((i, enc));
+                    // A value that is now accepted clears its earlier error.
+                    errors.insert(path, Json::Null);
+                }
+                Err(e) => {
+                    tracing::warn!(shadow = %self.prefix, point = %path, "desired value refused: {e}");
+                    errors.insert(path, json!(e));
+                }
+            }
+        }
+        if !writes.is_empty() {
+            let outcome = self.device.write(writes.clone()).await;
+            for (i, v) in &outcome.values {
+                insert(&mut reported, &points[*i].path, to_json(v));
+                self.reported.record(*i, Some(v.clone()));
+            }
+            if let Some(e) = &outcome.error {
+                tracing::warn!(shadow = %self.prefix, "writing desired values failed: {e}");
+                for (i, _) in &writes {
+                    errors.insert(points[*i].path.clone(), json!(format!("failed: {e}")));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            let mut node = Map::new();
+            for (path, e) in errors {
+                node.insert(path, e);
+            }
+            insert(&mut reported, &self.binding.errors_key, Json::Object(node));
+        }
+        reported
+    }
+
+    async fn run_commands(&mut self, commands: &Json, metadata: &Json, doc_time: Option<u64>, reported: &mut Map<String, Json>) {
+        let Json::Array(list) = commands else {
+            insert(reported, &format!("{}.command", self.binding.errors_key), json!("desired.command must be an array of commands"));
+            return;
+        };
+        let mut states = Map::new();
+        for (n, element) in list.iter().enumerate() {
+            let written = newest_timestamp(&metadata[n]).or(doc_time);
+            let id = command_id(&self.prefix, element, written);
+            match self.store.command_seen(&self.key, &id) {
+                Ok(true) => {
+                    tracing::debug!(shadow = %self.prefix, %id, "command already executed: skipping");
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // Without the store we cannot promise "at most once": do not run.
+                    tracing::error!(shadow = %self.prefix, %id, "cannot read executed commands: {e:#}; not running it");
+                    continue;
+                }
+            }
+            if let Err(e) = self.store.mark_command(&self.key, &id, epoch_ms()) {
+                tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
+                continue;
+            }
+            let state = self.run_command(element, written).await;
+            tracing::info!(shadow = %self.prefix, %id, state = %state["state"], "shadow command");
+            states.insert(id.clone(), state);
+            self.listed_commands.push_back(id);
+        }
+        // Keep `reported.command` small: drop the oldest entries.
+        while self.listed_commands.len() > REPORTED_COMMANDS {
+            if let Some(old) = self.listed_commands.pop_front() {
+                states.insert(old, Json::Null);
+            }
+        }
+        if !states.is_empty() {
+            reported.insert("command".into(), Json::Object(states));
+        }
+    }
+
+    async fn run_command(&mut self, element: &Json, written: Option<u64>) -> Json {
+        let failure = |reason: String| json!({"state": "FAILURE", "reason": reason, "time": epoch_ms()});
+        let Some((name, body)) = element.as_object().and_then(|o| o.iter().next()) else {
+            return failure("a command is an object such as {\"relay-command\": {...}}".into());
+        };
+        if let Some(ttl) = body["ttl"].as_u64() {
+            let now = epoch_ms() / 1000;
+            match written {
+                Some(at) if now.saturating_sub(at) > ttl => {
+                    return failure(format!("expired: written {}s ago, ttl {ttl}s", now.saturating_sub(at)));
+                }
+                _ => {}
+            }
+        }
+        match name.as_str() {
+            "relay-command" => {
+                let topic = body["topic"].as_str().unwrap_or_default();
+                if topic.is_empty() || topic.contains(['+', '#']) {
+                    return failure("relay-command needs a \"topic\" without wildcards".into());
+                }
+                let msg = json!({"msg": body["message"], "deviceId": self.binding.thing});
+                self.conn.publish(topic, msg.to_string().into_bytes()).await;
+                json!({"state": "SUCCESS", "time": epoch_ms()})
+            }
+            other => failure(format!("unknown command {other:?} (known: relay-command)")),
+        }
+    }
+
+    /// Reports every readable value, plus connected/online and `extra`.
+    async fn report_everything(&mut self, extra: Map<String, Json>) {
+        let snap = self.device.watch().borrow().clone();
+        let mut reported = Map::new();
+        let all = vec![true; self.device.points.len()];
+        self.reported.take_changes(&self.device.points, &snap.values);
+        self.add_values(&mut reported, &snap.values, &all);
+        reported.insert("connected".into(), json!(true));
+        if snap.health != Health::Unknown {
+            reported.insert("online".into(), json!(snap.health == Health::Online));
+        }
+        merge(&mut reported, extra);
+        self.report(Json::Object(reported)).await;
+    }
+
+    /// After a poll: report values that moved beyond their deadband, and health changes.
+    async fn on_snapshot(&mut self, values: &[Option<crate::point::Value>], health: &Health) {
+        if *health == Health::Unknown {
+            return;
+        }
+        let mut reported = Map::new();
+        if *health != self.health {
+            reported.insert("online".into(), json!(*health == Health::Online));
+            self.health = health.clone();
+        }
+        if *health == Health::Online {
+            let moved = self.reported.take_changes(&self.device.points, values);
+            self.add_values(&mut reported, values, &moved);
+        }
+        if !reported.is_empty() {
+            self.report(Json::Object(reported)).await;
+        }
+    }
+
+    fn add_values(&self, reported: &mut Map<String, Json>, values: &[Option<crate::point::Value>], include: &[bool]) {
+        for (i, p) in self.device.points.iter().enumerate() {
+            if let (true, Some(v)) = (include[i], &values[i]) {
+                insert(reported, &p.path, to_json(v));
+            }
+        }
+    }
+
+    /// Publishes `{"state":{"reported": ...}}`, split when it would exceed the
+    /// 8 KB shadow limit.
+    async fn report(&mut self, reported: Json) {
+        let Json::Object(reported) = reported else { return };
+        for part in split(reported, MAX_DOCUMENT - 512) {
+            let token = self.token();
+            let doc = json!({"state": {"reported": Json::Object(part)}, "clientToken": token});
+            let bytes = doc.to_string().into_bytes();
+            if bytes.len() > MAX_DOCUMENT {
+                tracing::warn!(shadow = %self.prefix, bytes = bytes.len(), "a reported value alone exceeds the 8 KB shadow limit: not sent");
+                continue;
+            }
+            self.conn.publish(&format!("{}/update", self.prefix), bytes).await;
+        }
+    }
+}
+
+/// Splits a reported object by top-level keys into parts under `limit` bytes.
+fn split(reported: Map<String, Json>, limit: usize) -> Vec<Map<String, Json>> {
+    if Json::Object(reported.clone()).to_string().len() <= limit {
+        return vec![reported];
+    }
+    tracing::warn!("a reported document exceeds the shadow size limit: sending it in parts");
+    let mut parts = vec![Map::new()];
+    for (k, v) in reported {
+        let size = k.len() + v.to_string().len() + 4;
+        let last_size = parts.last().map_or(0, |p| Json::Object(p.clone()).to_string().len());
+        if last_size + size > limit && parts.last().is_some_and(|p| !p.is_empty()) {
+            parts.push(Map::new());
+        }
+        if let Some(p) = parts.last_mut() {
+            p.insert(k, v);
+        }
+    }
+    parts
+}
+
+fn merge(into: &mut Map<String, Json>, from: Map<String, Json>) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Json::Object(a)), Json::Object(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The newest `timestamp` anywhere in a metadata subtree: when the command
+/// (or its last changed field) was written to `desired`.
+fn newest_timestamp(metadata: &Json) -> Option<u64> {
+    match metadata {
+        Json::Object(m) => {
+            let own = m.get("timestamp").and_then(Json::as_u64);
+            m.iter().filter(|(k, _)| k.as_str() != "timestamp").filter_map(|(_, v)| newest_timestamp(v)).chain(own).max()
+        }
+        Json::Array(a) => a.iter().filter_map(newest_timestamp).max(),
+        _ => None,
+    }
+}
+
+/// The command's own `id`, or one derived from the shadow, when it was
+/// written, and its content (FNV-1a; stable across restarts and builds).
+fn command_id(prefix: &str, element: &Json, written: Option<u64>) -> String {
+    let given = element.as_object().and_then(|o| o.values().next()).and_then(|b| b.get("id")).and_then(|i| match i {
+        Json::String(s) => Some(s.clone()),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    if let Some(id) = given {
+        return id;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("{prefix}|{}|{element}", written.unwrap_or(0)).bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("auto-{hash:016x}")
+}
+
+fn epoch_ms() -> u64 {
+    super::epoch_ms(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_derived_command_id_depends_on_content_and_write_time_not_on_version() {
+        let cmd = json!({"relay-command": {"message": "hi", "topic": "t", "ttl": 300}});
+        let a = command_id("$aws/things/x/shadow", &cmd, Some(100));
+        assert_eq!(a, command_id("$aws/things/x/shadow", &cmd, Some(100)), "stable");
+        assert_ne!(a, command_id("$aws/things/x/shadow", &cmd, Some(101)), "a new write is a new command");
+        assert_ne!(a, command_id("$aws/things/y/shadow", &cmd, Some(100)), "per shadow");
+        let with_id = json!({"relay-command": {"id": "c-9", "message": "hi"}});
+        assert_eq!(command_id("p", &with_id, Some(1)), "c-9");
+    }
+
+    #[test]
+    fn the_newest_metadata_timestamp_is_when_a_command_was_written() {
+        let m = json!({"relay-command": {"message": {"timestamp": 100}, "ttl": {"timestamp": 150}}});
+        assert_eq!(newest_timestamp(&m), Some(150));
+        assert_eq!(newest_timestamp(&json!(null)), None);
+    }
+
+    #[test]
+    fn an_oversized_report_is_split_by_top_level_keys() {
+        let mut m = Map::new();
+        for k in 0..4 {
+            m.insert(format!("k{k}"), json!("x".repeat(3000)));
+        }
+        let parts = split(m, 7000);
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| Json::Object(p.clone()).to_string().len() <= 7000));
+        assert_eq!(parts.iter().map(Map::len).sum::<usize>(), 4);
+    }
+}

@@ -1,0 +1,208 @@
+//! End to end through AWS IoT style device shadows: the shadow service
+//! emulator (tests/support/shadow.rs) on a broker, the gateway's shadow
+//! adapter, the simulator's registers.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use support::shadow::ShadowService;
+use support::{free_port, PUMP_PROFILE};
+use twinbus::config::Config;
+use twinbus::gateway::Gateway;
+use twinbus::mqtt::EmbeddedBroker;
+use twinbus::point::{Table, Value};
+use twinbus::sim::SimHandle;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Site {
+    broker_port: u16,
+    modbus_port: u16,
+    state_dir: PathBuf,
+    _broker: EmbeddedBroker,
+}
+
+impl Site {
+    fn new(name: &str) -> Site {
+        let broker_port = free_port();
+        let broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr")).expect("broker");
+        let state_dir = std::env::temp_dir().join(format!("twinbus-shadow-{name}-{}-{broker_port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        Site { broker_port, modbus_port: free_port(), state_dir, _broker: broker }
+    }
+
+    /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
+    fn config(&self, extra_devices: &str) -> Config {
+        let yaml = format!(
+            r#"
+state_dir: {state}
+connections:
+  aws:
+    url: mqtt://127.0.0.1:{broker}
+    client_id: gw-{broker}
+    reconnect: {{ min: 200ms, max: 1s }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
+{PUMP_PROFILE}
+devices:
+  pump-1:
+    bus: line
+    unit: 1
+    profile: pump
+    poll: 200ms
+    twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }}
+{extra_devices}
+simulators:
+  sim: {{ listen: "127.0.0.1:{modbus}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}
+"#,
+            state = self.state_dir.display(),
+            broker = self.broker_port,
+            modbus = self.modbus_port,
+            served = if extra_devices.contains("pump-2") { ", pump-2" } else { "" },
+        );
+        Config::parse(&yaml, Path::new("shadow.yaml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+async fn gateway(site: &Site) -> (Gateway, SimHandle) {
+    let gw = Gateway::start(&site.config("")).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    (gw, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_value_is_written_and_reported_from_the_read_back() {
+    let site = Site::new("write");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let (gw, sim) = gateway(&site).await;
+    // The gateway creates the shadow (404 on get) with the device's values.
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true && r["deviceAttrib"]["motorStatus"] == "off").await;
+
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"motorStatus": "on"}})).await;
+
+    let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["motorStatus"] == "on").await;
+    assert!(doc["state"].get("delta").is_none(), "desired and reported agree: {doc}");
+    assert_eq!(sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+    assert_eq!(sim.writes().iter().filter(|w| w.table == Table::Coil).count(), 1);
+    assert_eq!(doc["state"]["reported"]["online"], true);
+    assert_eq!(doc["state"]["reported"]["deviceData"]["temperature"], 21.5, "readable points are reported too");
+    gw.shutdown().await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_desired_value_is_never_written_and_is_explained_in_reported() {
+    let site = Site::new("refused");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let (gw, sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"setpoint": 500, "mode": "manual"}})).await;
+
+    let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["twinbus"]["errors"]["deviceAttrib.setpoint"].is_string()).await;
+    let reason = doc["state"]["reported"]["twinbus"]["errors"]["deviceAttrib.setpoint"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("maximum 80"), "{reason}");
+    assert_eq!(doc["state"]["reported"]["deviceAttrib"]["mode"], "manual", "the valid key of the same delta is applied");
+    assert_eq!(sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(40.0)), "the refused value was not written");
+    assert!(sim.writes().iter().all(|w| w.address != 10), "{:?}", sim.writes());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_set_while_the_gateway_was_down_is_applied_after_it_returns_but_an_old_one_is_not() {
+    let site = Site::new("restart");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let (gw, _sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+    let first = svc.set_desired("pump-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    gw.shutdown().await;
+
+    // While it is down: the application changes its mind.
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"motorStatus": "on"}})).await;
+    let (gw, sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["motorStatus"] == "on").await;
+    assert_eq!(sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+
+    // The first delta, redelivered after the restart, carries a version the
+    // gateway has already acted upon (kept on disk): it is skipped.
+    let old = first["version"].as_u64().expect("version");
+    svc.publish("pump-1", None, "update/delta", &json!({"state": {"deviceAttrib": {"setpoint": 12}}, "version": old, "timestamp": 1})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(40.0)), "stale delta ignored: {:?}", sim.writes());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_commands_run_once_and_expired_ones_fail() {
+    let site = Site::new("commands");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let relay = free_port(); // a unique topic name
+    let mut cloud = support::Cloud::connect(site.broker_port, &[&format!("cmd/{relay}/response")]).await;
+    let (gw, _sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+
+    let cmd = json!([{"relay-command": {"id": "r-1", "message": "hello", "topic": format!("cmd/{relay}/response"), "ttl": 300}}]);
+    svc.set_desired("pump-1", None, json!({"command": cmd})).await;
+    let relayed = cloud.next_on(&format!("cmd/{relay}/response"), WAIT).await;
+    assert_eq!(relayed, json!({"msg": "hello", "deviceId": "pump-1"}));
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["r-1"]["state"] == "SUCCESS").await;
+
+    // The same command again (a redelivery, or after a restart): not run again.
+    gw.shutdown().await;
+    let (gw, _sim) = gateway(&site).await;
+    svc.set_desired("pump-1", None, json!({"command": cmd, "deviceAttrib": {"mode": "manual"}})).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    assert!(cloud.try_next_on(&format!("cmd/{relay}/response"), Duration::from_millis(500)).await.is_none(), "executed once");
+
+    // Written ten minutes ago with a five-minute ttl: expired.
+    svc.set_clock_offset(-600);
+    let old = json!([{"relay-command": {"id": "r-2", "message": "late", "topic": format!("cmd/{relay}/response"), "ttl": 300}}]);
+    svc.set_desired("pump-1", None, json!({"command": old})).await;
+    let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["r-2"]["state"] == "FAILURE").await;
+    assert!(doc["state"]["reported"]["command"]["r-2"]["reason"].as_str().unwrap_or_default().starts_with("expired"), "{doc}");
+    assert!(cloud.try_next_on(&format!("cmd/{relay}/response"), Duration::from_millis(300)).await.is_none(), "an expired command is not relayed");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_conflict_on_a_report_is_recovered_by_fetching_the_shadow_again() {
+    let site = Site::new("conflict");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let (gw, _sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+    let gets = svc.gets_received("pump-1", None);
+
+    svc.fail_next_update("pump-1", None, 409);
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+
+    svc.wait_for_gets("pump-1", None, gets + 1, WAIT).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_shadow_works_beside_a_classic_one() {
+    let site = Site::new("named");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None), ("line-3", Some("pump-2"))]).await;
+    let extra = "  pump-2:\n    bus: line\n    unit: 2\n    profile: pump\n    poll: 200ms\n    twin: { connection: aws, shadow: { thing: line-3, name: pump-2 } }\n";
+    let gw = Gateway::start(&site.config(extra)).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("line-3", Some("pump-2"), WAIT, |r| r["connected"] == true).await;
+
+    svc.set_desired("line-3", Some("pump-2"), json!({"deviceAttrib": {"motorStatus": "on"}})).await;
+
+    svc.wait_for_reported("line-3", Some("pump-2"), WAIT, |r| r["deviceAttrib"]["motorStatus"] == "on").await;
+    assert_eq!(sim.value(2, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+    assert_eq!(sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("off".into())), "the classic shadow's device is untouched");
+    gw.shutdown().await;
+}
