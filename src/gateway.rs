@@ -124,7 +124,7 @@ impl Gateway {
                 adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
             }
             if let (Some(binding), Some(inbox), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
-                adapters.spawn(run_shadow(binding.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
+                adapters.spawn(run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
             }
             adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));
         }

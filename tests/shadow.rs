@@ -206,3 +206,68 @@ async fn a_named_shadow_works_beside_a_classic_one() {
     assert_eq!(sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("off".into())), "the classic shadow's device is untouched");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_command_reports_running_then_success_and_a_failed_check_is_a_failure() {
+    let site = Site::new("named-command");
+    let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
+    let yaml = format!(
+        r#"
+state_dir: {state}
+connections:
+  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-named }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
+profiles:
+  drive:
+    points:
+      deviceAttrib.motorStatus: {{ coil: 0, values: {{ "on": true, "off": false }} }}
+      deviceAttrib.speed: {{ holding: 10, type: f32, min: 0, max: 80 }}
+      deviceData.running: {{ input: 1, access: read }}
+    commands:
+      start:
+        args: {{ speed: {{ type: number, min: 0, max: 50 }} }}
+        steps:
+          - set: {{ deviceAttrib.speed: $speed, deviceAttrib.motorStatus: "on" }}
+          - wait: 700ms
+          - check: {{ deviceData.running: 1 }}
+      stop-and-expect-running:
+        steps:
+          - set: {{ deviceAttrib.motorStatus: "off" }}
+          - check: {{ deviceData.running: 1 }}
+devices:
+  drive-1:
+    bus: line
+    unit: 1
+    profile: drive
+    twin: {{ connection: aws, shadow: {{ thing: drive-1, running_interval: 200ms }} }}
+simulators:
+  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1], mirror: {{ deviceData.running: deviceAttrib.motorStatus }} }}
+"#,
+        state = site.state_dir.display(),
+        broker = site.broker_port,
+        modbus = site.modbus_port,
+    );
+    let config = Config::parse(&yaml, Path::new("named.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start(&config).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["connected"] == true).await;
+
+    svc.set_desired("drive-1", None, json!({"command": [{"start": {"id": "s-1", "speed": 30}}]})).await;
+    svc.wait_for_update("drive-1", None, WAIT, |u| u["state"]["reported"]["command"]["s-1"]["state"] == "RUNNING").await;
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["s-1"]["state"] == "SUCCESS").await;
+    assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(30.0)));
+    assert_eq!(sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+
+    svc.set_desired("drive-1", None, json!({"command": [{"start": {"id": "s-2", "speed": 70}}]})).await;
+    let doc = svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["s-2"]["state"] == "FAILURE").await;
+    let reason = doc["state"]["reported"]["command"]["s-2"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("speed") && reason.contains("50"), "argument range enforced: {reason}");
+    assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(30.0)), "nothing written for a refused argument");
+
+    svc.set_desired("drive-1", None, json!({"command": [{"stop-and-expect-running": {"id": "s-3"}}]})).await;
+    let doc = svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["s-3"]["state"] == "FAILURE").await;
+    let reason = doc["state"]["reported"]["command"]["s-3"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("check failed"), "{reason}");
+    gw.shutdown().await;
+}

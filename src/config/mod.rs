@@ -269,8 +269,65 @@ pub struct Device {
     pub read: ReadLimits,
     /// Poll interval.
     pub poll: Duration,
+    /// Named commands a cloud may run (from the profile).
+    pub commands: Vec<CommandDef>,
     /// The cloud side, if any.
     pub twin: Option<Twin>,
+}
+
+/// A named command: a sequence of point writes, waits and read-back checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandDef {
+    /// Name the cloud uses.
+    pub name: String,
+    /// Typed arguments the steps refer to as `$name`.
+    pub args: Vec<ArgDef>,
+    /// What to do, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One argument of a named command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArgDef {
+    /// Name, referred to as `$name`.
+    pub name: String,
+    /// Expected JSON type.
+    pub kind: ArgKind,
+    /// Lowest accepted number.
+    pub min: Option<f64>,
+    /// Highest accepted number.
+    pub max: Option<f64>,
+}
+
+/// JSON type of an argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgKind {
+    /// A JSON number.
+    Number,
+    /// `true` or `false`.
+    Bool,
+    /// A JSON string.
+    String,
+}
+
+/// A value in a step: a literal, or an argument.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepValue {
+    /// Written as is.
+    Literal(crate::point::Value),
+    /// The argument with this name.
+    Arg(String),
+}
+
+/// One step of a named command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Write these points (index into the device's points), then read them back.
+    Set(Vec<(usize, StepValue)>),
+    /// Wait, reporting RUNNING meanwhile.
+    Wait(Duration),
+    /// Read these points and fail unless each holds the value.
+    Check(Vec<(usize, StepValue)>),
 }
 
 /// How a device appears in the cloud.

@@ -175,6 +175,44 @@ pub(crate) struct RawProfile {
     #[serde(default)]
     pub(crate) points: Map<RawPoint>,
     pub(crate) read: Option<RawReadLimits>,
+    #[serde(default)]
+    pub(crate) commands: Map<RawCommand>,
+}
+
+/// A named command: typed arguments and steps.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCommand {
+    #[serde(default)]
+    pub(crate) args: Map<RawArg>,
+    pub(crate) steps: Vec<S<RawStep>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawArg {
+    #[serde(rename = "type")]
+    pub(crate) arg_type: RawArgType,
+    pub(crate) min: Option<f64>,
+    pub(crate) max: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawArgType {
+    Number,
+    Bool,
+    String,
+}
+
+/// One step: `set: {path: value}`, `wait: 2s` or `check: {path: value}`.
+/// A value written as `$name` is the argument `name`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawStep {
+    Set(BTreeMap<String, RawSimValue>),
+    Wait(String),
+    Check(BTreeMap<String, RawSimValue>),
 }
 
 #[derive(Clone, Debug, Deserialize)]

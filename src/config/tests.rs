@@ -1218,3 +1218,38 @@ fn reconnect_bounds_are_durations_with_max_not_below_min() {
     let text = with_connection("    url: mqtt://b\n    reconnect: { min: 10s, max: 1s }\n");
     only_problem(&text, line_of(&text, "reconnect"), "connections.cloud.reconnect.max", &["shorter"]);
 }
+
+// ---------------------------------------------------------------------------
+// Named commands
+
+fn with_commands(commands: &str) -> String {
+    base().replace(
+        "      deviceData.temperature: { input: 0, type: i16, scale: 0.1 }\n",
+        &format!("      deviceData.temperature: {{ input: 0, type: i16, scale: 0.1 }}\n    commands:\n{commands}"),
+    )
+}
+
+#[test]
+fn a_named_command_is_checked_against_the_points_and_its_arguments() {
+    let c = valid(&with_commands(
+        "      start:\n        args: { speed: { type: number, max: 50 } }\n        steps:\n          - set: { deviceAttrib.setpoint: $speed, deviceAttrib.motorStatus: \"on\" }\n          - wait: 2s\n          - check: { deviceAttrib.motorStatus: \"on\" }\n",
+    ));
+    let cmd = &c.devices[0].commands[0];
+    assert_eq!((cmd.name.as_str(), cmd.args.len(), cmd.steps.len()), ("start", 1, 3));
+    assert_eq!(cmd.steps[1], Step::Wait(Duration::from_secs(2)));
+}
+
+#[test]
+fn a_named_command_refuses_bad_steps_all_at_once() {
+    let text = with_commands(
+        "      bad:\n        steps:\n          - set: { deviceData.temperature: 20 }\n          - set: { deviceAttrib.setpoint: 500 }\n          - set: { deviceAttrib.setpoint: $nope }\n          - wait: soon\n          - check: { nowhere: 1 }\n",
+    );
+    let ps = problems(&text);
+    expect_problem(&ps, line_of(&text, "temperature: 20"), "profiles.pump.commands.bad.steps[0]", &["read-only"]);
+    expect_problem(&ps, line_of(&text, "setpoint: 500"), "profiles.pump.commands.bad.steps[1]", &["maximum 80"]);
+    expect_problem(&ps, line_of(&text, "$nope"), "profiles.pump.commands.bad.steps[2]", &["not an argument"]);
+    expect_problem(&ps, line_of(&text, "wait: soon"), "profiles.pump.commands.bad.steps[3]", &["duration"]);
+    expect_problem(&ps, line_of(&text, "nowhere"), "profiles.pump.commands.bad.steps[4]", &["no point"]);
+    let text = with_commands("      relay-command:\n        steps:\n          - wait: 1s\n");
+    only_problem(&text, line_of(&text, "relay-command:"), "profiles.pump.commands.relay-command", &["built in"]);
+}

@@ -102,11 +102,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let buses: Vec<Bus> = raw.buses.iter().filter_map(|(k, v)| bus(&mut c, k, v)).collect();
     check_bus_conflicts(&mut c, &raw.buses, &buses);
 
-    let mut profiles: HashMap<&str, (Vec<Point>, Option<&RawReadLimits>)> = HashMap::new();
+    let mut profiles: HashMap<&str, (Vec<Point>, Option<&RawReadLimits>, &Map<RawCommand>)> = HashMap::new();
     for (k, p) in &raw.profiles {
         let path = format!("profiles.{}", k.name());
         let points = points(&mut c, &p.points, &path);
-        profiles.insert(k.name(), (points, p.read.as_ref()));
+        profiles.insert(k.name(), (points, p.read.as_ref(), &p.commands));
     }
 
     let mut devices = Vec::new();
@@ -521,7 +521,7 @@ fn device(
     raw: &RawDevice,
     buses: &[Bus],
     connections: &[Connection],
-    profiles: &HashMap<&str, (Vec<Point>, Option<&RawReadLimits>)>,
+    profiles: &HashMap<&str, (Vec<Point>, Option<&RawReadLimits>, &Map<RawCommand>)>,
 ) -> Option<Device> {
     let path = format!("devices.{}", key.name());
     let bus = buses.iter().position(|b| b.name == raw.bus.value);
@@ -537,11 +537,13 @@ fn device(
 
     let mut pts = Vec::new();
     let mut read_raw = raw.read.as_ref();
+    let mut raw_commands = None;
     if let Some(p) = &raw.profile {
         match profiles.get(p.value.as_str()) {
-            Some((points, read)) => {
+            Some((points, read, commands)) => {
                 pts.extend(points.iter().cloned());
                 read_raw = read_raw.or(*read);
+                raw_commands = Some((*commands, format!("profiles.{}", p.value)));
             }
             None => {
                 let known = profiles.keys().copied().collect::<Vec<_>>().join(", ");
@@ -578,13 +580,96 @@ fn device(
         c.key(key, &path, "has no points (give it `profile:` or `points:`)");
     }
     check_overlaps(c, key, &path, &pts);
+    let commands = match raw_commands {
+        // Checked against the merged points, once per device: a profile's
+        // command may use a point the device adds.
+        Some((cmds, at)) => cmds.iter().filter_map(|(k, cmd)| command(c, k, cmd, &format!("{at}.commands.{}", k.name()), &pts)).collect(),
+        None => Vec::new(),
+    };
     let read = read_limits(c, read_raw, &path);
     let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
     let twin = match &raw.twin {
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
     };
-    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, poll, twin })
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, poll, commands, twin })
+}
+
+fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {
+    let name = key.name();
+    if name == "relay-command" || name.is_empty() {
+        c.key(key, path, "`relay-command` is built in (choose another name)");
+    }
+    let args: Vec<ArgDef> = raw
+        .args
+        .iter()
+        .map(|(k, a)| ArgDef {
+            name: k.name().to_string(),
+            kind: match a.arg_type {
+                RawArgType::Number => ArgKind::Number,
+                RawArgType::Bool => ArgKind::Bool,
+                RawArgType::String => ArgKind::String,
+            },
+            min: a.min,
+            max: a.max,
+        })
+        .collect();
+    if raw.steps.is_empty() {
+        c.key(key, &format!("{path}.steps"), "has no steps (write e.g. `- set: { deviceAttrib.motorStatus: on }`)");
+    }
+    let mut steps = Vec::new();
+    for (n, step) in raw.steps.iter().enumerate() {
+        let here = format!("{path}.steps[{n}]");
+        let values = |map: &BTreeMap<String, RawSimValue>, writing: bool, c: &mut Checker| -> Vec<(usize, StepValue)> {
+            let mut out = Vec::new();
+            for (p, v) in map {
+                let Some(i) = points.iter().position(|x| &x.path == p) else {
+                    c.at(step, &here, format!("no point {p:?} on this device"));
+                    continue;
+                };
+                let point = &points[i];
+                if writing && !point.access.writable() {
+                    c.at(step, &here, format!("point {p:?} is read-only"));
+                }
+                if !writing && !point.access.readable() {
+                    c.at(step, &here, format!("point {p:?} is write-only: it cannot be checked"));
+                }
+                let value = match v {
+                    RawSimValue::Text(t) if t.starts_with('$') => {
+                        let arg = &t[1..];
+                        if !args.iter().any(|a| a.name == arg) {
+                            c.at(step, &here, format!("`${arg}` is not an argument of this command"));
+                        }
+                        StepValue::Arg(arg.to_string())
+                    }
+                    other => {
+                        let value = match other {
+                            RawSimValue::Bool(b) => Value::Bool(*b),
+                            RawSimValue::Int(i) => Value::Int(*i),
+                            RawSimValue::Float(f) => Value::Float(*f),
+                            RawSimValue::Text(t) => Value::Text(t.clone()),
+                        };
+                        let check = if writing { point.encode(&value) } else { point.encode_device_value(&value) };
+                        if let Err(e) = check {
+                            c.at(step, &here, format!("{p}: {e}"));
+                        }
+                        StepValue::Literal(value)
+                    }
+                };
+                out.push((i, value));
+            }
+            out
+        };
+        match &step.value {
+            RawStep::Set(m) => steps.push(Step::Set(values(m, true, c))),
+            RawStep::Check(m) => steps.push(Step::Check(values(m, false, c))),
+            RawStep::Wait(d) => match humantime::parse_duration(d.trim()) {
+                Ok(d) => steps.push(Step::Wait(d)),
+                Err(e) => c.at(step, &here, format!("{d:?} is not a duration: {e} (write e.g. 2s)")),
+            },
+        }
+    }
+    Some(CommandDef { name: name.to_string(), args, steps })
 }
 
 fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connection]) -> Option<Twin> {

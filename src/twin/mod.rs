@@ -8,6 +8,7 @@
 pub mod command;
 pub mod json;
 mod raw;
+mod sequence;
 mod shadow;
 mod telemetry;
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::json::{from_json, insert, leaves, to_json};
 use super::telemetry::Reported;
-use crate::config::ShadowBinding;
+use crate::config::{CommandDef, ShadowBinding};
 use crate::device::{DeviceHandle, Health};
 use crate::mqtt::{ConnectionHandle, Message};
 use crate::point::Encoded;
@@ -46,6 +46,7 @@ pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {
 /// Serves one shadow until `stop` fires; then reports `connected: false`.
 pub async fn run_shadow(
     binding: ShadowBinding,
+    commands: Vec<CommandDef>,
     device: DeviceHandle,
     conn: ConnectionHandle,
     store: Store,
@@ -54,7 +55,7 @@ pub async fn run_shadow(
 ) {
     let mut sessions = conn.sessions();
     let mut snapshots = device.watch();
-    let mut shadow = Shadow::new(binding, device.clone(), conn.clone(), store);
+    let mut shadow = Shadow::new(binding, commands, device.clone(), conn.clone(), store);
     loop {
         tokio::select! {
             biased;
@@ -93,10 +94,12 @@ struct Shadow {
     ours: VecDeque<String>,
     /// Ids currently listed in `reported.command`, oldest first.
     listed_commands: VecDeque<String>,
+    /// The device's named commands.
+    commands: Vec<CommandDef>,
 }
 
 impl Shadow {
-    fn new(binding: ShadowBinding, device: DeviceHandle, conn: ConnectionHandle, store: Store) -> Shadow {
+    fn new(binding: ShadowBinding, commands: Vec<CommandDef>, device: DeviceHandle, conn: ConnectionHandle, store: Store) -> Shadow {
         let prefix = binding.prefix();
         let key = format!("{}|{prefix}", conn.name);
         let last_version = store.shadow_version(&key).unwrap_or_else(|e| {
@@ -117,6 +120,7 @@ impl Shadow {
             tokens: 0,
             ours: VecDeque::new(),
             listed_commands: VecDeque::new(),
+            commands,
         }
     }
 
@@ -300,7 +304,10 @@ impl Shadow {
                 tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
                 continue;
             }
-            let state = self.run_command(element, written).await;
+            let state = self.run_command(&id, element, written).await;
+            if let Some(body) = element.as_object().and_then(|o| o.values().next()) {
+                self.publish_state(body, &id, &state).await;
+            }
             tracing::info!(shadow = %self.prefix, %id, state = %state["state"], "shadow command");
             states.insert(id.clone(), state);
             self.listed_commands.push_back(id);
@@ -316,7 +323,7 @@ impl Shadow {
         }
     }
 
-    async fn run_command(&mut self, element: &Json, written: Option<u64>) -> Json {
+    async fn run_command(&mut self, id: &str, element: &Json, written: Option<u64>) -> Json {
         let failure = |reason: String| json!({"state": "FAILURE", "reason": reason, "time": epoch_ms()});
         let Some((name, body)) = element.as_object().and_then(|o| o.iter().next()) else {
             return failure("a command is an object such as {\"relay-command\": {...}}".into());
@@ -340,7 +347,45 @@ impl Shadow {
                 self.conn.publish(topic, msg.to_string().into_bytes()).await;
                 json!({"state": "SUCCESS", "time": epoch_ms()})
             }
-            other => failure(format!("unknown command {other:?} (known: relay-command)")),
+            other => match self.commands.iter().find(|c| c.name == other).cloned() {
+                Some(def) => match self.run_sequence(id, &def, body).await {
+                    Ok(()) => json!({"state": "SUCCESS", "time": epoch_ms()}),
+                    Err(reason) => failure(reason),
+                },
+                None => {
+                    let mut known: Vec<&str> = self.commands.iter().map(|c| c.name.as_str()).collect();
+                    known.push("relay-command");
+                    failure(format!("unknown command {other:?} (known: {})", known.join(", ")))
+                }
+            },
+        }
+    }
+
+    /// Runs a named command, reporting RUNNING at once and then every
+    /// `running_interval` until it ends.
+    async fn run_sequence(&mut self, id: &str, def: &CommandDef, body: &Json) -> Result<(), String> {
+        let device = self.device.clone();
+        let exec = super::sequence::run(def, body, &device);
+        tokio::pin!(exec);
+        let mut tick = tokio::time::interval(self.binding.running_interval);
+        loop {
+            tokio::select! {
+                result = &mut exec => return result,
+                _ = tick.tick() => {
+                    let running = json!({"state": "RUNNING", "time": epoch_ms()});
+                    self.publish_state(body, id, &running).await;
+                    self.report(json!({"command": {id: running}})).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a command's state to its `response_topic`, when it named one.
+    async fn publish_state(&self, body: &Json, id: &str, state: &Json) {
+        if let Some(topic) = body["response_topic"].as_str().filter(|t| !t.is_empty() && !t.contains(['+', '#'])) {
+            let mut doc = state.clone();
+            doc["id"] = json!(id);
+            self.conn.publish(topic, doc.to_string().into_bytes()).await;
         }
     }
 
