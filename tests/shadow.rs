@@ -18,20 +18,46 @@ use twinbus::sim::SimHandle;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The broker the site runs on: the embedded one, or with
+/// `TWINBUS_TEST_BROKER=mosquitto` (as `.ci/run` does) a Mosquitto process.
+enum Broker {
+    Embedded(#[allow(dead_code)] EmbeddedBroker),
+    Mosquitto(std::process::Child),
+}
+
+fn start_broker(port: u16, dir: &Path) -> Broker {
+    if std::env::var("TWINBUS_TEST_BROKER").as_deref() != Ok("mosquitto") {
+        return Broker::Embedded(EmbeddedBroker::start(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker"));
+    }
+    std::fs::create_dir_all(dir).expect("state dir");
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")).expect("conf");
+    let bin = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
+    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("log file");
+    let child = std::process::Command::new(bin).arg("-c").arg(&conf).stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("mosquitto starts");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker::Mosquitto(child)
+}
+
 struct Site {
     broker_port: u16,
     modbus_port: u16,
     state_dir: PathBuf,
-    _broker: EmbeddedBroker,
+    broker: Broker,
 }
 
 impl Site {
     fn new(name: &str) -> Site {
         let broker_port = free_port();
-        let broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr")).expect("broker");
         let state_dir = std::env::temp_dir().join(format!("twinbus-shadow-{name}-{}-{broker_port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
-        Site { broker_port, modbus_port: free_port(), state_dir, _broker: broker }
+        let broker = start_broker(broker_port, &state_dir);
+        Site { broker_port, modbus_port: free_port(), state_dir, broker }
     }
 
     /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
@@ -69,6 +95,10 @@ simulators:
 
 impl Drop for Site {
     fn drop(&mut self) {
+        if let Broker::Mosquitto(child) = &mut self.broker {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

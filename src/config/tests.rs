@@ -1253,3 +1253,16 @@ fn a_named_command_refuses_bad_steps_all_at_once() {
     let text = with_commands("      relay-command:\n        steps:\n          - wait: 1s\n");
     only_problem(&text, line_of(&text, "relay-command:"), "profiles.pump.commands.relay-command", &["built in"]);
 }
+
+#[test]
+fn a_shadow_whose_report_can_exceed_8_kb_draws_a_warning() {
+    let mut points = String::new();
+    for n in 0..40 {
+        points += &format!("      deviceData.label{n}: {{ holding: {}, type: string, length: 200, access: read }}\n", n * 100);
+    }
+    let text = format!("{HEAD}{points}devices:\n  big:\n    bus: line\n    unit: 1\n    profile: pump\n    twin: {{ connection: cloud, shadow: {{ thing: big }} }}\n");
+    let c = valid(&text);
+    assert!(c.warnings.iter().any(|w| w.contains("8 KB")), "{:?}", c.warnings);
+    let small = valid(&format!("{HEAD}devices:\n  s:\n    bus: line\n    unit: 1\n    profile: pump\n    twin: {{ connection: cloud, shadow: {{ thing: s }} }}\n"));
+    assert!(!small.warnings.iter().any(|w| w.contains("8 KB")), "{:?}", small.warnings);
+}

@@ -592,7 +592,30 @@ fn device(
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
     };
+    if twin.as_ref().is_some_and(|t| t.shadow.is_some()) {
+        let size = reported_size(&pts);
+        if size > 7 * 1024 {
+            c.warnings.push(format!(
+                "{}:{}: {path}: a full report of this device's points can reach about {size} bytes, near or above the 8 KB shadow limit; twinbus will split it into several updates",
+                c.file.display(),
+                key.0.referenced.line()
+            ));
+        }
+    }
     Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, poll, commands, twin })
+}
+
+/// The largest `reported` document the device's points can make, roughly:
+/// each path as nested keys plus its widest value.
+fn reported_size(points: &[Point]) -> usize {
+    let value = |p: &Point| match p.data_type {
+        DataType::String { len } => usize::from(len) + 2,
+        _ if !p.labels.is_empty() => p.labels.iter().map(|l| l.name.len() + 2).max().unwrap_or(2),
+        DataType::Bool => 5,
+        _ => 24,
+    };
+    let overhead = 64 + 48; // {"state":{"reported":…},"clientToken":…}, connected/online
+    points.iter().filter(|p| p.access.readable()).map(|p| p.path.len() + 6 + value(p)).sum::<usize>() + overhead
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {
