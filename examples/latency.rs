@@ -5,7 +5,8 @@
 //! - sends N `set` commands one after the other and reports the round trip
 //!   (publish → answer with read-back) as percentiles;
 //! - counts Modbus requests per poll cycle (the read planner's merging) and
-//!   per command (write + read-back).
+//!   per command (write + read-back);
+//! - times a shadow delta until the read-back is reported (delta → reported).
 //!
 //! Run: `cargo run --release --example latency [N]`. Figures on a shared
 //! machine vary; the counts do not.
@@ -125,5 +126,86 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("Modbus requests per command: {per_command:.2} (one write, one read-back)");
     gateway.shutdown().await;
+
+    shadow_round_trip(n.min(200)).await
+}
+
+/// 3. Shadow: the bench plays the shadow service's side of the topics: it
+/// answers the gateway's `get` with 404 and publishes deltas with rising
+/// versions; it times each delta until the gateway's `update` carries the
+/// read-back value.
+async fn shadow_round_trip(n: usize) -> anyhow::Result<()> {
+    let (mqtt, modbus) = (free_port()?, free_port()?);
+    let state = std::env::temp_dir().join(format!("twinbus-bench-{}", std::process::id()));
+    let yaml = CONFIG
+        .replace("MQTT", &mqtt.to_string())
+        .replace("MODBUS", &modbus.to_string())
+        .replace("POLL", "10s")
+        .replace("twin: { connection: local, commands: iot/v1/cmd, responses: iot/v1/rsp }", "twin: { connection: local, shadow: { thing: demo-pump } }")
+        + &format!("state_dir: {}\n", state.display());
+    let config = Config::parse(&yaml, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let prefix = "$aws/things/demo-pump/shadow";
+    let gateway = Gateway::start(&config).await?;
+    let mut opts = MqttOptions::new("bench-shadow-service", "127.0.0.1", mqtt);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bytes::Bytes)>();
+    let sub = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for t in ["get", "update"] {
+                        let _ = sub.try_subscribe(format!("$aws/things/demo-pump/shadow/{t}"), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    // Answer the first get with 404 so the gateway creates the shadow; then measure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Some((topic, _))) if topic.ends_with("/get") => {
+                client.publish(format!("{prefix}/get/rejected"), QoS::AtLeastOnce, false, r#"{"code":404,"message":"No shadow exists"}"#).await?;
+            }
+            Ok(Some((topic, _))) if topic.ends_with("/update") => break,
+            _ => {}
+        }
+    }
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let value = if i % 2 == 0 { "on" } else { "off" };
+        let delta = format!(r#"{{"state":{{"deviceAttrib":{{"motorStatus":"{value}"}}}},"version":{},"timestamp":1}}"#, i + 10);
+        let start = Instant::now();
+        client.publish(format!("{prefix}/update/delta"), QoS::AtLeastOnce, false, delta).await?;
+        let want = format!(r#""motorStatus":"{value}""#);
+        loop {
+            let (topic, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?.ok_or_else(|| anyhow::anyhow!("closed"))?;
+            if topic.ends_with("/update") && String::from_utf8_lossy(&payload).contains(&want) {
+                break;
+            }
+        }
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
+    println!(
+        "shadow delta → reported over {n} deltas (update/delta in → coil written → read back → update out): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99)
+    );
+    gateway.shutdown().await;
+    let _ = std::fs::remove_dir_all(&state);
     Ok(())
 }
