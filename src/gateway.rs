@@ -151,6 +151,20 @@ impl Gateway {
         })
     }
 
+    /// Waits until every connection is up with its subscriptions acknowledged
+    /// (commands published from then on reach their twins). Returns false on timeout.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let all = async {
+            for c in &self.connections {
+                let mut sessions = c.sessions();
+                if sessions.wait_for(|n| *n > 0).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
+    }
+
     /// Fires when a twin allowed to do so sent `{"shutdown": true}`.
     pub fn remote_shutdown(&self) -> CancellationToken {
         self.remote_shutdown.clone()

@@ -12,6 +12,8 @@
 //! to check; the same error repeating is logged at debug level.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,12 +61,12 @@ pub struct ConnectionHandle {
 impl ConnectionHandle {
     /// Queues a QoS 1 publish in the outbox. Waits when the actor is busy.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.send(Entry { topic: topic.to_string(), payload: payload.into(), retain: false, properties: None }).await;
+        self.send(Entry::new(topic.to_string(), payload.into(), false, None)).await;
     }
 
     /// Queues an answer carrying MQTT 5 properties (correlation data, user properties).
     pub async fn publish_reply(&self, topic: &str, payload: Vec<u8>, properties: Properties) {
-        self.send(Entry { topic: topic.to_string(), payload: payload.into(), retain: false, properties: Some(properties) }).await;
+        self.send(Entry::new(topic.to_string(), payload.into(), false, Some(properties))).await;
     }
 
     async fn send(&self, entry: Entry) {
@@ -131,7 +133,8 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
     let (client, eventloop) = session::build(conn, &endpoint);
     let (events_tx, events) = mpsc::channel(256);
     let poll_cancel = cancel.child_token();
-    tokio::spawn(poll_loop(eventloop, events_tx, conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
+    let link_up = Arc::new(AtomicBool::new(false));
+    tokio::spawn(poll_loop(eventloop, events_tx, link_up.clone(), conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
 
     let (tx, rx) = mpsc::channel(1024);
     let (connected_tx, connected) = watch::channel(false);
@@ -144,6 +147,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         topics: Vec::new(),
         outbox: Outbox::new(conn.outbox_limit, WINDOW),
         connected: connected_tx,
+        link_up,
         sessions: sessions_tx,
         last_error: None,
         tunnel_errors,
@@ -153,23 +157,43 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
     Ok(ConnectionHandle { name: conn.name.clone(), tx, connected, sessions })
 }
 
-/// Drives rumqttc; never interrupted except at shutdown.
+/// A link must stay up this long before the backoff starts again from `min`:
+/// a broker that accepts and then kicks the client (a duplicate client id, a
+/// policy) must not get a reconnect every second.
+const STABLE_LINK: Duration = Duration::from_secs(30);
+
+/// Drives rumqttc; never interrupted except at shutdown. `link_up` is cleared
+/// before an error is forwarded, so the actor stops handing publishes to a
+/// dead link at once.
 async fn poll_loop(
     mut eventloop: EventLoop,
     events: mpsc::Sender<Result<Ev, String>>,
+    link_up: Arc<AtomicBool>,
     min: Duration,
     max: Duration,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(min, max);
+    let mut up_since: Option<Instant> = None;
     loop {
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
             () = cancel.cancelled() => break,
         };
         let failed = ev.is_err();
-        if matches!(ev, Ok(Ev::ConnAck { .. })) {
-            backoff.reset();
+        match &ev {
+            Ok(Ev::ConnAck { .. }) => {
+                link_up.store(true, Ordering::SeqCst);
+                up_since = Some(Instant::now());
+            }
+            Err(_) => {
+                link_up.store(false, Ordering::SeqCst);
+                if up_since.take().is_some_and(|t| t.elapsed() >= STABLE_LINK) {
+                    backoff.reset();
+                }
+                eventloop.reset_after_error();
+            }
+            Ok(_) => {}
         }
         if events.send(ev).await.is_err() {
             break;
@@ -179,6 +203,8 @@ async fn poll_loop(
                 () = tokio::time::sleep(backoff.next()) => {}
                 () = cancel.cancelled() => break,
             }
+            // Requests that reached rumqttc after the error are taken back too.
+            eventloop.reset_after_error();
         }
     }
 }
@@ -191,6 +217,8 @@ struct Actor {
     topics: Vec<String>,
     outbox: Outbox,
     connected: watch::Sender<bool>,
+    /// Set by the poll task: false as soon as it sees the link fail.
+    link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
     last_error: Option<String>,
     tunnel_errors: mpsc::UnboundedReceiver<String>,
@@ -223,7 +251,7 @@ impl Actor {
                     Some(Cmd::Close { deadline, done }) => {
                         if let Some(p) = self.conn.presence.clone() {
                             let retain = session::presence_retain(&p, &self.conn);
-                            self.enqueue(Entry { topic: p.topic, payload: p.offline.into(), retain, properties: None });
+                            self.enqueue(Entry::new(p.topic, p.offline.into(), retain, None));
                         }
                         closing = Some((Instant::now() + deadline, done));
                     }
@@ -270,7 +298,7 @@ impl Actor {
 
     /// Hands waiting messages to rumqttc while connected and the window allows.
     fn feed(&mut self) {
-        if !*self.connected.borrow() {
+        if !*self.connected.borrow() || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
         while let Some(e) = self.outbox.next_to_send() {
@@ -294,10 +322,19 @@ impl Actor {
                 } else if let Err(e) = self.client.try_subscribe(&self.topics) {
                     tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
                 }
-                self.outbox.on_connected(session_present);
+                for lost in self.outbox.on_connected(session_present) {
+                    metrics::counter!("twinbus_mqtt_poison_dropped_total", "connection" => self.conn.name.clone()).increment(1);
+                    tracing::error!(
+                        connection = %self.conn.name,
+                        topic = %lost.topic,
+                        bytes = lost.payload.len(),
+                        "dropping a message the broker refused {} times by closing the connection (too large, or a topic its policy denies)",
+                        super::outbox::MAX_ATTEMPTS
+                    );
+                }
                 if let Some(p) = self.conn.presence.clone() {
                     let retain = session::presence_retain(&p, &self.conn);
-                    self.outbox.push_front(Entry { topic: p.topic, payload: p.online.into(), retain, properties: None });
+                    self.outbox.push_front(Entry::new(p.topic, p.online.into(), retain, None));
                 }
             }
             Ev::SubAck { refused } => {
@@ -317,7 +354,13 @@ impl Actor {
                 }
                 None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
             },
-            Ev::PubAck(pkid) => self.outbox.on_puback(pkid),
+            Ev::PubAck { pkid, refused } => {
+                if let Some(topic) = self.outbox.on_puback(pkid).filter(|_| refused.is_some()) {
+                    // MQTT 5: the broker took the message but refused it
+                    // (not authorized, quota): it will not be delivered.
+                    tracing::error!(connection = %self.conn.name, %topic, reason = ?refused, "the broker refused a message");
+                }
+            }
             Ev::SentPublish(pkid) => self.outbox.on_sent(pkid),
             Ev::Other => {}
         }
@@ -330,15 +373,17 @@ impl Actor {
         while let Ok(e) = self.tunnel_errors.try_recv() {
             cause = e;
         }
-        let line = session::explain(&cause, &self.target, &self.conn);
+        // Compare hints, not whole errors: rustls puts the current time in
+        // some (an expired certificate), which would log every attempt.
+        let (hint, line) = session::explain(&cause, &self.target, &self.conn);
         if was_connected {
             tracing::warn!(connection = %self.conn.name, "MQTT connection lost: {line}; reconnecting");
-        } else if self.last_error.as_deref() != Some(line.as_str()) {
+        } else if self.last_error.as_deref() != Some(hint.as_str()) {
             tracing::error!(connection = %self.conn.name, "cannot connect to the MQTT broker: {line}; retrying with backoff");
         } else {
             tracing::debug!(connection = %self.conn.name, "still cannot connect: {line}");
         }
-        self.last_error = Some(line);
+        self.last_error = Some(hint);
     }
 }
 
@@ -374,7 +419,7 @@ impl Backoff {
         self.seed ^= self.seed >> 7;
         self.seed ^= self.seed << 17;
         let fraction = 0.5 + (self.seed % 1000) as f64 / 2000.0;
-        let wait = self.current.mul_f64(fraction).max(self.min.min(self.current));
+        let wait = self.current.mul_f64(fraction);
         self.current = (self.current * 2).min(self.max);
         wait
     }
@@ -390,7 +435,7 @@ mod tests {
         let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
         for (i, w) in waits.iter().enumerate() {
             let d = Duration::from_millis(100 * (1u64 << i)).min(Duration::from_millis(1000));
-            assert!(*w <= d && *w >= d / 2 || *w >= Duration::from_millis(100), "wait {i}: {w:?} for {d:?}");
+            assert!(*w <= d && *w >= d / 2, "wait {i}: {w:?} for {d:?}");
             assert!(*w <= Duration::from_millis(1000));
         }
         b.reset();

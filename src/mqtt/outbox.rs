@@ -27,6 +27,14 @@ pub(crate) struct Entry {
     pub(crate) payload: Bytes,
     pub(crate) retain: bool,
     pub(crate) properties: Option<Properties>,
+    /// Connections it was lost on (set by the outbox).
+    pub(crate) attempts: u8,
+}
+
+impl Entry {
+    pub(crate) fn new(topic: String, payload: Bytes, retain: bool, properties: Option<Properties>) -> Entry {
+        Entry { topic, payload, retain, properties, attempts: 0 }
+    }
 }
 
 #[derive(Debug)]
@@ -34,6 +42,12 @@ struct Sent {
     entry: Entry,
     pkid: Option<u16>,
 }
+
+/// Connections a message may be in flight on, without a PUBACK, before it is
+/// taken for the reason they close (a broker drops the link on a packet too
+/// large or a topic its policy denies) and dropped, so that one bad message
+/// cannot keep a connection and every twin on it down for good.
+pub(crate) const MAX_ATTEMPTS: u8 = 3;
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
@@ -99,22 +113,29 @@ impl Outbox {
         }
     }
 
-    /// The broker acknowledged this packet id.
-    pub(crate) fn on_puback(&mut self, pkid: u16) {
-        if let Some(i) = self.sent.iter().position(|s| s.pkid == Some(pkid)) {
-            self.sent.remove(i);
-        }
+    /// The broker acknowledged this packet id; returns the topic it was for.
+    pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<String> {
+        let i = self.sent.iter().position(|s| s.pkid == Some(pkid))?;
+        self.sent.remove(i).map(|s| s.entry.topic)
     }
 
     /// A new connection is up. Without a resumed session, rumqttc dropped what
-    /// it had: everything unacknowledged goes back to the front, in order.
-    pub(crate) fn on_connected(&mut self, session_present: bool) {
+    /// it had: everything unacknowledged goes back to the front, in order,
+    /// except a message lost on `MAX_ATTEMPTS` connections, which is returned.
+    pub(crate) fn on_connected(&mut self, session_present: bool) -> Vec<Entry> {
+        let mut dropped = Vec::new();
         if session_present {
-            return;
+            return dropped;
         }
-        while let Some(s) = self.sent.pop_back() {
-            self.pending.push_front(s.entry);
+        while let Some(mut s) = self.sent.pop_back() {
+            s.entry.attempts = s.entry.attempts.saturating_add(1);
+            if s.entry.attempts >= MAX_ATTEMPTS {
+                dropped.push(s.entry);
+            } else {
+                self.pending.push_front(s.entry);
+            }
         }
+        dropped
     }
 }
 
@@ -123,7 +144,7 @@ mod tests {
     use super::*;
 
     fn entry(n: u32) -> Entry {
-        Entry { topic: "t".into(), payload: Bytes::from(n.to_string()), retain: false, properties: None }
+        Entry { topic: "t".into(), payload: Bytes::from(n.to_string()), retain: false, properties: None, attempts: 0 }
     }
 
     fn send_all(o: &mut Outbox) -> Vec<Bytes> {
@@ -187,6 +208,19 @@ mod tests {
         o.on_sent(1);
         o.on_puback(1);
         assert_eq!(send_all(&mut o), vec!["3"]);
+    }
+
+    #[test]
+    fn a_message_lost_on_every_connection_is_dropped_after_max_attempts() {
+        let mut o = Outbox::new(10, 10);
+        o.push(entry(1));
+        for attempt in 1..=MAX_ATTEMPTS {
+            assert_eq!(send_all(&mut o), vec!["1"], "attempt {attempt}");
+            o.on_sent(1);
+            let dropped = o.on_connected(false);
+            assert_eq!(dropped.len(), usize::from(attempt == MAX_ATTEMPTS));
+        }
+        assert_eq!(o.len(), 0);
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub(crate) enum Ev {
     ConnAck { session_present: bool },
     SubAck { refused: usize },
     Publish { topic: String, payload: Bytes, properties: Option<Properties> },
-    PubAck(u16),
+    /// A PUBACK; `refused` carries an MQTT 5 reason code of 0x80 or above.
+    PubAck { pkid: u16, refused: Option<String> },
     SentPublish(u16),
     Other,
 }
@@ -211,6 +212,23 @@ impl Client {
 }
 
 impl EventLoop {
+    /// After a connection error: forget events rumqttc queued for the dead
+    /// link (an `Outgoing::Publish` left there would shift our packet-id
+    /// mapping by one) and take back requests still in its channel, which a
+    /// clean session then drops and our outbox resends.
+    pub(crate) fn reset_after_error(&mut self) {
+        match self {
+            EventLoop::V4(ev) => {
+                ev.state.events.clear();
+                ev.clean();
+            }
+            EventLoop::V5(ev) => {
+                ev.state.events.clear();
+                ev.clean();
+            }
+        }
+    }
+
     /// The next event, or the connection error as one explained line.
     pub(crate) async fn poll(&mut self) -> Result<Ev, String> {
         match self {
@@ -224,7 +242,7 @@ impl EventLoop {
                     payload: p.payload,
                     properties: None,
                 }),
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => Ok(Ev::PubAck(a.pkid)),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => Ok(Ev::PubAck { pkid: a.pkid, refused: None }),
                 Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::SentPublish(pkid)),
                 Ok(_) => Ok(Ev::Other),
                 Err(e) => Err(error_chain(&e)),
@@ -242,7 +260,13 @@ impl EventLoop {
                     });
                     Ok(Ev::Publish { topic: String::from_utf8_lossy(p.topic.as_ref()).into_owned(), payload: p.payload, properties })
                 }
-                Ok(rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a))) => Ok(Ev::PubAck(a.pkid)),
+                Ok(rumqttc::v5::Event::Incoming(p5::Packet::PubAck(a))) => {
+                    let refused = match a.reason {
+                        p5::PubAckReason::Success | p5::PubAckReason::NoMatchingSubscribers => None,
+                        other => Some(format!("{other:?}")),
+                    };
+                    Ok(Ev::PubAck { pkid: a.pkid, refused })
+                }
                 Ok(rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::SentPublish(pkid)),
                 Ok(_) => Ok(Ev::Other),
                 Err(e) => Err(error_chain(&e)),
@@ -265,8 +289,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// One line: what failed and what to check. `target` is `host:port`.
-pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> String {
+/// What failed and what to check (the hint, stable across attempts) and the
+/// line to log (the hint with rumqttc's error, which may hold a timestamp).
+pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> (String, String) {
     let e = error.to_ascii_lowercase();
     let hint = if e.contains("unknownissuer") || e.contains("unknown issuer") || e.contains("unknownca") {
         "the broker's certificate is not signed by a trusted CA: check `tls.ca`".to_string()
@@ -292,7 +317,8 @@ pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> String {
     } else {
         format!("check the broker at {target}")
     };
-    format!("{hint} ({error})")
+    let line = format!("{hint} ({error})");
+    (hint, line)
 }
 
 /// The endpoint of a connection without a tunnel.

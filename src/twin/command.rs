@@ -17,6 +17,12 @@ use crate::point::{Encoded, Point, Value};
 
 /// Largest command accepted, as in OCI IoT.
 pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+/// Longest `id` echoed in answers.
+pub const MAX_ID_BYTES: usize = 256;
+/// Most per-field errors in one answer; a command with more gets a count.
+const MAX_ERRORS: usize = 20;
+/// Known points listed in an "unknown point" reason.
+const MAX_LISTED: usize = 20;
 
 /// What a command asks for, after parsing (not yet checked against points).
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +81,10 @@ pub fn parse(payload: &[u8]) -> Command {
         if !(id.is_string() || id.is_number()) {
             return Command { id: None, request: Err("\"id\" must be a string or a number".to_string()) };
         }
+        if id.as_str().is_some_and(|s| s.len() > MAX_ID_BYTES) {
+            // Not echoed: an answer must stay small whatever was sent.
+            return Command { id: None, request: Err(format!("\"id\" is longer than {MAX_ID_BYTES} bytes")) };
+        }
     }
     if let Some(unknown) = obj.keys().find(|k| !["id", "set", "get", "shutdown"].contains(&k.as_str())) {
         return with_id(Err(format!("unknown field {unknown:?} (valid: id, set, get, shutdown)")));
@@ -131,7 +141,7 @@ pub fn check_set(points: &[Point], leaves: &[(String, Json)]) -> Result<Vec<(usi
     if errors.is_empty() {
         Ok(writes)
     } else {
-        Err(errors)
+        Err(cap(errors))
     }
 }
 
@@ -159,7 +169,7 @@ pub fn check_get(points: &[Point], paths: Option<&[String]>) -> Result<Vec<usize
     if errors.is_empty() {
         Ok(found)
     } else {
-        Err(errors)
+        Err(cap(errors))
     }
 }
 
@@ -169,8 +179,21 @@ fn unknown_point(points: &[Point], path: &str) -> String {
     if !under.is_empty() {
         return format!("is a group of points ({}), not a point", under.join(", "));
     }
-    let known: Vec<&str> = points.iter().filter(|p| p.access.writable() || p.access.readable()).map(|p| p.path.as_str()).collect();
-    format!("unknown point (known: {})", known.join(", "))
+    let known: Vec<&str> = points.iter().map(|p| p.path.as_str()).take(MAX_LISTED).collect();
+    let more = if points.len() > MAX_LISTED { ", ..." } else { "" };
+    format!("unknown point (known: {}{more})", known.join(", "))
+}
+
+/// Keeps an answer's error map small: the first `MAX_ERRORS` entries, and
+/// one more that says how many were left out.
+fn cap(mut errors: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    if errors.len() > MAX_ERRORS {
+        let extra = errors.len() - MAX_ERRORS;
+        let kept: BTreeMap<String, String> = std::mem::take(&mut errors).into_iter().take(MAX_ERRORS).collect();
+        errors = kept;
+        errors.insert("...".to_string(), format!("{extra} more fields are invalid"));
+    }
+    errors
 }
 
 /// The outcome of a command, ready to be answered.

@@ -51,6 +51,7 @@ pub async fn start(template: &str) -> Harness {
         Err(e) => panic!("test config invalid: {e}\n{yaml}"),
     };
     let gateway = Gateway::start(&config).await.expect("gateway starts");
+    assert!(gateway.wait_ready(Duration::from_secs(10)).await, "the gateway's MQTT sessions come up");
     let sim = gateway.simulator("sim").expect("a simulator named sim").clone();
     Harness { gateway, mqtt_port, sim }
 }

@@ -523,3 +523,24 @@ fn a_payload_that_is_not_json_gets_a_rejected_answer_without_id() {
     assert!(doc.get("id").is_none());
     assert!(doc["error"].as_str().is_some_and(|e| !e.is_empty()));
 }
+
+#[test]
+fn an_answer_stays_small_whatever_the_command_held() {
+    let points = points();
+    let mut set = serde_json::Map::new();
+    for n in 0..5000 {
+        set.insert(format!("k{n}"), json!(1));
+    }
+    let cmd = parse(json!({"id": "x", "set": set}).to_string().as_bytes());
+    let Ok(Request::Set(leaves)) = cmd.request else { panic!("a set") };
+    let errors = check_set(&points, &leaves).expect_err("all unknown");
+    assert_eq!(errors.len(), 21, "20 reasons and a count");
+    assert!(errors["..."].contains("4980 more"));
+    let doc = answer(cmd.id.as_ref(), &Status::Rejected(summary(&errors)), &[], &errors, 1);
+    assert!(doc.to_string().len() < 8 * 1024, "{} bytes", doc.to_string().len());
+
+    let long_id = "i".repeat(MAX_ID_BYTES + 1);
+    let cmd = parse(json!({"id": long_id, "get": "*"}).to_string().as_bytes());
+    assert_eq!(cmd.id, None, "a huge id is not echoed");
+    assert!(cmd.request.is_err());
+}
