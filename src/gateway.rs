@@ -37,6 +37,7 @@ pub struct Gateway {
     devices: Vec<(DeviceHandle, tokio::task::JoinHandle<()>)>,
     connections: Vec<ConnectionHandle>,
     simulators: Vec<(String, SimHandle)>,
+    simulator_tasks: Vec<tokio::task::JoinHandle<()>>,
     #[cfg(feature = "embedded-broker")]
     brokers: Vec<crate::mqtt::EmbeddedBroker>,
     stop_adapters: CancellationToken,
@@ -76,8 +77,11 @@ impl Gateway {
         }
 
         let mut simulators = Vec::new();
+        let mut simulator_tasks = Vec::new();
         for s in &config.simulators {
-            simulators.push((s.name.clone(), sim::start(s, stop_simulators.clone()).await?));
+            let (handle, task) = sim::start_with_task(s, stop_simulators.clone()).await?;
+            simulators.push((s.name.clone(), handle));
+            simulator_tasks.push(task);
         }
 
         let buses: Vec<_> = config.buses.iter().map(|b| spawn_bus(b.clone())).collect();
@@ -141,6 +145,7 @@ impl Gateway {
             devices,
             connections,
             simulators,
+            simulator_tasks,
             #[cfg(feature = "embedded-broker")]
             brokers,
             stop_adapters,
@@ -201,6 +206,9 @@ impl Gateway {
         while closing.join_next().await.is_some() {}
         self.stop_connections.cancel();
         self.stop_simulators.cancel();
+        for task in self.simulator_tasks {
+            let _ = task.await; // its port is free once it returns
+        }
         #[cfg(feature = "embedded-broker")]
         for b in self.brokers {
             b.stop();

@@ -303,7 +303,7 @@ impl Point {
             DataType::I16 => Raw::Int(i64::from(i16::from_be_bytes([bytes[0], bytes[1]]))),
             DataType::U32 => Raw::Int(i64::from(u32::from_be_bytes(arr(&bytes)))),
             DataType::I32 => Raw::Int(i64::from(i32::from_be_bytes(arr(&bytes)))),
-            DataType::F32 => Raw::Float(f64::from(f32::from_be_bytes(arr(&bytes)))),
+            DataType::F32 => Raw::Float(shortest_f64(f32::from_be_bytes(arr(&bytes)))),
             DataType::U64 => {
                 let u = u64::from_be_bytes(arr(&bytes));
                 match i64::try_from(u) {
@@ -579,6 +579,16 @@ fn close(a: f64, b: f64) -> bool {
 
 fn float_to_i64(x: f64) -> Option<i64> {
     (x >= i64::MIN as f64 && x < i64::MAX as f64).then_some(x as i64)
+}
+
+/// The f32 as the shortest decimal that reads back as the same f32: a device
+/// holding 42.1f32 reports 42.1, not 42.099998474121094 (which would never
+/// equal the 42.1 a cloud asked for).
+fn shortest_f64(x: f32) -> f64 {
+    if !x.is_finite() {
+        return f64::from(x);
+    }
+    x.to_string().parse::<f64>().unwrap_or(f64::from(x))
 }
 
 fn float_to_u64(x: f64) -> Option<u64> {

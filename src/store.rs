@@ -18,6 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// Shadow key → last version acted upon.
 const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("shadow_versions");
+/// "shadow key\0point path" → `metadata` timestamp of the desired value last applied.
+const DESIRED: TableDefinition<&str, u64> = TableDefinition::new("desired_applied");
 /// "shadow key\0command id" → epoch ms when it was executed.
 const COMMANDS: TableDefinition<&str, u64> = TableDefinition::new("executed_commands");
 
@@ -43,6 +45,7 @@ impl Store {
         let tx = store.db.begin_write()?;
         tx.open_table(VERSIONS)?;
         tx.open_table(COMMANDS)?;
+        tx.open_table(DESIRED)?;
         tx.commit()?;
         Ok(store)
     }
@@ -67,6 +70,48 @@ impl Store {
             let current = table.get(shadow)?.map(|v| v.value());
             if current.is_none_or(|c| version > c) {
                 table.insert(shadow, version)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// When the desired value of a point that was last applied was written
+    /// (its `metadata` timestamp), so that a delta that persists (a refused
+    /// or clamped value) is not applied again and again.
+    pub fn desired_applied(&self, shadow: &str, path: &str) -> anyhow::Result<Option<u64>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(DESIRED)?;
+        Ok(table.get(command_key(shadow, path).as_str())?.map(|v| v.value()))
+    }
+
+    /// Records that the desired value written at `timestamp` was applied.
+    pub fn set_desired_applied(&self, shadow: &str, paths: &[(String, u64)]) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(DESIRED)?;
+            for (path, ts) in paths {
+                table.insert(command_key(shadow, path).as_str(), *ts)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets what was applied to a shadow (it was deleted and created again).
+    pub fn reset_shadow(&self, shadow: &str, version: u64) -> anyhow::Result<()> {
+        let prefix = command_key(shadow, "");
+        let tx = self.db.begin_write()?;
+        {
+            let mut versions = tx.open_table(VERSIONS)?;
+            versions.insert(shadow, version)?;
+            let mut desired = tx.open_table(DESIRED)?;
+            let keys: Vec<String> = desired
+                .range(prefix.as_str()..)?
+                .map_while(|item| item.ok().map(|(k, _)| k.value().to_string()).filter(|k| k.starts_with(&prefix)))
+                .collect();
+            for k in keys {
+                desired.remove(k.as_str())?;
             }
         }
         tx.commit()?;

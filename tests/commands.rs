@@ -34,13 +34,14 @@ async fn the_answer_reports_what_the_device_holds_not_what_was_asked() {
     let h = start(&pump_config("")).await;
     let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
 
-    // f32 cannot hold 33.3 exactly: the read-back shows the device's value.
     let answer = cloud.command(&json!({"id": 7, "set": {"deviceAttrib": {"setpoint": 33.3, "mode": "manual"}}})).await;
 
     assert_eq!(answer["status"], "succeeded", "{answer}");
     assert_eq!(answer["id"], 7, "numeric ids are echoed as sent");
+    // Read back from the device: the f32 it holds, as its shortest decimal.
     let held = answer["values"]["deviceAttrib"]["setpoint"].as_f64().expect("setpoint read back");
-    assert_eq!(held, f64::from(33.3f32));
+    assert_eq!(held as f32, 33.3f32);
+    assert_eq!(h.sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(held)));
     assert_eq!(answer["values"]["deviceAttrib"]["mode"], "manual");
     // setpoint (10-11) and mode (12) are contiguous: one request.
     let writes = h.sim.writes();

@@ -194,10 +194,15 @@ async fn shadow_commands_run_once_and_expired_ones_fail() {
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
     assert!(cloud.try_next_on(&format!("cmd/{relay}/response"), Duration::from_millis(500)).await.is_none(), "executed once");
 
-    // Written ten minutes ago with a five-minute ttl: expired.
+    // Written ten minutes ago, while the gateway was down, with a five-minute
+    // ttl: the sync after it returns finds it expired. (Age is measured on
+    // the shadow service's clock: metadata timestamp against the document's.)
+    gw.shutdown().await;
     svc.set_clock_offset(-600);
     let old = json!([{"relay-command": {"id": "r-2", "message": "late", "topic": format!("cmd/{relay}/response"), "ttl": 300}}]);
     svc.set_desired("pump-1", None, json!({"command": old})).await;
+    svc.set_clock_offset(0);
+    let (gw, _sim) = gateway(&site).await;
     let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["r-2"]["state"] == "FAILURE").await;
     assert!(doc["state"]["reported"]["command"]["r-2"]["reason"].as_str().unwrap_or_default().starts_with("expired"), "{doc}");
     assert!(cloud.try_next_on(&format!("cmd/{relay}/response"), Duration::from_millis(300)).await.is_none(), "an expired command is not relayed");
@@ -299,5 +304,57 @@ simulators:
     let doc = svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["s-3"]["state"] == "FAILURE").await;
     let reason = doc["state"]["reported"]["command"]["s-3"]["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("check failed"), "{reason}");
+    gw.shutdown().await;
+}
+
+/// A write-only point is never reported, so its delta never clears: it must
+/// be applied once per desired write, not at every sync (a reset coil pulsed
+/// at every reconnect would be a plant incident).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_that_persists_is_applied_once_not_at_every_sync() {
+    let site = Site::new("persisting");
+    let svc = ShadowService::start(site.broker_port, &[("panel-1", None)]).await;
+    let yaml = format!(
+        r#"
+state_dir: {state}
+connections:
+  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-persist, reconnect: {{ min: 200ms, max: 1s }} }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
+profiles:
+  panel:
+    points:
+      deviceAttrib.reset: {{ coil: 5, access: write }}
+      deviceAttrib.mode: {{ holding: 12, values: {{ auto: 0, manual: 1 }} }}
+devices:
+  panel-1: {{ bus: line, unit: 1, profile: panel, poll: 200ms, twin: {{ connection: aws, shadow: {{ thing: panel-1 }} }} }}
+simulators:
+  sim: {{ listen: "127.0.0.1:{modbus}", serves: [panel-1] }}
+"#,
+        state = site.state_dir.display(),
+        broker = site.broker_port,
+        modbus = site.modbus_port,
+    );
+    let config = Config::parse(&yaml, Path::new("persist.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start(&config).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("panel-1", None, WAIT, |r| r["connected"] == true).await;
+    let resets = |sim: &SimHandle| sim.writes().iter().filter(|w| w.table == Table::Coil && w.address == 5).count();
+
+    svc.set_desired("panel-1", None, json!({"deviceAttrib": {"reset": true}})).await;
+    svc.wait_until(WAIT, || (resets(&sim) == 1).then_some(())).await.expect("the reset is written");
+    // Another change, then a restart: both bring the persisting delta back.
+    svc.set_desired("panel-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+    svc.wait_for_reported("panel-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    gw.shutdown().await;
+    let gw = Gateway::start(&config).await.expect("restart");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("panel-1", None, WAIT, |r| r["connected"] == true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(resets(&sim), 0, "not pulsed again after the restart: {:?}", sim.writes());
+
+    // Written again by the application: applied again.
+    svc.set_desired("panel-1", None, json!({"deviceAttrib": {"reset": true}})).await;
+    svc.wait_until(WAIT, || (resets(&sim) == 1).then_some(())).await.expect("a new desired write is applied");
     gw.shutdown().await;
 }

@@ -105,6 +105,12 @@ impl SimHandle {
 
 /// Starts a simulator from its configuration; runs until `cancel` fires.
 pub async fn start(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result<SimHandle> {
+    Ok(start_with_task(sim, cancel).await?.0)
+}
+
+/// Like [`start`], also returning the server task: it ends (and the port is
+/// free again) after `cancel` fires.
+pub async fn start_with_task(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result<(SimHandle, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(sim.listen)
         .await
         .with_context(|| format!("simulator `{}` cannot listen on {}", sim.name, sim.listen))?;
@@ -136,7 +142,7 @@ pub async fn start(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result
 
     let server = Server::new(listener);
     let service = Service { state };
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let on_connected = |stream: tokio::net::TcpStream, peer: SocketAddr| {
             let service = service.clone();
             let _ = stream.set_nodelay(true);
@@ -149,7 +155,7 @@ pub async fn start(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result
         }
     });
     tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "Modbus TCP simulator listening");
-    Ok(handle)
+    Ok((handle, task))
 }
 
 impl Unit {

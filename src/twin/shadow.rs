@@ -150,7 +150,11 @@ impl Shadow {
                 return;
             }
         };
+        let ours = doc["clientToken"].as_str().is_some_and(|t| self.ours.iter().any(|o| o == t));
         match suffix {
+            // Another client's get is not our sync: its answer would make us
+            // report (and re-apply) for nothing.
+            "/get/accepted" | "/get/rejected" if !ours => {}
             "/get/accepted" => self.on_document(&doc, "state.delta").await,
             "/update/delta" => self.on_document(&doc, "delta").await,
             "/get/rejected" => {
@@ -166,8 +170,7 @@ impl Shadow {
             // numbered just below our report and its delta arrive after this.
             "/update/accepted" => {}
             "/update/rejected" => {
-                let token = doc["clientToken"].as_str().unwrap_or_default();
-                if !self.ours.iter().any(|t| t == token) {
+                if !ours {
                     return; // someone else's update
                 }
                 match doc["code"].as_u64().unwrap_or(0) {
@@ -192,6 +195,21 @@ impl Shadow {
         } else {
             (doc["state"].clone(), doc["metadata"].clone())
         };
+        if let (true, Some(v), Some(last)) = (is_get, version, self.last_version) {
+            if v < last {
+                // A get answers with the current document, never a reordered
+                // old one: a lower version means the shadow was deleted and
+                // created again (AWS restarts at 0 after 48 hours).
+                tracing::warn!(shadow = %self.prefix, version = v, last, "the shadow's version went back: it was recreated; starting afresh");
+                if let Err(e) = self.store.reset_shadow(&self.key, v.saturating_sub(1)) {
+                    tracing::error!(shadow = %self.prefix, "cannot reset the stored shadow state: {e:#}");
+                }
+                self.last_version = Some(v.saturating_sub(1));
+            }
+        }
+        if is_get {
+            self.seed_listed_commands(&doc["state"]["reported"]["command"]);
+        }
         let fresh = match (version, self.last_version) {
             (Some(v), Some(last)) => v > last,
             _ => true,
@@ -239,20 +257,37 @@ impl Shadow {
         let is_point = |p: &str| points.iter().any(|x| x.path == p);
         let mut writes: Vec<(usize, Encoded)> = Vec::new();
         let mut errors: BTreeMap<String, Json> = BTreeMap::new();
+        // (path, metadata timestamp) of values handled for good: written, or refused.
+        let mut settled: Vec<(String, u64)> = Vec::new();
+        let mut written_at: Vec<(String, u64)> = Vec::new();
         for (path, raw) in leaves(&values, &is_point) {
+            let written = metadata_timestamp(metadata, &path);
+            if let Some(ts) = written {
+                // A delta that persists (refused, clamped, a write-only point)
+                // comes back with every sync and every later delta: apply a
+                // desired value once, until the application writes it again.
+                match self.store.desired_applied(&self.key, &path) {
+                    Ok(Some(done)) if ts <= done => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(shadow = %self.prefix, "cannot read applied desired values: {e:#}"),
+                }
+            }
             let Some(i) = points.iter().position(|p| p.path == path) else {
-                errors.insert(path, json!("unknown point"));
+                errors.insert(path.clone(), json!("unknown point"));
+                settled.extend(written.map(|ts| (path, ts)));
                 continue;
             };
             match from_json(raw).and_then(|v| points[i].encode(&v)) {
                 Ok(enc) => {
                     writes.push((i, enc));
                     // A value that is now accepted clears its earlier error.
-                    errors.insert(path, Json::Null);
+                    errors.insert(path.clone(), Json::Null);
+                    written_at.extend(written.map(|ts| (path, ts)));
                 }
                 Err(e) => {
                     tracing::warn!(shadow = %self.prefix, point = %path, "desired value refused: {e}");
-                    errors.insert(path, json!(e));
+                    errors.insert(path.clone(), json!(e));
+                    settled.extend(written.map(|ts| (path, ts)));
                 }
             }
         }
@@ -262,11 +297,20 @@ impl Shadow {
                 insert(&mut reported, &points[*i].path, to_json(v));
                 self.reported.record(*i, Some(v.clone()));
             }
-            if let Some(e) = &outcome.error {
-                tracing::warn!(shadow = %self.prefix, "writing desired values failed: {e}");
-                for (i, _) in &writes {
-                    errors.insert(points[*i].path.clone(), json!(format!("failed: {e}")));
+            match &outcome.error {
+                // Not settled: applied again on the next sync (after the device is back).
+                Some(e) => {
+                    tracing::warn!(shadow = %self.prefix, "writing desired values failed: {e}");
+                    for (i, _) in &writes {
+                        errors.insert(points[*i].path.clone(), json!(format!("failed: {e}")));
+                    }
                 }
+                None => settled.extend(written_at),
+            }
+        }
+        if !settled.is_empty() {
+            if let Err(e) = self.store.set_desired_applied(&self.key, &settled) {
+                tracing::error!(shadow = %self.prefix, "cannot record applied desired values: {e:#}");
             }
         }
         if !errors.is_empty() {
@@ -304,7 +348,7 @@ impl Shadow {
                 tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
                 continue;
             }
-            let state = self.run_command(&id, element, written).await;
+            let state = self.run_command(&id, element, written, doc_time).await;
             if let Some(body) = element.as_object().and_then(|o| o.values().next()) {
                 self.publish_state(body, &id, &state).await;
             }
@@ -323,18 +367,29 @@ impl Shadow {
         }
     }
 
-    async fn run_command(&mut self, id: &str, element: &Json, written: Option<u64>) -> Json {
+    async fn run_command(&mut self, id: &str, element: &Json, written: Option<u64>, doc_time: Option<u64>) -> Json {
         let failure = |reason: String| json!({"state": "FAILURE", "reason": reason, "time": epoch_ms()});
         let Some((name, body)) = element.as_object().and_then(|o| o.iter().next()) else {
             return failure("a command is an object such as {\"relay-command\": {...}}".into());
         };
-        if let Some(ttl) = body["ttl"].as_u64() {
-            let now = epoch_ms() / 1000;
-            match written {
-                Some(at) if now.saturating_sub(at) > ttl => {
-                    return failure(format!("expired: written {}s ago, ttl {ttl}s", now.saturating_sub(at)));
-                }
-                _ => {}
+        if !body["ttl"].is_null() {
+            let ttl = match &body["ttl"] {
+                Json::Number(n) => n.as_f64(),
+                Json::String(s) => s.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            let Some(ttl) = ttl.filter(|t| *t >= 0.0) else {
+                return failure("\"ttl\" must be a number of seconds".into());
+            };
+            // Both times from the shadow service's clock: a gateway that
+            // booted without a real-time clock must not run stale commands.
+            let now = doc_time.unwrap_or_else(|| epoch_ms() / 1000);
+            let Some(at) = written else {
+                return failure("cannot tell the command's age (no metadata timestamp)".into());
+            };
+            let age = now.saturating_sub(at);
+            if age as f64 > ttl {
+                return failure(format!("expired: written {age}s ago, ttl {ttl}s"));
             }
         }
         match name.as_str() {
@@ -389,6 +444,19 @@ impl Shadow {
         }
     }
 
+    /// After a restart, `reported.command` still lists earlier commands: keep
+    /// counting them, oldest first, so the list stays pruned.
+    fn seed_listed_commands(&mut self, reported: &Json) {
+        let Json::Object(m) = reported else { return };
+        let mut ids: Vec<(u64, &String)> = m.iter().map(|(id, st)| (st["time"].as_u64().unwrap_or(0), id)).collect();
+        ids.sort();
+        for (_, id) in ids {
+            if !self.listed_commands.contains(id) {
+                self.listed_commands.push_back(id.clone());
+            }
+        }
+    }
+
     /// Reports every readable value, plus connected/online and `extra`.
     async fn report_everything(&mut self, extra: Map<String, Json>) {
         let snap = self.device.watch().borrow().clone();
@@ -412,7 +480,12 @@ impl Shadow {
         let mut reported = Map::new();
         if *health != self.health {
             reported.insert("online".into(), json!(*health == Health::Online));
+            let back = matches!(self.health, Health::Offline(_)) && *health == Health::Online;
             self.health = health.clone();
+            if back {
+                // Desired values that failed while it was away are applied now.
+                self.sync().await;
+            }
         }
         if *health == Health::Online {
             let moved = self.reported.take_changes(&self.device.points, values);
@@ -477,6 +550,12 @@ fn merge(into: &mut Map<String, Json>, from: Map<String, Json>) {
             }
         }
     }
+}
+
+/// The metadata timestamp of one leaf: `metadata.<path>.timestamp`.
+fn metadata_timestamp(metadata: &Json, path: &str) -> Option<u64> {
+    let node = path.split('.').fold(metadata, |node, seg| &node[seg]);
+    node["timestamp"].as_u64()
 }
 
 /// The newest `timestamp` anywhere in a metadata subtree: when the command
