@@ -159,3 +159,24 @@ async fn remote_shutdown_is_answered_then_stops_the_gateway_when_allowed() {
     tokio::time::timeout(WAIT, stop.cancelled()).await.expect("the gateway is told to stop");
     h.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_are_written_in_the_order_the_command_gives_them() {
+    let h = start(&pump_config("")).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+
+    // The setpoint first, then the motor: never the other way round.
+    let payload = r#"{"id":"o1","set":{"deviceAttrib":{"setpoint":12.5,"motorStatus":"on"}}}"#;
+    cloud.publish("site/pump/cmd", payload).await;
+    let answer = cloud.wait_for("site/pump/rsp", WAIT, |m| m["id"] == "o1").await;
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    let tables: Vec<Table> = h.sim.writes().iter().map(|w| w.table).collect();
+    assert_eq!(tables, vec![Table::HoldingRegister, Table::Coil]);
+
+    let payload = r#"{"id":"o2","set":{"deviceAttrib":{"motorStatus":"off","setpoint":0}}}"#;
+    cloud.publish("site/pump/cmd", payload).await;
+    cloud.wait_for("site/pump/rsp", WAIT, |m| m["id"] == "o2").await;
+    let tables: Vec<Table> = h.sim.writes().iter().skip(2).map(|w| w.table).collect();
+    assert_eq!(tables, vec![Table::Coil, Table::HoldingRegister]);
+    h.gateway.shutdown().await;
+}

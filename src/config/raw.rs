@@ -210,9 +210,10 @@ pub(crate) enum RawArgType {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawStep {
-    Set(BTreeMap<String, RawSimValue>),
+    // In file order: a step writes its points in the order written.
+    Set(indexmap::IndexMap<String, RawSimValue>),
     Wait(String),
-    Check(BTreeMap<String, RawSimValue>),
+    Check(indexmap::IndexMap<String, RawSimValue>),
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -48,7 +48,14 @@ impl Checker<'_> {
 
     fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
         let Some(v) = v else { return default };
+        // No setting here needs more than a day; a bound also keeps
+        // arithmetic on durations (backoff doubling) from overflowing.
+        const MAX: Duration = Duration::from_secs(86_400);
         match humantime::parse_duration(v.value.trim()) {
+            Ok(d) if d > MAX => {
+                self.at(v, path, format!("{:?} is too long (at most 1 day)", v.value));
+                default
+            }
             Ok(d) if d >= min => d,
             Ok(_) => {
                 self.at(v, path, format!("{:?} is too short (at least {})", v.value, humantime::format_duration(min)));
@@ -643,7 +650,7 @@ fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[P
     let mut steps = Vec::new();
     for (n, step) in raw.steps.iter().enumerate() {
         let here = format!("{path}.steps[{n}]");
-        let values = |map: &BTreeMap<String, RawSimValue>, writing: bool, c: &mut Checker| -> Vec<(usize, StepValue)> {
+        let values = |map: &indexmap::IndexMap<String, RawSimValue>, writing: bool, c: &mut Checker| -> Vec<(usize, StepValue)> {
             let mut out = Vec::new();
             for (p, v) in map {
                 let Some(i) = points.iter().position(|x| &x.path == p) else {

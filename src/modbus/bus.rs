@@ -96,6 +96,8 @@ struct Job {
     unit: u8,
     op: Op,
     attempts_left: u8,
+    /// A command keeps its priority through its retries.
+    command: bool,
     reply: oneshot::Sender<Result<Reply, BusError>>,
 }
 
@@ -110,7 +112,7 @@ impl BusHandle {
     /// Runs one transaction on the line, queued by priority.
     pub async fn call(&self, priority: Priority, unit: u8, op: Op, retries: u8) -> Result<Reply, BusError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { unit, op, attempts_left: retries.saturating_add(1), reply };
+        let job = Job { unit, op, attempts_left: retries.saturating_add(1), command: priority == Priority::Command, reply };
         let queue = match priority {
             Priority::Command => &self.commands,
             Priority::Poll => &self.polls,
@@ -142,7 +144,8 @@ struct BusOwner {
 impl BusOwner {
     async fn run(mut self) {
         tracing::debug!(bus = %self.bus.name, "bus owner started");
-        while let Some((job, is_command)) = self.next_job().await {
+        while let Some(job) = self.next_job().await {
+            let is_command = job.command;
             if job.reply.is_closed() {
                 continue; // the asker gave up (shutdown): do not touch the wire
             }
@@ -173,18 +176,21 @@ impl BusOwner {
         tracing::debug!(bus = %self.bus.name, "bus owner stopped");
     }
 
-    /// Commands first, then polls due for a retry, then new polls.
-    async fn next_job(&mut self) -> Option<(Job, bool)> {
+    /// Command retries, new commands, then polls due for a retry, then new polls.
+    async fn next_job(&mut self) -> Option<Job> {
+        if self.retry.front().is_some_and(|j| j.command) {
+            return self.retry.pop_front();
+        }
         if let Ok(job) = self.commands.try_recv() {
-            return Some((job, true));
+            return Some(job);
         }
         if let Some(job) = self.retry.pop_front() {
-            return Some((job, false));
+            return Some(job);
         }
         tokio::select! {
             biased;
-            Some(job) = self.commands.recv() => Some((job, true)),
-            Some(job) = self.polls.recv() => Some((job, false)),
+            Some(job) = self.commands.recv() => Some(job),
+            Some(job) = self.polls.recv() => Some(job),
             else => None,
         }
     }

@@ -82,13 +82,12 @@ pub enum WriteOp {
     },
 }
 
-/// Plans the writes of already-validated values, merging contiguous ones.
-/// Writes go out in address order.
+/// Plans the writes of already-validated values. Writes go out in the order
+/// given (a setpoint written before the motor is switched on must stay
+/// first); a write merges with the one before it when it continues it.
 pub fn plan_writes(points: &[Point], writes: &[(usize, Encoded)]) -> Vec<WriteOp> {
-    let mut sorted: Vec<&(usize, Encoded)> = writes.iter().collect();
-    sorted.sort_by_key(|(i, _)| (points[*i].location.table, points[*i].location.address, points[*i].location.bit));
     let mut ops: Vec<WriteOp> = Vec::new();
-    for (i, enc) in sorted {
+    for (i, enc) in writes {
         let addr = points[*i].location.address;
         match (ops.last_mut(), enc) {
             (Some(WriteOp::Write { op: Op::WriteCoils(start, bits), points: ps }), Encoded::Bits(new))
@@ -179,7 +178,7 @@ mod tests {
     }
 
     #[test]
-    fn contiguous_writes_merge_and_others_do_not() {
+    fn writes_keep_their_order_and_merge_when_one_continues_the_last() {
         let points = vec![
             pt(Table::HoldingRegister, 10, DataType::F32),
             pt(Table::HoldingRegister, 12, DataType::U16),
@@ -194,9 +193,9 @@ mod tests {
         ];
         let plan = plan_writes(&points, &writes);
         assert_eq!(plan, vec![
-            WriteOp::Write { op: Op::WriteCoils(0, vec![true]), points: vec![3] },
-            WriteOp::Write { op: Op::WriteRegisters(10, vec![1, 2, 3]), points: vec![0, 1] },
             WriteOp::Write { op: Op::WriteRegisters(20, vec![7]), points: vec![2] },
+            WriteOp::Write { op: Op::WriteRegisters(10, vec![1, 2, 3]), points: vec![0, 1] },
+            WriteOp::Write { op: Op::WriteCoils(0, vec![true]), points: vec![3] },
         ]);
     }
 }

@@ -29,19 +29,28 @@ pub(crate) async fn start(
 ) -> std::io::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let local = listener.local_addr()?.port();
+    // One MQTT connection at a time: the tunnel carries the gateway's identity
+    // (its client certificate), so another local process must not ride it.
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = cancel.cancelled() => break,
             };
-            let Ok((local_stream, _)) = accepted else { continue };
+            let Ok((local_stream, peer)) = accepted else { continue };
+            if busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!(%peer, "refusing a second connection to the SOCKS5 tunnel");
+                continue;
+            }
+            let busy = busy.clone();
             let (proxy, host, tls, errors, cancel) = (proxy.clone(), host.clone(), tls.clone(), errors.clone(), cancel.clone());
             tokio::spawn(async move {
                 let result = tokio::select! {
                     r = serve(local_stream, &proxy, &host, port, tls) => r,
                     () = cancel.cancelled() => Ok(()),
                 };
+                busy.store(false, std::sync::atomic::Ordering::SeqCst);
                 if let Err(e) = result {
                     let _ = errors.send(format!("SOCKS5 proxy {}:{}: {e}", proxy.host, proxy.port));
                 }
