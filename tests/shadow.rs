@@ -353,7 +353,10 @@ simulators:
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(resets(&sim), 0, "not pulsed again after the restart: {:?}", sim.writes());
 
-    // Written again by the application: applied again.
+    // Written again by the application: applied again. (Shadow metadata
+    // timestamps are whole seconds: a rewrite within the same second as the
+    // first write is taken for the same write.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     svc.set_desired("panel-1", None, json!({"deviceAttrib": {"reset": true}})).await;
     svc.wait_until(WAIT, || (resets(&sim) == 1).then_some(())).await.expect("a new desired write is applied");
     gw.shutdown().await;
