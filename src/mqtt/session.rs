@@ -121,15 +121,7 @@ pub(crate) fn build(conn: &Connection, endpoint: &Endpoint) -> (Client, EventLoo
                 o.set_proxy(proxy);
             }
             if let Some(host) = host_header {
-                o.set_request_modifier(move |mut req| {
-                    let host = host.clone();
-                    async move {
-                        if let Ok(v) = host.parse() {
-                            req.headers_mut().insert("Host", v);
-                        }
-                        req
-                    }
-                });
+                o.set_request_modifier(with_host(host));
             }
             let (client, mut ev) = rumqttc::AsyncClient::new(o, 256);
             ev.set_network_options(network);
@@ -156,20 +148,23 @@ pub(crate) fn build(conn: &Connection, endpoint: &Endpoint) -> (Client, EventLoo
                 o.set_proxy(proxy);
             }
             if let Some(host) = host_header {
-                o.set_request_modifier(move |mut req| {
-                    let host = host.clone();
-                    async move {
-                        if let Ok(v) = host.parse() {
-                            req.headers_mut().insert("Host", v);
-                        }
-                        req
-                    }
-                });
+                o.set_request_modifier(with_host(host));
             }
             o.set_network_options(network);
             let (client, ev) = rumqttc::v5::AsyncClient::new(o, 256);
             (Client::V5(client), EventLoop::V5(Box::new(ev)))
         }
+    }
+}
+
+/// A tunnelled WebSocket connects to a loopback port: its `Host` header must
+/// still name the broker. Shared by both MQTT versions' options.
+fn with_host(host: String) -> impl Fn(http::Request<()>) -> std::future::Ready<http::Request<()>> + Send + Sync + 'static {
+    move |mut req| {
+        if let Ok(v) = host.parse() {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        std::future::ready(req)
     }
 }
 
