@@ -180,11 +180,6 @@ impl Gateway {
         self.simulators.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
-    /// The device actors, for embedding and tests.
-    pub fn devices(&self) -> impl Iterator<Item = &DeviceHandle> {
-        self.devices.iter().map(|(d, _)| d)
-    }
-
     /// Stops everything in order; see the module docs.
     pub async fn shutdown(self) {
         tracing::info!("shutting down: no new commands");

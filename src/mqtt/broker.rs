@@ -15,7 +15,6 @@ use tokio::sync::oneshot;
 /// A running embedded broker; dropping it (or [`EmbeddedBroker::stop`]) stops it.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
-    listen: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -69,17 +68,12 @@ impl EmbeddedBroker {
             })
             .context("cannot start the broker thread")?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(EmbeddedBroker { listen, stop: Some(stop), thread: Some(thread) }),
+            Ok(Ok(())) => Ok(EmbeddedBroker { stop: Some(stop), thread: Some(thread) }),
             Ok(Err(e)) => Err(e).with_context(|| {
                 format!("the embedded broker cannot listen on {listen} (is another broker or gateway using the port?)")
             }),
             Err(_) => Err(anyhow!("the embedded broker thread ended before listening on {listen}")),
         }
-    }
-
-    /// The address it listens on.
-    pub fn listen(&self) -> SocketAddr {
-        self.listen
     }
 
     /// Stops the broker and every session in it.

@@ -54,7 +54,6 @@ pub struct ConnectionHandle {
     /// Connection name, for logs.
     pub name: String,
     tx: mpsc::Sender<Cmd>,
-    connected: watch::Receiver<bool>,
     sessions: watch::Receiver<u64>,
 }
 
@@ -79,17 +78,6 @@ impl ConnectionHandle {
     /// changes after every (re)connect's SUBACK. A shadow syncs on each change.
     pub fn sessions(&self) -> watch::Receiver<u64> {
         self.sessions.clone()
-    }
-
-    /// Whether the session is up now.
-    pub fn is_connected(&self) -> bool {
-        *self.connected.borrow()
-    }
-
-    /// Waits until the session is up, or the timeout.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.connected.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Graceful close: publishes `offline` presence, waits until every queued
@@ -137,7 +125,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
     tokio::spawn(poll_loop(eventloop, events_tx, link_up.clone(), conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
 
     let (tx, rx) = mpsc::channel(1024);
-    let (connected_tx, connected) = watch::channel(false);
+    let (connected_tx, _) = watch::channel(false);
     let (sessions_tx, sessions) = watch::channel(0u64);
     let actor = Actor {
         conn: conn.clone(),
@@ -154,7 +142,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         warned_full: false,
     };
     tokio::spawn(actor.run(rx, events, cancel, poll_cancel));
-    Ok(ConnectionHandle { name: conn.name.clone(), tx, connected, sessions })
+    Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions })
 }
 
 /// A link must stay up this long before the backoff starts again from `min`:

@@ -20,3 +20,8 @@ pub use telemetry::run_telemetry;
 pub fn epoch_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+/// `epoch_ms` of now.
+pub(crate) fn now_ms() -> u64 {
+    epoch_ms(std::time::SystemTime::now())
+}

@@ -6,14 +6,13 @@
 //! not executed again: it gets the answer of the first execution.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::SystemTime;
 
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{answer, check_get, check_set, parse, summary, Request, Status};
-use super::epoch_ms;
+use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
 use crate::mqtt::{ConnectionHandle, Message, Properties};
@@ -54,13 +53,13 @@ pub async fn run_commands(
             Ok(r) => r,
             Err(why) => {
                 tracing::info!(device = %device.name, reason = %why, "command rejected");
-                let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now());
+                let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
                 reply.send(&conn, doc.to_string().into_bytes()).await;
                 continue;
             }
         };
         if twin.acknowledge {
-            let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now());
+            let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now_ms());
             reply.send(&conn, ack.to_string().into_bytes()).await;
         }
         let is_shutdown = request == Request::Shutdown;
@@ -91,7 +90,7 @@ pub async fn run_commands(
     inbox.close();
     while let Some(msg) = inbox.recv().await {
         let id = parse(&msg.payload).id;
-        let doc = answer(id.as_ref(), &Status::Rejected("the gateway is shutting down".into()), &[], &BTreeMap::new(), now());
+        let doc = answer(id.as_ref(), &Status::Rejected("the gateway is shutting down".into()), &[], &BTreeMap::new(), now_ms());
         ReplyTo::of(&msg, &responses).send(&conn, doc.to_string().into_bytes()).await;
     }
 }
@@ -101,21 +100,21 @@ async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Optio
     let no_errors = BTreeMap::new();
     let outcome = match request {
         Request::Shutdown if twin.allow_shutdown => {
-            return answer(id, &Status::Succeeded, &[], &no_errors, now());
+            return answer(id, &Status::Succeeded, &[], &no_errors, now_ms());
         }
         Request::Shutdown => {
             let why = "remote shutdown is not allowed for this twin (set `allow_shutdown: true` in gateway.yaml)";
-            return answer(id, &Status::Rejected(why.into()), &[], &no_errors, now());
+            return answer(id, &Status::Rejected(why.into()), &[], &no_errors, now_ms());
         }
         Request::Set(leaves) => match check_set(points, &leaves) {
             Ok(writes) => device.write(writes).await,
-            Err(errors) => return answer(id, &Status::Rejected(summary(&errors)), &[], &errors, now()),
+            Err(errors) => return answer(id, &Status::Rejected(summary(&errors)), &[], &errors, now_ms()),
         },
         Request::Get(paths) => match check_get(points, paths.as_deref()) {
             Ok(indices) => device.read(indices).await,
             Err(errors) => {
                 let why = summary(&errors).replace("nothing was written", "nothing was read");
-                return answer(id, &Status::Rejected(why), &[], &errors, now());
+                return answer(id, &Status::Rejected(why), &[], &errors, now_ms());
             }
         },
     };
@@ -128,7 +127,7 @@ fn outcome_answer(device: &DeviceHandle, outcome: &Outcome, id: Option<&Json>) -
         None => Status::Succeeded,
         Some(e) => Status::Failed(e.clone()),
     };
-    answer(id, &status, &values, &BTreeMap::new(), now())
+    answer(id, &status, &values, &BTreeMap::new(), now_ms())
 }
 
 /// Where an answer goes: the MQTT 5 response topic when the command named
@@ -158,6 +157,3 @@ impl ReplyTo {
     }
 }
 
-fn now() -> u64 {
-    epoch_ms(SystemTime::now())
-}

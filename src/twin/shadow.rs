@@ -18,13 +18,13 @@
 //! when it was written to `desired`, per its metadata) fails as `expired`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::SystemTime;
 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::json::{from_json, insert, leaves, to_json};
+use super::now_ms;
 use super::telemetry::Reported;
 use crate::config::{CommandDef, ShadowBinding};
 use crate::device::{DeviceHandle, Health};
@@ -344,7 +344,7 @@ impl Shadow {
                     continue;
                 }
             }
-            if let Err(e) = self.store.mark_command(&self.key, &id, epoch_ms()) {
+            if let Err(e) = self.store.mark_command(&self.key, &id, now_ms()) {
                 tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
                 continue;
             }
@@ -368,7 +368,7 @@ impl Shadow {
     }
 
     async fn run_command(&mut self, id: &str, element: &Json, written: Option<u64>, doc_time: Option<u64>) -> Json {
-        let failure = |reason: String| json!({"state": "FAILURE", "reason": reason, "time": epoch_ms()});
+        let failure = |reason: String| json!({"state": "FAILURE", "reason": reason, "time": now_ms()});
         let Some((name, body)) = element.as_object().and_then(|o| o.iter().next()) else {
             return failure("a command is an object such as {\"relay-command\": {...}}".into());
         };
@@ -383,7 +383,7 @@ impl Shadow {
             };
             // Both times from the shadow service's clock: a gateway that
             // booted without a real-time clock must not run stale commands.
-            let now = doc_time.unwrap_or_else(|| epoch_ms() / 1000);
+            let now = doc_time.unwrap_or_else(|| now_ms() / 1000);
             let Some(at) = written else {
                 return failure("cannot tell the command's age (no metadata timestamp)".into());
             };
@@ -400,11 +400,11 @@ impl Shadow {
                 }
                 let msg = json!({"msg": body["message"], "deviceId": self.binding.thing});
                 self.conn.publish(topic, msg.to_string().into_bytes()).await;
-                json!({"state": "SUCCESS", "time": epoch_ms()})
+                json!({"state": "SUCCESS", "time": now_ms()})
             }
             other => match self.commands.iter().find(|c| c.name == other).cloned() {
                 Some(def) => match self.run_sequence(id, &def, body).await {
-                    Ok(()) => json!({"state": "SUCCESS", "time": epoch_ms()}),
+                    Ok(()) => json!({"state": "SUCCESS", "time": now_ms()}),
                     Err(reason) => failure(reason),
                 },
                 None => {
@@ -427,7 +427,7 @@ impl Shadow {
             tokio::select! {
                 result = &mut exec => return result,
                 _ = tick.tick() => {
-                    let running = json!({"state": "RUNNING", "time": epoch_ms()});
+                    let running = json!({"state": "RUNNING", "time": now_ms()});
                     self.publish_state(body, id, &running).await;
                     self.report(json!({"command": {id: running}})).await;
                 }
@@ -588,10 +588,6 @@ fn command_id(prefix: &str, element: &Json, written: Option<u64>) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("auto-{hash:016x}")
-}
-
-fn epoch_ms() -> u64 {
-    super::epoch_ms(SystemTime::now())
 }
 
 #[cfg(test)]
