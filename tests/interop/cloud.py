@@ -342,10 +342,26 @@ def cmd_outage(a) -> None:
     times = [d.get("time") for _, d in docs if isinstance(d, dict) and isinstance(d.get("time"), int)]
     stop_ms, start_ms = a.stop * 1000, a.start * 1000
     detail(f"{len(times)} telemetry documents recorded; outage {a.start - a.stop:.1f} s")
-    dups = len(times) - len(set(times))
+    # QoS 1 is at least once: a document the broker took just before it went down, whose
+    # PUBACK was lost with the link, is sent again after the reconnect (README, outbox).
+    # That is the only duplicate allowed: two copies, the first received before the
+    # restart, the second after it. Anything produced during the outage arrives once.
+    copies: dict = {}
+    for m, d in docs:
+        if isinstance(d, dict) and isinstance(d.get("time"), int):
+            copies.setdefault(d["time"], []).append(m)
+    in_flight = [t for t, ms in copies.items() if len(ms) == 2 and t <= stop_ms + 1000
+                 and ms[0].tst is not None and ms[0].tst < a.start
+                 and ms[1].tst is not None and ms[1].tst >= a.start]
+    dups = [t for t, ms in copies.items() if len(ms) > 1 and t not in in_flight]
+    if in_flight:
+        detail(f"{len(in_flight)} document(s) in flight when the broker stopped arrived again "
+               f"after the reconnect (at least once), time(s) {in_flight}")
     backwards = [(x, y) for x, y in zip(times, times[1:]) if y < x]
-    check(f"{a.name}: each telemetry document arrives once", dups == 0,
-          f"{dups} duplicate time value(s)")
+    check(f"{a.name}: each telemetry document arrives once (bar those in flight at the stop)",
+          not dups and len(in_flight) <= 2,
+          f"{len(dups)} duplicated time value(s) {dups[:5]} not explained by the outage; "
+          f"{len(in_flight)} in flight at the stop")
     check(f"{a.name}: telemetry arrives in order of its time", not backwards,
           f"{len(backwards)} step(s) back in time, e.g. {backwards[:3]}")
     during = [(m, d) for m, d in docs if isinstance(d, dict) and isinstance(d.get("time"), int)
