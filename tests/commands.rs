@@ -180,3 +180,44 @@ async fn values_are_written_in_the_order_the_command_gives_them() {
     assert_eq!(tables, vec![Table::Coil, Table::HoldingRegister]);
     h.gateway.shutdown().await;
 }
+
+/// A flood of commands for a device that cannot keep up: every command is
+/// answered exactly once, those beyond the device's queue at once with a
+/// `busy` refusal, none silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_commands_is_answered_in_full_busy_ones_refused() {
+    // Every command costs one 50 ms timeout on the silent device.
+    let yaml = pump_config("").replace("timeout: 300ms, retries: 1", "timeout: 50ms, retries: 0");
+    let h = start(&yaml).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/rsp"]).await;
+    h.sim.set_silent(1, true);
+
+    const SENT: usize = 120;
+    for n in 0..SENT {
+        let cmd = json!({"id": format!("f{n}"), "set": {"deviceAttrib": {"motorStatus": "on"}}});
+        cloud.publish("site/pump/cmd", cmd.to_string()).await;
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answers.len() < SENT && tokio::time::Instant::now() < deadline {
+        let Some(a) = cloud.try_next_on("site/pump/rsp", Duration::from_secs(2)).await else { continue };
+        let id = a["id"].as_str().unwrap_or("?").to_string();
+        assert!(answers.insert(id.clone(), a).is_none(), "{id} answered twice");
+    }
+    assert_eq!(answers.len(), SENT, "every command answered: {} of {SENT}", answers.len());
+    assert!(cloud.try_next_on("site/pump/rsp", Duration::from_millis(300)).await.is_none(), "no extra answers");
+
+    let busy: Vec<_> = answers.values().filter(|a| a["error"].as_str().is_some_and(|e| e.starts_with("busy"))).collect();
+    assert!(!busy.is_empty(), "a device that cannot keep up refuses some: {answers:?}");
+    assert!(busy.iter().all(|a| a["status"] == "rejected"), "{busy:?}");
+    let tried: Vec<_> = answers.values().filter(|a| !busy.contains(a)).collect();
+    assert!(tried.len() >= 32, "a full queue was worked through: {} tried", tried.len());
+    assert!(tried.iter().all(|a| a["status"] == "failed"), "the silent device gave no answer: {tried:?}");
+
+    // The device comes back: the next command is executed, nothing is stuck.
+    h.sim.set_silent(1, false);
+    let answer = cloud.command(&json!({"id": "after", "set": {"deviceAttrib": {"motorStatus": "on"}}})).await;
+    assert_eq!(answer["status"], "succeeded", "{answer}");
+    assert_eq!(h.sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+    h.gateway.shutdown().await;
+}

@@ -20,6 +20,11 @@ use crate::mqtt::{ConnectionHandle, Message, Properties};
 /// How many answered ids each device remembers, to recognise duplicates.
 const REMEMBERED_IDS: usize = 256;
 
+/// Commands that may wait for one device. Past that a command is answered
+/// `rejected` (busy) at once rather than dropped: the cloud always hears back,
+/// and a flood cannot keep a device busy for minutes with stale work.
+const QUEUED_COMMANDS: usize = 32;
+
 /// Serves the commands topic of one device until `stop` fires; then answers
 /// what is still queued with a refusal. `shutdown` is fired by an allowed
 /// `{"shutdown": true}`.
@@ -27,25 +32,76 @@ pub async fn run_commands(
     twin: Twin,
     device: DeviceHandle,
     conn: ConnectionHandle,
-    mut inbox: mpsc::Receiver<Message>,
+    inbox: mpsc::Receiver<Message>,
     stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let Some(responses) = twin.responses.clone() else { return };
-    let mut answered: VecDeque<(Json, Vec<u8>)> = VecDeque::new();
+    // Two halves in one task: the receiving half never waits on the device, so
+    // the connection's inbox for this topic cannot fill up and lose a command.
+    let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
+    tokio::join!(
+        receive(inbox, queue_tx, &device.name, &responses, &conn, &stop),
+        work_through(queue, &twin, &device, &responses, &conn, &stop, &shutdown),
+    );
+}
+
+async fn receive(
+    mut inbox: mpsc::Receiver<Message>,
+    queue: mpsc::Sender<Message>,
+    device: &str,
+    responses: &str,
+    conn: &ConnectionHandle,
+    stop: &CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
-        let reply = ReplyTo::of(&msg, &responses);
+        match queue.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                metrics::counter!("twinbus_commands_busy_total", "device" => device.to_string()).increment(1);
+                tracing::warn!(device = %device, waiting = QUEUED_COMMANDS, "command rejected: the device is busy");
+                let why = format!("busy: {QUEUED_COMMANDS} commands are already waiting for this device; nothing was written, try again later");
+                refuse(&msg, why, responses, conn).await;
+            }
+            Err(mpsc::error::TrySendError::Closed(msg)) => {
+                refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
+            }
+        }
+    }
+    inbox.close();
+    while let Some(msg) = inbox.recv().await {
+        refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
+    }
+}
+
+async fn work_through(
+    mut queue: mpsc::Receiver<Message>,
+    twin: &Twin,
+    device: &DeviceHandle,
+    responses: &str,
+    conn: &ConnectionHandle,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
+    let mut answered: VecDeque<(Json, Vec<u8>)> = VecDeque::new();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            m = queue.recv() => match m { Some(m) => m, None => break },
+        };
+        let reply = ReplyTo::of(&msg, responses);
         let cmd = parse(&msg.payload);
         let id = cmd.id.clone();
         if let Some(id) = &id {
             if let Some((_, previous)) = answered.iter().find(|(seen, _)| seen == id) {
                 tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
-                reply.send(&conn, previous.clone()).await;
+                reply.send(conn, previous.clone()).await;
                 continue;
             }
         }
@@ -54,18 +110,18 @@ pub async fn run_commands(
             Err(why) => {
                 tracing::info!(device = %device.name, reason = %why, "command rejected");
                 let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
-                reply.send(&conn, doc.to_string().into_bytes()).await;
+                reply.send(conn, doc.to_string().into_bytes()).await;
                 continue;
             }
         };
         if twin.acknowledge {
             let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now_ms());
-            reply.send(&conn, ack.to_string().into_bytes()).await;
+            reply.send(conn, ack.to_string().into_bytes()).await;
         }
         let is_shutdown = request == Request::Shutdown;
         let kind = request.kind();
         let started = std::time::Instant::now();
-        let doc = execute(&twin, &device, request, id.as_ref()).await;
+        let doc = execute(twin, device, request, id.as_ref()).await;
         tracing::info!(
             device = %device.name,
             id = %id.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
@@ -81,18 +137,23 @@ pub async fn run_commands(
                 answered.pop_front();
             }
         }
-        reply.send(&conn, bytes).await;
+        reply.send(conn, bytes).await;
         if is_shutdown && twin.allow_shutdown {
             tracing::info!(device = %device.name, "shutdown requested by a remote command");
             shutdown.cancel();
         }
     }
-    inbox.close();
-    while let Some(msg) = inbox.recv().await {
-        let id = parse(&msg.payload).id;
-        let doc = answer(id.as_ref(), &Status::Rejected("the gateway is shutting down".into()), &[], &BTreeMap::new(), now_ms());
-        ReplyTo::of(&msg, &responses).send(&conn, doc.to_string().into_bytes()).await;
+    queue.close();
+    while let Some(msg) = queue.recv().await {
+        refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
     }
+}
+
+/// Answers `rejected` without executing anything.
+async fn refuse(msg: &Message, why: String, responses: &str, conn: &ConnectionHandle) {
+    let id = parse(&msg.payload).id;
+    let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
+    ReplyTo::of(msg, responses).send(conn, doc.to_string().into_bytes()).await;
 }
 
 async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Option<&Json>) -> Json {
