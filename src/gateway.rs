@@ -10,20 +10,21 @@
 //! 4. bus owners, simulators and embedded brokers stop.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Broker, Config};
 use crate::device::{spawn_device, DeviceHandle};
 use crate::modbus::spawn_bus;
-use crate::mqtt::{spawn_connection, ConnectionHandle, Routes};
+use crate::mqtt::{spawn_connection, ConnectionHandle, Route, Routes};
 use crate::sim::{self, SimHandle};
 use crate::store::Store;
-use crate::twin::{run_commands, run_shadow, run_telemetry, shadow_topics};
+use crate::twin::{run_commands, run_shadow, run_telemetry, shadow_topics, ShadowInbox};
 
 /// How long shutdown waits for answers to reach the broker.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
@@ -99,15 +100,16 @@ impl Gateway {
             let Some(t) = &d.twin else { continue };
             if let Some(topic) = &t.commands {
                 let (tx, rx) = mpsc::channel(64);
-                routes[t.connection].insert(topic.clone(), tx);
+                routes[t.connection].insert(topic.clone(), Route::new(tx));
                 inboxes.insert(d.name.clone(), rx);
             }
             if let Some(s) = &t.shadow {
                 let (tx, rx) = mpsc::channel(64);
+                let overflow = Arc::new(Notify::new());
                 for topic in shadow_topics(s) {
-                    routes[t.connection].insert(topic, tx.clone());
+                    routes[t.connection].insert(topic, Route::with_overflow(tx.clone(), overflow.clone()));
                 }
-                shadow_inboxes.insert(d.name.clone(), rx);
+                shadow_inboxes.insert(d.name.clone(), (rx, overflow));
             }
         }
         let store = match shadow_inboxes.is_empty() {
@@ -127,7 +129,8 @@ impl Gateway {
             if let Some(inbox) = inboxes.remove(&d.name) {
                 adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
             }
-            if let (Some(binding), Some(inbox), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
+            if let (Some(binding), Some((inbox, overflow)), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
+                let inbox = ShadowInbox { messages: inbox, overflow };
                 adapters.spawn(run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
             }
             adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));

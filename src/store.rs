@@ -18,14 +18,32 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// Shadow key → last version acted upon.
 const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("shadow_versions");
-/// "shadow key\0point path" → `metadata` timestamp of the desired value last applied.
-const DESIRED: TableDefinition<&str, u64> = TableDefinition::new("desired_applied");
+/// "shadow key\0point path" → (`metadata` timestamp, JSON text) of the
+/// desired value last applied. The value is kept because AWS timestamps are
+/// whole seconds: two writes within one second differ only by their value.
+const DESIRED: TableDefinition<&str, (u64, &str)> = TableDefinition::new("desired_applied_values");
 /// "shadow key\0command id" → epoch ms when it was executed.
 const COMMANDS: TableDefinition<&str, u64> = TableDefinition::new("executed_commands");
 
 /// Command ids kept per shadow; older ones are forgotten (their commands have
 /// long expired by then).
 const KEPT_COMMANDS: usize = 1000;
+
+/// A desired value that was applied: when the application wrote it (shadow
+/// `metadata` timestamp, epoch s) and its JSON text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    pub timestamp: u64,
+    pub value: String,
+}
+
+impl Applied {
+    /// Whether `self`, seen in a delta, is that same write again (a delta that
+    /// persists), or an older one arriving late.
+    pub fn is_covered_by(&self, done: &Applied) -> bool {
+        self.timestamp < done.timestamp || (self.timestamp == done.timestamp && self.value == done.value)
+    }
+}
 
 /// The gateway's persistent state; cheap to clone.
 #[derive(Clone, Debug)]
@@ -76,22 +94,26 @@ impl Store {
         Ok(())
     }
 
-    /// When the desired value of a point that was last applied was written
-    /// (its `metadata` timestamp), so that a delta that persists (a refused
-    /// or clamped value) is not applied again and again.
-    pub fn desired_applied(&self, shadow: &str, path: &str) -> anyhow::Result<Option<u64>> {
+    /// The desired value of a point last applied: when it was written (its
+    /// `metadata` timestamp) and what it was (JSON text), so that a delta
+    /// that persists (a refused or clamped value, a write-only point) is not
+    /// applied again and again.
+    pub fn desired_applied(&self, shadow: &str, path: &str) -> anyhow::Result<Option<Applied>> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(DESIRED)?;
-        Ok(table.get(command_key(shadow, path).as_str())?.map(|v| v.value()))
+        Ok(table.get(command_key(shadow, path).as_str())?.map(|v| {
+            let (timestamp, value) = v.value();
+            Applied { timestamp, value: value.to_string() }
+        }))
     }
 
-    /// Records that the desired value written at `timestamp` was applied.
-    pub fn set_desired_applied(&self, shadow: &str, paths: &[(String, u64)]) -> anyhow::Result<()> {
+    /// Records desired values as applied: (point path, what was applied).
+    pub fn set_desired_applied(&self, shadow: &str, applied: &[(String, Applied)]) -> anyhow::Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut table = tx.open_table(DESIRED)?;
-            for (path, ts) in paths {
-                table.insert(command_key(shadow, path).as_str(), *ts)?;
+            for (path, a) in applied {
+                table.insert(command_key(shadow, path).as_str(), (a.timestamp, a.value.as_str()))?;
             }
         }
         tx.commit()?;
@@ -193,6 +215,24 @@ mod tests {
         assert!(store.command_seen("thing-1", "c-1").expect("read"));
         assert!(!store.command_seen("thing-2", "c-1").expect("read"), "ids are per shadow");
         assert!(!store.command_seen("thing-1", "c-2").expect("read"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_applied_desired_value_is_recognised_again_but_a_new_write_in_the_same_second_is_not() {
+        let dir = temp_dir("desired");
+        let at = |timestamp, value: &str| Applied { timestamp, value: value.to_string() };
+        {
+            let store = Store::open(&dir).expect("open");
+            store.set_desired_applied("t", &[("speed".to_string(), at(100, "30"))]).expect("write");
+        }
+        let store = Store::open(&dir).expect("reopen");
+        let done = store.desired_applied("t", "speed").expect("read").expect("kept across a reopen");
+        assert!(at(100, "30").is_covered_by(&done), "the same write, back in a later delta");
+        assert!(at(99, "40").is_covered_by(&done), "an older write arriving late");
+        assert!(!at(100, "40").is_covered_by(&done), "another value written within the same second");
+        assert!(!at(101, "30").is_covered_by(&done), "the same value written again later");
+        assert_eq!(store.desired_applied("u", "speed").expect("read"), None, "per shadow");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

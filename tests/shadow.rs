@@ -361,3 +361,86 @@ simulators:
     svc.wait_until(WAIT, || (resets(&sim) == 1).then_some(())).await.expect("a new desired write is applied");
     gw.shutdown().await;
 }
+
+/// AWS metadata timestamps are whole seconds. An application that writes a
+/// setpoint twice within one second (a slider) must still get the second
+/// value applied: same timestamp, different value, a new write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_values_written_within_one_second_are_both_applied() {
+    let site = Site::new("same-second");
+    // A frozen clock: every metadata timestamp is the same second.
+    let svc = ShadowService::start_with_clock(site.broker_port, &[("pump-1", None)], std::sync::Arc::new(|| 1_800_000_000)).await;
+    let (gw, sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+
+    for setpoint in [30, 50, 30] {
+        svc.set_desired("pump-1", None, json!({"deviceAttrib": {"setpoint": setpoint}})).await;
+        svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["setpoint"] == setpoint as f64).await;
+        assert_eq!(sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(setpoint as f64)));
+    }
+    let setpoint_writes = || sim.writes().iter().filter(|w| w.table == Table::HoldingRegister && w.address == 10).count();
+    assert_eq!(setpoint_writes(), 3, "{:?}", sim.writes());
+    // The same write seen again (a sync) is still not applied twice.
+    gw.shutdown().await;
+    let (gw, sim) = gateway(&site).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sim.writes().is_empty(), "nothing re-applied after a restart: {:?}", sim.writes());
+    gw.shutdown().await;
+}
+
+/// While a long named command holds the shadow adapter, the application
+/// keeps writing. Messages beyond the adapter's inbox are dropped by the
+/// connection, so the adapter fetches the shadow again afterwards: the last
+/// desired value is applied, not lost until the next reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
+    let site = Site::new("busy");
+    let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
+    let yaml = format!(
+        r#"
+state_dir: {state}
+connections:
+  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-busy }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
+profiles:
+  drive:
+    points:
+      deviceAttrib.speed: {{ holding: 10, type: f32, min: 0, max: 80 }}
+    commands:
+      hold:
+        steps:
+          - wait: 3s
+devices:
+  drive-1:
+    bus: line
+    unit: 1
+    profile: drive
+    twin: {{ connection: aws, shadow: {{ thing: drive-1 }} }}
+simulators:
+  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1] }}
+"#,
+        state = site.state_dir.display(),
+        broker = site.broker_port,
+        modbus = site.modbus_port,
+    );
+    let config = Config::parse(&yaml, Path::new("busy.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::start(&config).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["connected"] == true).await;
+
+    svc.set_desired("drive-1", None, json!({"command": [{"hold": {"id": "h-1"}}]})).await;
+    svc.wait_for_update("drive-1", None, WAIT, |u| u["state"]["reported"]["command"]["h-1"]["state"] == "RUNNING").await;
+    // Each write brings a delta and an update/accepted: far more than the inbox holds.
+    for speed in 1..=60 {
+        svc.set_desired("drive-1", None, json!({"deviceAttrib": {"speed": speed}})).await;
+    }
+    // (Panics unless the flood came while the command still ran.)
+    svc.wait_for_reported("drive-1", None, Duration::ZERO, |r| r["command"]["h-1"]["state"] == "RUNNING").await;
+
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["h-1"]["state"] == "SUCCESS").await;
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["deviceAttrib"]["speed"] == 60.0).await;
+    assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(60.0)));
+    gw.shutdown().await;
+}

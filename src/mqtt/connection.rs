@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,27 @@ pub struct Message {
 }
 
 /// Topic → the adapter's inbox. Exact topics only (no wildcards).
-pub type Routes = HashMap<String, mpsc::Sender<Message>>;
+pub type Routes = HashMap<String, Route>;
+
+/// Where messages on one topic go.
+#[derive(Clone, Debug)]
+pub struct Route {
+    inbox: mpsc::Sender<Message>,
+    /// Woken when a message had to be dropped because the inbox was full, for
+    /// an adapter that can recover what it missed (a shadow asks for the
+    /// whole document again). The connection never waits on an adapter.
+    overflow: Option<Arc<Notify>>,
+}
+
+impl Route {
+    pub fn new(inbox: mpsc::Sender<Message>) -> Route {
+        Route { inbox, overflow: None }
+    }
+
+    pub fn with_overflow(inbox: mpsc::Sender<Message>, overflow: Arc<Notify>) -> Route {
+        Route { inbox, overflow: Some(overflow) }
+    }
+}
 
 #[derive(Debug)]
 enum Cmd {
@@ -334,10 +354,16 @@ impl Actor {
                 self.sessions.send_modify(|n| *n += 1);
             }
             Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
-                Some(inbox) => {
-                    if inbox.try_send(Message { topic: topic.clone(), payload, properties }).is_err() {
+                Some(route) => {
+                    if route.inbox.try_send(Message { topic: topic.clone(), payload, properties }).is_err() {
                         metrics::counter!("twinbus_mqtt_dropped_total", "connection" => self.conn.name.clone()).increment(1);
-                        tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy");
+                        match &route.overflow {
+                            Some(overflow) => {
+                                tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy; it will fetch the current state again");
+                                overflow.notify_one();
+                            }
+                            None => tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy"),
+                        }
                     }
                 }
                 None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),

@@ -15,5 +15,5 @@ mod tls;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::EmbeddedBroker;
-pub use connection::{spawn_connection, ConnectionHandle, Message, Routes};
+pub use connection::{spawn_connection, ConnectionHandle, Message, Route, Routes};
 pub use session::Properties;

@@ -13,7 +13,7 @@ mod shadow;
 mod telemetry;
 
 pub use raw::run_commands;
-pub use shadow::{run_shadow, shadow_topics};
+pub use shadow::{run_shadow, shadow_topics, ShadowInbox};
 pub use telemetry::run_telemetry;
 
 /// Milliseconds since the Unix epoch, the `time` of every document we publish.

@@ -18,9 +18,10 @@
 //! when it was written to `desired`, per its metadata) fails as `expired`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value as Json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::json::{from_json, insert, leaves, to_json};
@@ -30,7 +31,7 @@ use crate::config::{CommandDef, ShadowBinding};
 use crate::device::{DeviceHandle, Health};
 use crate::mqtt::{ConnectionHandle, Message};
 use crate::point::Encoded;
-use crate::store::Store;
+use crate::store::{Applied, Store};
 
 /// AWS limit for a shadow document's state.
 const MAX_DOCUMENT: usize = 8 * 1024;
@@ -43,6 +44,14 @@ pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {
     ["get/accepted", "get/rejected", "update/delta", "update/accepted", "update/rejected"].iter().map(|s| format!("{p}/{s}")).collect()
 }
 
+/// What a shadow adapter receives: the messages on its topics, and a signal
+/// that some were dropped while it was busy (a long named command).
+#[derive(Debug)]
+pub struct ShadowInbox {
+    pub messages: mpsc::Receiver<Message>,
+    pub overflow: Arc<Notify>,
+}
+
 /// Serves one shadow until `stop` fires; then reports `connected: false`.
 pub async fn run_shadow(
     binding: ShadowBinding,
@@ -50,9 +59,10 @@ pub async fn run_shadow(
     device: DeviceHandle,
     conn: ConnectionHandle,
     store: Store,
-    mut inbox: mpsc::Receiver<Message>,
+    inbox: ShadowInbox,
     stop: CancellationToken,
 ) {
+    let ShadowInbox { messages: mut inbox, overflow } = inbox;
     let mut sessions = conn.sessions();
     let mut snapshots = device.watch();
     let mut shadow = Shadow::new(binding, commands, device.clone(), conn.clone(), store);
@@ -68,6 +78,12 @@ pub async fn run_shadow(
                 Some(m) => shadow.on_message(&m).await,
                 None => break,
             },
+            () = overflow.notified() => {
+                // A delta may be among what was dropped; the shadow itself
+                // still holds it. Versions already applied are skipped.
+                tracing::warn!(shadow = %shadow.prefix, "messages were dropped while busy: fetching the shadow again");
+                shadow.sync().await;
+            }
             changed = snapshots.changed() => {
                 if changed.is_err() { break }
                 let snap = snapshots.borrow_and_update().clone();
@@ -257,17 +273,17 @@ impl Shadow {
         let is_point = |p: &str| points.iter().any(|x| x.path == p);
         let mut writes: Vec<(usize, Encoded)> = Vec::new();
         let mut errors: BTreeMap<String, Json> = BTreeMap::new();
-        // (path, metadata timestamp) of values handled for good: written, or refused.
-        let mut settled: Vec<(String, u64)> = Vec::new();
-        let mut written_at: Vec<(String, u64)> = Vec::new();
+        // Values handled for good (written, or refused), with when they were written.
+        let mut settled: Vec<(String, Applied)> = Vec::new();
+        let mut written_at: Vec<(String, Applied)> = Vec::new();
         for (path, raw) in leaves(&values, &is_point) {
-            let written = metadata_timestamp(metadata, &path);
-            if let Some(ts) = written {
+            let written = metadata_timestamp(metadata, &path).map(|timestamp| Applied { timestamp, value: raw.to_string() });
+            if let Some(this) = &written {
                 // A delta that persists (refused, clamped, a write-only point)
                 // comes back with every sync and every later delta: apply a
                 // desired value once, until the application writes it again.
                 match self.store.desired_applied(&self.key, &path) {
-                    Ok(Some(done)) if ts <= done => continue,
+                    Ok(Some(done)) if this.is_covered_by(&done) => continue,
                     Ok(_) => {}
                     Err(e) => tracing::error!(shadow = %self.prefix, "cannot read applied desired values: {e:#}"),
                 }
