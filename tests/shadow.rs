@@ -444,3 +444,26 @@ simulators:
     assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(60.0)));
     gw.shutdown().await;
 }
+
+/// AWS throttles (429) and sometimes fails (5xx). A refused get must not
+/// leave a pending delta unapplied, nor a refused report leave the shadow
+/// stale, until the next reconnect: both are asked again after a delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_get_or_report_is_asked_again() {
+    let site = Site::new("throttled");
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+    svc.fail_next_get("pump-1", None, 503);
+    let (gw, sim) = gateway(&site).await;
+
+    svc.wait_for_gets("pump-1", None, 2, WAIT).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    assert_eq!(sim.value(1, "deviceAttrib.mode"), Some(Value::Text("manual".into())));
+
+    svc.fail_next_update("pump-1", None, 429);
+    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"motorStatus": "on"}})).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["motorStatus"] == "on").await;
+    let refused = svc.updates_from_device("pump-1", None).iter().filter(|u| u["state"]["reported"]["deviceAttrib"]["motorStatus"] == "on").count();
+    assert!(refused >= 2, "the refused report was sent again: {:?}", svc.updates_from_device("pump-1", None));
+    gw.shutdown().await;
+}

@@ -19,9 +19,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::json::{from_json, insert, leaves, to_json};
@@ -37,6 +39,10 @@ use crate::store::{Applied, Store};
 const MAX_DOCUMENT: usize = 8 * 1024;
 /// Command states kept in `reported.command`; older ones are removed.
 const REPORTED_COMMANDS: usize = 10;
+/// First and longest wait before asking again after the shadow service
+/// throttled (429) or failed (5xx) a request of ours.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The topics a shadow adapter must be subscribed to.
 pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {
@@ -67,6 +73,7 @@ pub async fn run_shadow(
     let mut snapshots = device.watch();
     let mut shadow = Shadow::new(binding, commands, device.clone(), conn.clone(), store);
     loop {
+        let retry_at = shadow.retry.as_ref().map(|r| r.at);
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -74,6 +81,7 @@ pub async fn run_shadow(
                 if changed.is_err() { break }
                 shadow.sync().await;
             }
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => shadow.retry().await,
             m = inbox.recv() => match m {
                 Some(m) => shadow.on_message(&m).await,
                 None => break,
@@ -106,8 +114,12 @@ struct Shadow {
     reported: Reported,
     health: Health,
     tokens: u64,
-    /// Our own client tokens still waiting for accepted/rejected.
-    ours: VecDeque<String>,
+    /// Our own client tokens still waiting for accepted/rejected, with the
+    /// `reported` part an update carried (to send again if it is throttled).
+    ours: VecDeque<(String, Option<Map<String, Json>>)>,
+    /// What to ask again after a throttled or failed request.
+    retry: Option<Retry>,
+    retry_delay: Duration,
     /// Ids currently listed in `reported.command`, oldest first.
     listed_commands: VecDeque<String>,
     /// The device's named commands.
@@ -135,24 +147,48 @@ impl Shadow {
             health: Health::Unknown,
             tokens: 0,
             ours: VecDeque::new(),
+            retry: None,
+            retry_delay: RETRY_MIN,
             listed_commands: VecDeque::new(),
             commands,
         }
     }
 
-    fn token(&mut self) -> String {
+    fn token(&mut self, reported: Option<&Map<String, Json>>) -> String {
         self.tokens += 1;
         let token = format!("twinbus-{}-{}", std::process::id(), self.tokens);
-        self.ours.push_back(token.clone());
+        self.ours.push_back((token.clone(), reported.cloned()));
         if self.ours.len() > 64 {
             self.ours.pop_front();
         }
         token
     }
 
+    /// The shadow service throttled (429) or failed (5xx) our `get` or an
+    /// update (`report`: what it carried): sync again after a growing delay,
+    /// so that neither a pending delta nor a report (a command's outcome) is
+    /// lost until the next reconnect. The sync reports the device's current
+    /// values; what else the refused update carried is sent again unless a
+    /// later report superseded it.
+    fn schedule_retry(&mut self, report: Option<Map<String, Json>>) {
+        let retry = self.retry.get_or_insert_with(|| Retry { at: Instant::now() + self.retry_delay, report: Map::new() });
+        if let Some(r) = report {
+            merge(&mut retry.report, r);
+        }
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    async fn retry(&mut self) {
+        let Some(retry) = self.retry.take() else { return };
+        self.sync().await;
+        if !retry.report.is_empty() {
+            self.report(Json::Object(retry.report)).await;
+        }
+    }
+
     /// Connected and subscribed: ask for the whole shadow.
     async fn sync(&mut self) {
-        let token = self.token();
+        let token = self.token(None);
         tracing::debug!(shadow = %self.prefix, "syncing: get");
         self.conn.publish(&format!("{}/get", self.prefix), json!({"clientToken": token}).to_string().into_bytes()).await;
     }
@@ -166,25 +202,36 @@ impl Shadow {
                 return;
             }
         };
-        let ours = doc["clientToken"].as_str().is_some_and(|t| self.ours.iter().any(|o| o == t));
+        let token = doc["clientToken"].as_str();
+        let ours = token.is_some_and(|t| self.ours.iter().any(|(o, _)| o == t));
         match suffix {
             // Another client's get is not our sync: its answer would make us
             // report (and re-apply) for nothing.
             "/get/accepted" | "/get/rejected" if !ours => {}
-            "/get/accepted" => self.on_document(&doc, "state.delta").await,
+            "/get/accepted" => {
+                self.retry_delay = RETRY_MIN;
+                self.on_document(&doc, "state.delta").await;
+            }
             "/update/delta" => self.on_document(&doc, "delta").await,
             "/get/rejected" => {
                 let code = doc["code"].as_u64().unwrap_or(0);
                 if code == 404 {
                     tracing::info!(shadow = %self.prefix, "no shadow yet: creating it from the device's values");
                     self.report_everything(Map::new()).await;
+                } else if retryable(code) {
+                    tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], retry_in = ?self.retry_delay, "the shadow service refused our get for now: asking again");
+                    self.schedule_retry(None);
                 } else {
                     tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], "the shadow service refused our get");
                 }
             }
             // Not a version to remember: an application's desired update can be
             // numbered just below our report and its delta arrive after this.
-            "/update/accepted" => {}
+            "/update/accepted" => {
+                if ours {
+                    self.retry_delay = RETRY_MIN;
+                }
+            }
             "/update/rejected" => {
                 if !ours {
                     return; // someone else's update
@@ -193,6 +240,11 @@ impl Shadow {
                     409 => {
                         tracing::info!(shadow = %self.prefix, "version conflict on our update: fetching the shadow again");
                         self.sync().await;
+                    }
+                    code if retryable(code) => {
+                        tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], retry_in = ?self.retry_delay, "the shadow service refused our report for now: sending it again");
+                        let part = token.and_then(|t| self.ours.iter().find(|(o, _)| o == t)).and_then(|(_, p)| p.clone());
+                        self.schedule_retry(part);
                     }
                     code => tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], "the shadow service refused our report"),
                 }
@@ -525,7 +577,10 @@ impl Shadow {
     async fn report(&mut self, reported: Json) {
         let Json::Object(reported) = reported else { return };
         for part in split(reported, MAX_DOCUMENT - 512) {
-            let token = self.token();
+            if let Some(retry) = &mut self.retry {
+                prune(&mut retry.report, &part);
+            }
+            let token = self.token(Some(&part));
             let doc = json!({"state": {"reported": Json::Object(part)}, "clientToken": token});
             let bytes = doc.to_string().into_bytes();
             if bytes.len() > MAX_DOCUMENT {
@@ -535,6 +590,18 @@ impl Shadow {
             self.conn.publish(&format!("{}/update", self.prefix), bytes).await;
         }
     }
+}
+
+/// A sync to make again later; see [`Shadow::schedule_retry`].
+struct Retry {
+    at: Instant,
+    report: Map<String, Json>,
+}
+
+/// Rejections that may succeed when asked again: throttling and the
+/// service's own failures. 400, 413 and the like would fail the same way.
+fn retryable(code: u64) -> bool {
+    code == 429 || code >= 500
 }
 
 /// Splits a reported object by top-level keys into parts under `limit` bytes.
@@ -555,6 +622,24 @@ fn split(reported: Map<String, Json>, limit: usize) -> Vec<Map<String, Json>> {
         }
     }
     parts
+}
+
+/// Removes from `pending` every value that `newer` reports again.
+fn prune(pending: &mut Map<String, Json>, newer: &Map<String, Json>) {
+    for (k, v) in newer {
+        match (pending.get_mut(k), v) {
+            (Some(Json::Object(a)), Json::Object(b)) => {
+                prune(a, b);
+                if a.is_empty() {
+                    pending.remove(k);
+                }
+            }
+            (Some(_), _) => {
+                pending.remove(k);
+            }
+            (None, _) => {}
+        }
+    }
 }
 
 fn merge(into: &mut Map<String, Json>, from: Map<String, Json>) {
@@ -626,6 +711,15 @@ mod tests {
         let m = json!({"relay-command": {"message": {"timestamp": 100}, "ttl": {"timestamp": 150}}});
         assert_eq!(newest_timestamp(&m), Some(150));
         assert_eq!(newest_timestamp(&json!(null)), None);
+    }
+
+    #[test]
+    fn a_later_report_supersedes_what_a_refused_one_would_send_again() {
+        let object = |v: Json| v.as_object().cloned().unwrap_or_default();
+        let mut pending = object(json!({"deviceAttrib": {"speed": 30, "mode": "auto"}, "command": {"c-1": {"state": "RUNNING"}}}));
+        let newer = object(json!({"deviceAttrib": {"speed": 40}, "command": {"c-1": {"state": "SUCCESS"}}}));
+        prune(&mut pending, &newer);
+        assert_eq!(Json::Object(pending), json!({"deviceAttrib": {"mode": "auto"}}));
     }
 
     #[test]

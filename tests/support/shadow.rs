@@ -122,6 +122,7 @@ struct Entry {
     gets: usize,
     deletes: usize,
     fail_next: VecDeque<u16>,
+    fail_next_get: VecDeque<u16>,
 }
 
 #[derive(Default)]
@@ -406,6 +407,12 @@ impl ShadowService {
         self.inner.lock().entries.entry(key(thing, name)).or_default().fail_next.push_back(code);
     }
 
+    /// Rejects the next get request received over MQTT for this shadow with
+    /// `code`, once. Calls queue up.
+    pub fn fail_next_get(&self, thing: &str, name: Option<&str>, code: u16) {
+        self.inner.lock().entries.entry(key(thing, name)).or_default().fail_next_get.push_back(code);
+    }
+
     /// Moves the clock by `secs` (negative: into the past) for what follows.
     pub fn set_clock_offset(&self, secs: i64) {
         self.inner.offset.store(secs, Ordering::SeqCst);
@@ -606,9 +613,13 @@ impl Inner {
         match op {
             Op::Get => {
                 entry.gets += 1;
-                match simple_request(payload) {
-                    Err(r) => out.push((format!("{prefix}/get/rejected"), r.to_json(now))),
-                    Ok(token) => match &entry.doc {
+                let injected = entry.fail_next_get.pop_front();
+                match (simple_request(payload), injected) {
+                    (Err(r), _) => out.push((format!("{prefix}/get/rejected"), r.to_json(now))),
+                    (Ok(token), Some(code)) => {
+                        out.push((format!("{prefix}/get/rejected"), Rejection::new(code, error_message(code), &token).to_json(now)));
+                    }
+                    (Ok(token), None) => match &entry.doc {
                         None => out.push((format!("{prefix}/get/rejected"), not_found(&k, &token).to_json(now))),
                         Some(d) => {
                             let mut doc = render(d, now);
