@@ -358,9 +358,13 @@ def cmd_outage(a) -> None:
         detail(f"{len(in_flight)} document(s) in flight when the broker stopped arrived again "
                f"after the reconnect (at least once), time(s) {in_flight}")
     backwards = [(x, y) for x, y in zip(times, times[1:]) if y < x]
+    def story(t) -> str:
+        rel = [f"{m.tst - a.stop:+.2f}" if m.tst is not None else "?" for m in copies[t]]
+        return f"time {(t / 1000 - a.stop):+.2f} s received at {', '.join(rel)} s (relative to the stop)"
     check(f"{a.name}: each telemetry document arrives once (bar those in flight at the stop)",
           not dups and len(in_flight) <= 2,
-          f"{len(dups)} duplicated time value(s) {dups[:5]} not explained by the outage; "
+          f"{len(dups)} duplicated document(s) not explained by the outage "
+          f"(restart at {a.start - a.stop:+.2f} s): {'; '.join(story(t) for t in dups[:5])}; "
           f"{len(in_flight)} in flight at the stop")
     check(f"{a.name}: telemetry arrives in order of its time", not backwards,
           f"{len(backwards)} step(s) back in time, e.g. {backwards[:3]}")

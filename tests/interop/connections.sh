@@ -530,7 +530,9 @@ fi
 # keep running, and retry without a busy loop. The mosquitto log counts the attempts
 # (one "New connection from ... on port P." per TCP connection).
 
-FAIL_WINDOW=10
+# Longer than the gateway's 10 s connection timeout: one attempt that hangs (a SYN lost on
+# a loaded machine) must not make a gateway that retries look as if it did not.
+FAIL_WINDOW=15
 declare -A F_PORT F_RE1 F_RE2 F_WANT
 # fail_case NAME PORT RE1 RE2 WANT LINE...: PORT "" for no attempt count; the cause line
 # must match RE1 and RE2 (extended regexps, case-insensitive); WANT describes them.
