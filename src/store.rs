@@ -68,6 +68,14 @@ impl Store {
         Ok(store)
     }
 
+    /// Runs a write transaction on the blocking pool: a commit waits for the
+    /// disk (fsync), milliseconds on an SD card, which would otherwise stall
+    /// every task sharing the runtime thread (a bus owner timing a reply).
+    async fn write(&self, f: impl FnOnce(&Database) -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.context("the store's writer stopped")?
+    }
+
     /// Where the store lives, for messages.
     pub fn path(&self) -> &Path {
         &self.path
@@ -81,17 +89,22 @@ impl Store {
     }
 
     /// Records a version; never moves backwards.
-    pub fn set_shadow_version(&self, shadow: &str, version: u64) -> anyhow::Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(VERSIONS)?;
-            let current = table.get(shadow)?.map(|v| v.value());
-            if current.is_none_or(|c| version > c) {
-                table.insert(shadow, version)?;
+    pub async fn set_shadow_version(&self, shadow: &str, version: u64) -> anyhow::Result<()> {
+        let shadow = shadow.to_string();
+        self.write(move |db| {
+            let shadow = shadow.as_str();
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(VERSIONS)?;
+                let current = table.get(shadow)?.map(|v| v.value());
+                if current.is_none_or(|c| version > c) {
+                    table.insert(shadow, version)?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     /// The desired value of a point last applied: when it was written (its
@@ -108,36 +121,45 @@ impl Store {
     }
 
     /// Records desired values as applied: (point path, what was applied).
-    pub fn set_desired_applied(&self, shadow: &str, applied: &[(String, Applied)]) -> anyhow::Result<()> {
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(DESIRED)?;
-            for (path, a) in applied {
-                table.insert(command_key(shadow, path).as_str(), (a.timestamp, a.value.as_str()))?;
+    pub async fn set_desired_applied(&self, shadow: &str, applied: &[(String, Applied)]) -> anyhow::Result<()> {
+        let (shadow, applied) = (shadow.to_string(), applied.to_vec());
+        self.write(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(DESIRED)?;
+                for (path, a) in applied {
+                    table.insert(command_key(&shadow, &path).as_str(), (a.timestamp, a.value.as_str()))?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     /// Forgets what was applied to a shadow (it was deleted and created again).
-    pub fn reset_shadow(&self, shadow: &str, version: u64) -> anyhow::Result<()> {
-        let prefix = command_key(shadow, "");
-        let tx = self.db.begin_write()?;
-        {
-            let mut versions = tx.open_table(VERSIONS)?;
-            versions.insert(shadow, version)?;
-            let mut desired = tx.open_table(DESIRED)?;
-            let keys: Vec<String> = desired
-                .range(prefix.as_str()..)?
-                .map_while(|item| item.ok().map(|(k, _)| k.value().to_string()).filter(|k| k.starts_with(&prefix)))
-                .collect();
-            for k in keys {
-                desired.remove(k.as_str())?;
+    pub async fn reset_shadow(&self, shadow: &str, version: u64) -> anyhow::Result<()> {
+        let shadow = shadow.to_string();
+        self.write(move |db| {
+            let shadow = shadow.as_str();
+            let prefix = command_key(shadow, "");
+            let tx = db.begin_write()?;
+            {
+                let mut versions = tx.open_table(VERSIONS)?;
+                versions.insert(shadow, version)?;
+                let mut desired = tx.open_table(DESIRED)?;
+                let keys: Vec<String> = desired
+                    .range(prefix.as_str()..)?
+                    .map_while(|item| item.ok().map(|(k, _)| k.value().to_string()).filter(|k| k.starts_with(&prefix)))
+                    .collect();
+                for k in keys {
+                    desired.remove(k.as_str())?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     /// Whether a command id was executed (or started) before.
@@ -148,30 +170,35 @@ impl Store {
     }
 
     /// Records a command id before it runs: a crash mid-command must not run it twice.
-    pub fn mark_command(&self, shadow: &str, id: &str, at_ms: u64) -> anyhow::Result<()> {
-        let prefix = command_key(shadow, "");
-        let tx = self.db.begin_write()?;
-        {
-            let mut table = tx.open_table(COMMANDS)?;
-            table.insert(command_key(shadow, id).as_str(), at_ms)?;
-            // Forget the oldest ids of this shadow beyond the limit.
-            let mut entries: Vec<(String, u64)> = Vec::new();
-            for item in table.range(prefix.as_str()..)? {
-                let (k, v) = item?;
-                if !k.value().starts_with(&prefix) {
-                    break;
+    pub async fn mark_command(&self, shadow: &str, id: &str, at_ms: u64) -> anyhow::Result<()> {
+        let (shadow, id) = (shadow.to_string(), id.to_string());
+        self.write(move |db| {
+            let (shadow, id) = (shadow.as_str(), id.as_str());
+            let prefix = command_key(shadow, "");
+            let tx = db.begin_write()?;
+            {
+                let mut table = tx.open_table(COMMANDS)?;
+                table.insert(command_key(shadow, id).as_str(), at_ms)?;
+                // Forget the oldest ids of this shadow beyond the limit.
+                let mut entries: Vec<(String, u64)> = Vec::new();
+                for item in table.range(prefix.as_str()..)? {
+                    let (k, v) = item?;
+                    if !k.value().starts_with(&prefix) {
+                        break;
+                    }
+                    entries.push((k.value().to_string(), v.value()));
                 }
-                entries.push((k.value().to_string(), v.value()));
-            }
-            if entries.len() > KEPT_COMMANDS {
-                entries.sort_by_key(|(_, at)| *at);
-                for (k, _) in &entries[..entries.len() - KEPT_COMMANDS] {
-                    table.remove(k.as_str())?;
+                if entries.len() > KEPT_COMMANDS {
+                    entries.sort_by_key(|(_, at)| *at);
+                    for (k, _) in &entries[..entries.len() - KEPT_COMMANDS] {
+                        table.remove(k.as_str())?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -189,14 +216,14 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn versions_survive_a_reopen_and_never_go_backwards() {
+    #[tokio::test]
+    async fn versions_survive_a_reopen_and_never_go_backwards() {
         let dir = temp_dir("versions");
         {
             let store = Store::open(&dir).expect("open");
             assert_eq!(store.shadow_version("a").expect("read"), None);
-            store.set_shadow_version("a", 7).expect("write");
-            store.set_shadow_version("a", 5).expect("write");
+            store.set_shadow_version("a", 7).await.expect("write");
+            store.set_shadow_version("a", 5).await.expect("write");
         }
         let store = Store::open(&dir).expect("reopen");
         assert_eq!(store.shadow_version("a").expect("read"), Some(7));
@@ -204,12 +231,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn command_ids_are_remembered_per_shadow_across_a_reopen() {
+    #[tokio::test]
+    async fn command_ids_are_remembered_per_shadow_across_a_reopen() {
         let dir = temp_dir("commands");
         {
             let store = Store::open(&dir).expect("open");
-            store.mark_command("thing-1", "c-1", 1).expect("write");
+            store.mark_command("thing-1", "c-1", 1).await.expect("write");
         }
         let store = Store::open(&dir).expect("reopen");
         assert!(store.command_seen("thing-1", "c-1").expect("read"));
@@ -218,13 +245,13 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn an_applied_desired_value_is_recognised_again_but_a_new_write_in_the_same_second_is_not() {
+    #[tokio::test]
+    async fn an_applied_desired_value_is_recognised_again_but_a_new_write_in_the_same_second_is_not() {
         let dir = temp_dir("desired");
         let at = |timestamp, value: &str| Applied { timestamp, value: value.to_string() };
         {
             let store = Store::open(&dir).expect("open");
-            store.set_desired_applied("t", &[("speed".to_string(), at(100, "30"))]).expect("write");
+            store.set_desired_applied("t", &[("speed".to_string(), at(100, "30"))]).await.expect("write");
         }
         let store = Store::open(&dir).expect("reopen");
         let done = store.desired_applied("t", "speed").expect("read").expect("kept across a reopen");
@@ -236,12 +263,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn only_the_newest_command_ids_are_kept() {
+    #[tokio::test]
+    async fn only_the_newest_command_ids_are_kept() {
         let dir = temp_dir("prune");
         let store = Store::open(&dir).expect("open");
         for n in 0..(KEPT_COMMANDS as u64 + 5) {
-            store.mark_command("t", &format!("c-{n}"), n).expect("write");
+            store.mark_command("t", &format!("c-{n}"), n).await.expect("write");
         }
         assert!(!store.command_seen("t", "c-0").expect("read"), "the oldest is forgotten");
         assert!(store.command_seen("t", &format!("c-{}", KEPT_COMMANDS + 4)).expect("read"));

@@ -114,3 +114,25 @@ simulators:
     assert!(slowest < Duration::from_millis(3500), "a command waited {slowest:?} behind a dead device");
     h.gateway.shutdown().await;
 }
+
+/// A document's `time` is when its values were read. A full report due
+/// while no new poll has come in waits for the next poll rather than send
+/// the same reading twice (polls every 2 s, full reports every 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_poll_is_reported_once_even_when_reports_are_due_more_often() {
+    let yaml = pump_config("").replace("poll: 200ms", "poll: 2s").replace("telemetry_interval: 1s", "telemetry_interval: 500ms");
+    let h = start(&yaml).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/pump/telemetry"]).await;
+
+    let mut times = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_millis(4500);
+    while let Some(doc) = cloud.try_next_on("site/pump/telemetry", end.saturating_duration_since(tokio::time::Instant::now())).await {
+        assert!(doc["deviceData"]["temperature"].is_number(), "every report is a full one here: {doc}");
+        times.push(doc["time"].as_u64().unwrap_or_default());
+    }
+    let mut distinct = times.clone();
+    distinct.dedup();
+    assert_eq!(times, distinct, "a reading was sent twice");
+    assert!((2..=4).contains(&times.len()), "one report per poll (every 2 s): {times:?}");
+    h.gateway.shutdown().await;
+}

@@ -269,7 +269,7 @@ impl Shadow {
                 // old one: a lower version means the shadow was deleted and
                 // created again (AWS restarts at 0 after 48 hours).
                 tracing::warn!(shadow = %self.prefix, version = v, last, "the shadow's version went back: it was recreated; starting afresh");
-                if let Err(e) = self.store.reset_shadow(&self.key, v.saturating_sub(1)) {
+                if let Err(e) = self.store.reset_shadow(&self.key, v.saturating_sub(1)).await {
                     tracing::error!(shadow = %self.prefix, "cannot reset the stored shadow state: {e:#}");
                 }
                 self.last_version = Some(v.saturating_sub(1));
@@ -291,7 +291,7 @@ impl Shadow {
                 reported = self.apply(delta, &metadata, doc["timestamp"].as_u64()).await;
             }
             if let Some(v) = version {
-                self.remember_version(v);
+                self.remember_version(v).await;
             }
         } else {
             tracing::debug!(shadow = %self.prefix, version = ?version, last = ?self.last_version, "skipping a shadow document that is not newer");
@@ -304,10 +304,10 @@ impl Shadow {
         }
     }
 
-    fn remember_version(&mut self, v: u64) {
+    async fn remember_version(&mut self, v: u64) {
         if self.last_version.is_none_or(|last| v > last) {
             self.last_version = Some(v);
-            if let Err(e) = self.store.set_shadow_version(&self.key, v) {
+            if let Err(e) = self.store.set_shadow_version(&self.key, v).await {
                 tracing::error!(shadow = %self.prefix, store = %self.store.path().display(), "cannot persist the shadow version: {e:#}");
             }
         }
@@ -377,7 +377,7 @@ impl Shadow {
             }
         }
         if !settled.is_empty() {
-            if let Err(e) = self.store.set_desired_applied(&self.key, &settled) {
+            if let Err(e) = self.store.set_desired_applied(&self.key, &settled).await {
                 tracing::error!(shadow = %self.prefix, "cannot record applied desired values: {e:#}");
             }
         }
@@ -412,7 +412,7 @@ impl Shadow {
                     continue;
                 }
             }
-            if let Err(e) = self.store.mark_command(&self.key, &id, now_ms()) {
+            if let Err(e) = self.store.mark_command(&self.key, &id, now_ms()).await {
                 tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
                 continue;
             }

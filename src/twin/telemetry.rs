@@ -1,12 +1,14 @@
 //! The telemetry adapter task: one per device with a telemetry topic.
 //!
-//! A full document goes out every `telemetry_interval`; between those, with
+//! A full document goes out every `telemetry_interval` (with the first poll
+//! after the interval ends: each poll is sent at most once); between those, with
 //! `report_on_change`, a document with only the values that moved beyond
 //! their deadband goes out after the poll that saw the change. A change of
 //! health (online ⇄ offline) is published at once. An offline device's
 //! document says so and why, and carries no values: never stale ones.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
@@ -25,21 +27,27 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
     let mut ticker = tokio::time::interval(twin.telemetry_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = Reported::new(device.points.len());
+    // Each poll's snapshot goes out at most once: a document's `time` is when
+    // its values were read, and the cloud may key on it. A full report falls
+    // due every interval and takes the next snapshot not yet sent (the ticker
+    // and a poll can fire within the same millisecond).
+    let mut full_due = false;
+    let mut sent: Option<SystemTime> = None;
     loop {
-        let full = tokio::select! {
+        tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            _ = ticker.tick() => true,
+            _ = ticker.tick() => full_due = true,
             changed = snapshots.changed() => {
                 if changed.is_err() { break }
-                false
             }
-        };
+        }
         let snap: Arc<Snapshot> = snapshots.borrow_and_update().clone();
-        if snap.health == Health::Unknown {
+        if snap.health == Health::Unknown || sent == Some(snap.at) {
             continue;
         }
-        let doc = if full || snap.health != reported.health {
+        let doc = if full_due || snap.health != reported.health {
+            full_due = false;
             Some(reported.full(&device.points, &snap))
         } else if twin.report_on_change {
             reported.changes(&device.points, &snap)
@@ -47,6 +55,7 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
             None
         };
         if let Some(doc) = doc {
+            sent = Some(snap.at);
             conn.publish(&topic, doc.to_string().into_bytes()).await;
         }
     }
