@@ -378,15 +378,41 @@ async fn two_values_written_within_one_second_are_both_applied() {
         svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["setpoint"] == setpoint as f64).await;
         assert_eq!(sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(setpoint as f64)));
     }
-    let setpoint_writes = || sim.writes().iter().filter(|w| w.table == Table::HoldingRegister && w.address == 10).count();
-    assert_eq!(setpoint_writes(), 3, "{:?}", sim.writes());
-    // The same write seen again (a sync) is still not applied twice.
+    let setpoint_writes = sim.writes().iter().filter(|w| w.table == Table::HoldingRegister && w.address == 10).count();
+    assert_eq!(setpoint_writes, 3, "{:?}", sim.writes());
     gw.shutdown().await;
-    let (gw, sim) = gateway(&site).await;
-    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(sim.writes().is_empty(), "nothing re-applied after a restart: {:?}", sim.writes());
-    gw.shutdown().await;
+}
+
+/// A site with one drive, `drive-1`, on the classic shadow of thing
+/// `drive-1`, whose profile has `commands` (YAML, indented for `commands:`).
+fn drive_config(site: &Site, commands: &str, running_interval: &str) -> Config {
+    let yaml = format!(
+        r#"
+state_dir: {state}
+connections:
+  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-drive-{broker} }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
+profiles:
+  drive:
+    points:
+      deviceAttrib.speed: {{ holding: 10, type: f32, min: 0, max: 80 }}
+    commands:
+{commands}
+devices:
+  drive-1:
+    bus: line
+    unit: 1
+    profile: drive
+    twin: {{ connection: aws, shadow: {{ thing: drive-1, running_interval: {running_interval} }} }}
+simulators:
+  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1] }}
+"#,
+        state = site.state_dir.display(),
+        broker = site.broker_port,
+        modbus = site.modbus_port,
+    );
+    Config::parse(&yaml, Path::new("drive.yaml")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// While a long named command holds the shadow adapter, the application
@@ -397,51 +423,23 @@ async fn two_values_written_within_one_second_are_both_applied() {
 async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
     let site = Site::new("busy");
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
-    let yaml = format!(
-        r#"
-state_dir: {state}
-connections:
-  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-busy }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
-profiles:
-  drive:
-    points:
-      deviceAttrib.speed: {{ holding: 10, type: f32, min: 0, max: 80 }}
-    commands:
-      hold:
-        steps:
-          - wait: 3s
-devices:
-  drive-1:
-    bus: line
-    unit: 1
-    profile: drive
-    twin: {{ connection: aws, shadow: {{ thing: drive-1 }} }}
-simulators:
-  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1] }}
-"#,
-        state = site.state_dir.display(),
-        broker = site.broker_port,
-        modbus = site.modbus_port,
-    );
-    let config = Config::parse(&yaml, Path::new("busy.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let config = drive_config(&site, "      hold: { steps: [ { wait: 6s } ] }", "10s");
     let gw = Gateway::start(&config).await.expect("start");
     let sim = gw.simulator("sim").expect("sim").clone();
     svc.wait_for_reported("drive-1", None, WAIT, |r| r["connected"] == true).await;
 
     svc.set_desired("drive-1", None, json!({"command": [{"hold": {"id": "h-1"}}]})).await;
     svc.wait_for_update("drive-1", None, WAIT, |u| u["state"]["reported"]["command"]["h-1"]["state"] == "RUNNING").await;
-    // Each write brings a delta and an update/accepted: far more than the inbox holds.
-    for speed in 1..=60 {
+    // Each write brings a delta and an update/accepted: more than the inbox (64) holds.
+    for speed in 1..=40 {
         svc.set_desired("drive-1", None, json!({"deviceAttrib": {"speed": speed}})).await;
     }
     // (Panics unless the flood came while the command still ran.)
     svc.wait_for_reported("drive-1", None, Duration::ZERO, |r| r["command"]["h-1"]["state"] == "RUNNING").await;
 
     svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["h-1"]["state"] == "SUCCESS").await;
-    svc.wait_for_reported("drive-1", None, WAIT, |r| r["deviceAttrib"]["speed"] == 60.0).await;
-    assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(60.0)));
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["deviceAttrib"]["speed"] == 40.0).await;
+    assert_eq!(sim.value(1, "deviceAttrib.speed"), Some(Value::Float(40.0)));
     gw.shutdown().await;
 }
 
@@ -460,10 +458,39 @@ async fn a_throttled_get_or_report_is_asked_again() {
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
     assert_eq!(sim.value(1, "deviceAttrib.mode"), Some(Value::Text("manual".into())));
 
+    // The report of a command's outcome is throttled: a sync alone would not
+    // bring it back (it reports device values), so it is sent again.
     svc.fail_next_update("pump-1", None, 429);
-    svc.set_desired("pump-1", None, json!({"deviceAttrib": {"motorStatus": "on"}})).await;
-    svc.wait_for_reported("pump-1", None, WAIT, |r| r["deviceAttrib"]["motorStatus"] == "on").await;
-    let refused = svc.updates_from_device("pump-1", None).iter().filter(|u| u["state"]["reported"]["deviceAttrib"]["motorStatus"] == "on").count();
-    assert!(refused >= 2, "the refused report was sent again: {:?}", svc.updates_from_device("pump-1", None));
+    let relay = free_port(); // a unique topic name
+    let cmd = json!([{"relay-command": {"id": "t-1", "message": "hi", "topic": format!("cmd/{relay}/response")}}]);
+    svc.set_desired("pump-1", None, json!({"command": cmd})).await;
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["t-1"]["state"] == "SUCCESS").await;
+    let sent = svc.updates_from_device("pump-1", None).iter().filter(|u| u["state"]["reported"]["command"]["t-1"]["state"] == "SUCCESS").count();
+    assert_eq!(sent, 2, "refused once, sent again: {:?}", svc.updates_from_device("pump-1", None));
+    gw.shutdown().await;
+}
+
+/// A `RUNNING` report refused while the command still runs comes back
+/// (the adapter reads it) only after `SUCCESS` was reported: sending it again
+/// then would leave the command `RUNNING` in the shadow for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_report_is_not_sent_again_over_a_newer_one() {
+    let site = Site::new("stale-retry");
+    let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
+    let config = drive_config(&site, "      hold: { steps: [ { wait: 1s } ] }", "10s");
+    let gw = Gateway::start(&config).await.expect("start");
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["connected"] == true).await;
+    let gets = svc.gets_received("drive-1", None);
+
+    svc.fail_next_update("drive-1", None, 429);
+    svc.set_desired("drive-1", None, json!({"command": [{"hold": {"id": "h-1"}}]})).await;
+    svc.wait_for_reported("drive-1", None, WAIT, |r| r["command"]["h-1"]["state"] == "SUCCESS").await;
+    let refused = &svc.updates_from_device("drive-1", None)[..];
+    assert!(refused.iter().any(|u| u["state"]["reported"]["command"]["h-1"]["state"] == "RUNNING"), "RUNNING was sent (and refused): {refused:?}");
+    // The retry: a sync, after which the state must still be SUCCESS.
+    svc.wait_for_gets("drive-1", None, gets + 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let doc = svc.document("drive-1", None).unwrap_or_default();
+    assert_eq!(doc["state"]["reported"]["command"]["h-1"]["state"], "SUCCESS", "{doc}");
     gw.shutdown().await;
 }

@@ -6,12 +6,13 @@
 //! not executed again: it gets the answer of the first execution.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
 
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{answer, check_get, check_set, parse, summary, Request, Status};
+use super::command::{answer, check_get, check_set, parse, summary, Command, Request, Status};
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
@@ -39,69 +40,116 @@ pub async fn run_commands(
     let Some(responses) = twin.responses.clone() else { return };
     // Two halves in one task: the receiving half never waits on the device, so
     // the connection's inbox for this topic cannot fill up and lose a command.
+    // They share the id bookkeeping: one task, so the lock is never
+    // contended, and it is never held across an await.
     let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
-    tokio::join!(
-        receive(inbox, queue_tx, &device.name, &responses, &conn, &stop),
-        work_through(queue, &twin, &device, &responses, &conn, &stop, &shutdown),
-    );
+    let ids = Mutex::new(Ids::default());
+    let adapter = Adapter { device: &device, responses: &responses, conn: &conn, ids: &ids };
+    tokio::join!(receive(inbox, queue_tx, &adapter, &stop), work_through(queue, &twin, &adapter, &stop, &shutdown));
 }
 
-async fn receive(
-    mut inbox: mpsc::Receiver<Message>,
-    queue: mpsc::Sender<Message>,
-    device: &str,
-    responses: &str,
-    conn: &ConnectionHandle,
-    stop: &CancellationToken,
-) {
+/// What both halves need.
+struct Adapter<'a> {
+    device: &'a DeviceHandle,
+    responses: &'a str,
+    conn: &'a ConnectionHandle,
+    ids: &'a Mutex<Ids>,
+}
+
+impl Adapter<'_> {
+    fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
+        // A poisoned lock only means a panic elsewhere; the ids are still usable.
+        self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A command on its way from the receiving half to the executing half.
+struct Queued {
+    msg: Message,
+    cmd: Command,
+}
+
+/// Ids of commands queued and answered, to recognise a repeated id.
+#[derive(Default)]
+struct Ids {
+    /// Queued, not answered yet (a repeat may be queued too: listed twice).
+    waiting: Vec<Json>,
+    /// The last answers, oldest first.
+    answered: VecDeque<(Json, Vec<u8>)>,
+}
+
+impl Ids {
+    fn answer_of(&self, id: &Json) -> Option<Vec<u8>> {
+        self.answered.iter().find(|(seen, _)| seen == id).map(|(_, a)| a.clone())
+    }
+
+    fn done(&mut self, id: Json, answer: Vec<u8>) {
+        if let Some(i) = self.waiting.iter().position(|w| *w == id) {
+            self.waiting.remove(i);
+        }
+        self.answered.push_back((id, answer));
+        if self.answered.len() > REMEMBERED_IDS {
+            self.answered.pop_front();
+        }
+    }
+}
+
+async fn receive(mut inbox: mpsc::Receiver<Message>, queue: mpsc::Sender<Queued>, a: &Adapter<'_>, stop: &CancellationToken) {
     loop {
         let msg = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
-        match queue.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                metrics::counter!("twinbus_commands_busy_total", "device" => device.to_string()).increment(1);
-                tracing::warn!(device = %device, waiting = QUEUED_COMMANDS, "command rejected: the device is busy");
-                let why = format!("busy: {QUEUED_COMMANDS} commands are already waiting for this device; nothing was written, try again later");
-                refuse(&msg, why, responses, conn).await;
+        let cmd = parse(&msg.payload);
+        let id = cmd.id.clone();
+        match queue.try_send(Queued { msg, cmd }) {
+            Ok(()) => a.ids().waiting.extend(id),
+            Err(mpsc::error::TrySendError::Full(Queued { msg, cmd })) => {
+                // A repeat of a command already answered or still waiting is
+                // not "busy": it gets (or will get) the first one's answer.
+                let previous = cmd.id.as_ref().map(|id| {
+                    let ids = a.ids();
+                    (ids.answer_of(id), ids.waiting.contains(id))
+                });
+                match previous {
+                    Some((Some(answer), _)) => ReplyTo::of(&msg, a.responses).send(a.conn, answer).await,
+                    Some((None, true)) => tracing::info!(device = %a.device.name, "repeated command id while the first is still waiting: it will answer"),
+                    _ => {
+                        metrics::counter!("twinbus_commands_busy_total", "device" => a.device.name.clone()).increment(1);
+                        tracing::warn!(device = %a.device.name, waiting = QUEUED_COMMANDS, "command rejected: the device is busy");
+                        let why = format!("busy: {QUEUED_COMMANDS} commands are already waiting for this device; nothing was written, try again later");
+                        refuse(&msg, cmd.id.as_ref(), why, a).await;
+                    }
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(msg)) => {
-                refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
+            Err(mpsc::error::TrySendError::Closed(Queued { msg, cmd })) => {
+                refuse(&msg, cmd.id.as_ref(), "the gateway is shutting down".into(), a).await;
             }
         }
     }
     inbox.close();
     while let Some(msg) = inbox.recv().await {
-        refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
+        refuse(&msg, parse(&msg.payload).id.as_ref(), "the gateway is shutting down".into(), a).await;
     }
 }
 
-async fn work_through(
-    mut queue: mpsc::Receiver<Message>,
-    twin: &Twin,
-    device: &DeviceHandle,
-    responses: &str,
-    conn: &ConnectionHandle,
-    stop: &CancellationToken,
-    shutdown: &CancellationToken,
-) {
-    let mut answered: VecDeque<(Json, Vec<u8>)> = VecDeque::new();
+async fn work_through(mut queue: mpsc::Receiver<Queued>, twin: &Twin, a: &Adapter<'_>, stop: &CancellationToken, shutdown: &CancellationToken) {
+    let device = a.device;
     loop {
-        let msg = tokio::select! {
+        let Queued { msg, cmd } = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             m = queue.recv() => match m { Some(m) => m, None => break },
         };
-        let reply = ReplyTo::of(&msg, responses);
-        let cmd = parse(&msg.payload);
+        let reply = ReplyTo::of(&msg, a.responses);
         let id = cmd.id.clone();
         if let Some(id) = &id {
-            if let Some((_, previous)) = answered.iter().find(|(seen, _)| seen == id) {
+            let previous = a.ids().answer_of(id);
+            if let Some(previous) = previous {
                 tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
-                reply.send(conn, previous.clone()).await;
+                a.ids().done(id.clone(), previous.clone());
+                reply.send(a.conn, previous).await;
                 continue;
             }
         }
@@ -110,13 +158,17 @@ async fn work_through(
             Err(why) => {
                 tracing::info!(device = %device.name, reason = %why, "command rejected");
                 let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
-                reply.send(conn, doc.to_string().into_bytes()).await;
+                let bytes = doc.to_string().into_bytes();
+                if let Some(id) = id {
+                    a.ids().done(id, bytes.clone());
+                }
+                reply.send(a.conn, bytes).await;
                 continue;
             }
         };
         if twin.acknowledge {
             let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now_ms());
-            reply.send(conn, ack.to_string().into_bytes()).await;
+            reply.send(a.conn, ack.to_string().into_bytes()).await;
         }
         let is_shutdown = request == Request::Shutdown;
         let kind = request.kind();
@@ -132,28 +184,24 @@ async fn work_through(
         );
         let bytes = doc.to_string().into_bytes();
         if let Some(id) = id {
-            answered.push_back((id, bytes.clone()));
-            if answered.len() > REMEMBERED_IDS {
-                answered.pop_front();
-            }
+            a.ids().done(id, bytes.clone());
         }
-        reply.send(conn, bytes).await;
+        reply.send(a.conn, bytes).await;
         if is_shutdown && twin.allow_shutdown {
             tracing::info!(device = %device.name, "shutdown requested by a remote command");
             shutdown.cancel();
         }
     }
     queue.close();
-    while let Some(msg) = queue.recv().await {
-        refuse(&msg, "the gateway is shutting down".into(), responses, conn).await;
+    while let Some(Queued { msg, cmd }) = queue.recv().await {
+        refuse(&msg, cmd.id.as_ref(), "the gateway is shutting down".into(), a).await;
     }
 }
 
 /// Answers `rejected` without executing anything.
-async fn refuse(msg: &Message, why: String, responses: &str, conn: &ConnectionHandle) {
-    let id = parse(&msg.payload).id;
-    let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
-    ReplyTo::of(msg, responses).send(conn, doc.to_string().into_bytes()).await;
+async fn refuse(msg: &Message, id: Option<&Json>, why: String, a: &Adapter<'_>) {
+    let doc = answer(id, &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
+    ReplyTo::of(msg, a.responses).send(a.conn, doc.to_string().into_bytes()).await;
 }
 
 async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Option<&Json>) -> Json {

@@ -171,11 +171,26 @@ impl Shadow {
     /// values; what else the refused update carried is sent again unless a
     /// later report superseded it.
     fn schedule_retry(&mut self, report: Option<Map<String, Json>>) {
-        let retry = self.retry.get_or_insert_with(|| Retry { at: Instant::now() + self.retry_delay, report: Map::new() });
-        if let Some(r) = report {
+        if self.retry.is_none() {
+            // One step of backoff per retry, however many parts were refused.
+            self.retry = Some(Retry { at: Instant::now() + self.retry_delay, report: Map::new() });
+            self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+        }
+        if let (Some(retry), Some(r)) = (&mut self.retry, report) {
             merge(&mut retry.report, r);
         }
-        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    /// What a refused update of ours carried, less what the reports sent
+    /// after it (before the refusal came back) say again: an old `RUNNING`
+    /// must not overwrite the `SUCCESS` that followed it.
+    fn refused_part(&self, token: &str) -> Option<Map<String, Json>> {
+        let i = self.ours.iter().position(|(o, _)| o == token)?;
+        let mut part = self.ours[i].1.clone()?;
+        for later in self.ours.iter().skip(i + 1).filter_map(|(_, p)| p.as_ref()) {
+            prune(&mut part, later);
+        }
+        Some(part)
     }
 
     async fn retry(&mut self) {
@@ -243,7 +258,7 @@ impl Shadow {
                     }
                     code if retryable(code) => {
                         tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], retry_in = ?self.retry_delay, "the shadow service refused our report for now: sending it again");
-                        let part = token.and_then(|t| self.ours.iter().find(|(o, _)| o == t)).and_then(|(_, p)| p.clone());
+                        let part = token.and_then(|t| self.refused_part(t));
                         self.schedule_retry(part);
                     }
                     code => tracing::warn!(shadow = %self.prefix, code, message = %doc["message"], "the shadow service refused our report"),
