@@ -116,6 +116,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, cancel: Cancel
         unit: device.unit,
         points: points.clone(),
         limits: device.read,
+        mask_write: device.mask_write,
         poll: device.poll,
         retries,
         bus,
@@ -133,6 +134,7 @@ struct DeviceActor {
     unit: u8,
     points: Arc<Vec<Point>>,
     limits: ReadLimits,
+    mask_write: bool,
     poll: Duration,
     retries: u8,
     bus: BusHandle,
@@ -320,8 +322,15 @@ impl DeviceActor {
         outcome
     }
 
-    /// Read-modify-write of single bits in a holding register.
+    /// Single bits of a holding register: with `mask_write`, one function 22
+    /// request that the device applies to its current value; otherwise a
+    /// read, the bits changed, and the whole register written back (a bit the
+    /// device changes in between is overwritten).
     async fn write_bits(&mut self, address: u16, bits: &[(u8, bool)]) -> Result<Reply, BusError> {
+        if self.mask_write {
+            let (and_mask, or_mask) = masks(bits);
+            return self.bus.call(Priority::Command, self.unit, Op::MaskWriteRegister(address, and_mask, or_mask), self.retries).await;
+        }
         let reply = self.bus.call(Priority::Command, self.unit, Op::ReadHoldingRegisters(address, 1), self.retries).await?;
         let Reply::Words(words) = reply else {
             return Err(BusError::Transport("unexpected reply to a register read".to_string()));
@@ -336,6 +345,19 @@ impl DeviceActor {
         }
         self.bus.call(Priority::Command, self.unit, Op::WriteRegisters(address, vec![word]), self.retries).await
     }
+}
+
+/// Function 22's masks for setting and clearing `bits`: the device computes
+/// `(current AND and_mask) OR (or_mask AND NOT and_mask)`.
+fn masks(bits: &[(u8, bool)]) -> (u16, u16) {
+    let (mut and_mask, mut or_mask) = (0xFFFF_u16, 0_u16);
+    for &(bit, on) in bits {
+        and_mask &= !(1 << bit);
+        if on {
+            or_mask |= 1 << bit;
+        }
+    }
+    (and_mask, or_mask)
 }
 
 fn note(slot: &mut Option<String>, message: String) {
@@ -368,4 +390,19 @@ fn decode_block(points: &[Point], start: u16, indices: &[usize], reply: &Reply) 
 
 fn short() -> String {
     "the device returned fewer values than asked for".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::masks;
+
+    #[test]
+    fn mask_write_masks_touch_only_the_bits_written() {
+        // Set bit 3, clear bit 0: the device keeps every other bit.
+        let (and_mask, or_mask) = masks(&[(3, true), (0, false)]);
+        let apply = |current: u16| (current & and_mask) | (or_mask & !and_mask);
+        assert_eq!(apply(0b1111_0001), 0b1111_1000);
+        assert_eq!(apply(0), 0b1000);
+        assert_eq!(apply(0xFFFF), 0xFFFE);
+    }
 }

@@ -233,3 +233,50 @@ async fn a_flood_of_commands_is_answered_in_full_busy_ones_refused() {
     assert_eq!(h.sim.value(1, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
     h.gateway.shutdown().await;
 }
+
+/// A bit of a holding register: with `mask_write`, one function 22 request
+/// that changes only that bit in the device; without it, read the register
+/// and write it back (function 6). Either way the other bits keep their value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_bit_is_written_with_a_mask_write_when_the_device_supports_it() {
+    let yaml = r#"
+connections:
+  local: { embedded: { listen: "127.0.0.1:{MQTT}" } }
+buses:
+  line: { tcp: { host: 127.0.0.1, port: {MODBUS} }, timeout: 300ms }
+profiles:
+  panel:
+    points:
+      deviceAttrib.lamp: { holding: 30, bit: 3 }
+      deviceData.word: { holding: 30, access: read }
+devices:
+  masked:
+    bus: line
+    unit: 1
+    profile: panel
+    mask_write: true
+    twin: { connection: local, commands: site/masked/cmd, responses: site/masked/rsp }
+  plain:
+    bus: line
+    unit: 2
+    profile: panel
+    twin: { connection: local, commands: site/plain/cmd, responses: site/plain/rsp }
+simulators:
+  sim: { listen: "127.0.0.1:{MODBUS}", serves: [masked, plain], initial: { deviceData.word: 240 } }
+"#;
+    let h = start(yaml).await;
+    let mut cloud = Cloud::connect(h.mqtt_port, &["site/masked/rsp", "site/plain/rsp"]).await;
+
+    for (name, unit, function) in [("masked", 1, 22), ("plain", 2, 6)] {
+        let cmd = json!({"id": name, "set": {"deviceAttrib": {"lamp": true}}});
+        cloud.publish(&format!("site/{name}/cmd"), cmd.to_string()).await;
+        let answer = cloud.wait_for(&format!("site/{name}/rsp"), WAIT, |m| m["id"] == name).await;
+        assert_eq!(answer["status"], "succeeded", "{answer}");
+        assert_eq!(answer["values"]["deviceAttrib"]["lamp"], true, "{answer}");
+        let writes: Vec<_> = h.sim.writes().into_iter().filter(|w| w.unit == unit).collect();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!((writes[0].function, writes[0].address, writes[0].values.clone()), (function, 30, vec![240 | 8]), "{name}");
+        assert_eq!(h.sim.value(unit, "deviceData.word"), Some(Value::Int(248)));
+    }
+    h.gateway.shutdown().await;
+}

@@ -267,6 +267,10 @@ pub struct Device {
     pub points: Vec<Point>,
     /// How reads may be merged.
     pub read: ReadLimits,
+    /// Write bits of a holding register with function 22 (mask write), which
+    /// changes only those bits in the device, instead of reading the register
+    /// and writing all of it back.
+    pub mask_write: bool,
     /// Poll interval.
     pub poll: Duration,
     /// Named commands a cloud may run (from the profile).

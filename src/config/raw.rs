@@ -175,6 +175,7 @@ pub(crate) struct RawProfile {
     #[serde(default)]
     pub(crate) points: Map<RawPoint>,
     pub(crate) read: Option<RawReadLimits>,
+    pub(crate) mask_write: Option<S<bool>>,
     #[serde(default)]
     pub(crate) commands: Map<RawCommand>,
 }
@@ -233,6 +234,7 @@ pub(crate) struct RawDevice {
     #[serde(default)]
     pub(crate) points: Map<RawPoint>,
     pub(crate) read: Option<RawReadLimits>,
+    pub(crate) mask_write: Option<S<bool>>,
     pub(crate) poll: Option<S<String>>,
     pub(crate) twin: Option<S<RawTwin>>,
 }

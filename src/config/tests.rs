@@ -1266,3 +1266,12 @@ fn a_shadow_whose_report_can_exceed_8_kb_draws_a_warning() {
     let small = valid(&format!("{HEAD}devices:\n  s:\n    bus: line\n    unit: 1\n    profile: pump\n    twin: {{ connection: cloud, shadow: {{ thing: s }} }}\n"));
     assert!(!small.warnings.iter().any(|w| w.contains("8 KB")), "{:?}", small.warnings);
 }
+
+#[test]
+fn mask_write_comes_from_the_profile_unless_the_device_says_otherwise() {
+    let text = insert_after(&with_devices("  a: { bus: line, unit: 1, profile: pump }\n  b: { bus: line, unit: 2, profile: pump, mask_write: false }\n  c: { bus: line, unit: 3, points: { x: { holding: 5, bit: 1 } }, mask_write: true }\n"), "  pump:\n", "    mask_write: true\n");
+    let c = valid(&text);
+    let mask = |name: &str| c.devices.iter().find(|d| d.name == name).map(|d| d.mask_write);
+    assert_eq!((mask("a"), mask("b"), mask("c")), (Some(true), Some(false), Some(true)));
+    assert!(!valid(&base()).devices[0].mask_write, "off unless asked");
+}

@@ -109,11 +109,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     let buses: Vec<Bus> = raw.buses.iter().filter_map(|(k, v)| bus(&mut c, k, v)).collect();
     check_bus_conflicts(&mut c, &raw.buses, &buses);
 
-    let mut profiles: HashMap<&str, (Vec<Point>, Option<&RawReadLimits>, &Map<RawCommand>)> = HashMap::new();
+    let mut profiles: HashMap<&str, Profile> = HashMap::new();
     for (k, p) in &raw.profiles {
         let path = format!("profiles.{}", k.name());
         let points = points(&mut c, &p.points, &path);
-        profiles.insert(k.name(), (points, p.read.as_ref(), &p.commands));
+        profiles.insert(k.name(), Profile { points, read: p.read.as_ref(), mask_write: p.mask_write.as_ref().map(|m| m.value), commands: &p.commands });
     }
 
     let mut devices = Vec::new();
@@ -522,13 +522,22 @@ fn read_limits(c: &mut Checker, raw: Option<&RawReadLimits>, path: &str) -> Read
     limits
 }
 
+/// A profile after its own checks: what a device takes from it (the
+/// device's own `read` and `mask_write` win).
+struct Profile<'a> {
+    points: Vec<Point>,
+    read: Option<&'a RawReadLimits>,
+    mask_write: Option<bool>,
+    commands: &'a Map<RawCommand>,
+}
+
 fn device(
     c: &mut Checker,
     key: &Key,
     raw: &RawDevice,
     buses: &[Bus],
     connections: &[Connection],
-    profiles: &HashMap<&str, (Vec<Point>, Option<&RawReadLimits>, &Map<RawCommand>)>,
+    profiles: &HashMap<&str, Profile>,
 ) -> Option<Device> {
     let path = format!("devices.{}", key.name());
     let bus = buses.iter().position(|b| b.name == raw.bus.value);
@@ -544,13 +553,15 @@ fn device(
 
     let mut pts = Vec::new();
     let mut read_raw = raw.read.as_ref();
+    let mut mask_write = raw.mask_write.as_ref().map(|m| m.value);
     let mut raw_commands = None;
     if let Some(p) = &raw.profile {
         match profiles.get(p.value.as_str()) {
-            Some((points, read, commands)) => {
-                pts.extend(points.iter().cloned());
-                read_raw = read_raw.or(*read);
-                raw_commands = Some((*commands, format!("profiles.{}", p.value)));
+            Some(profile) => {
+                pts.extend(profile.points.iter().cloned());
+                read_raw = read_raw.or(profile.read);
+                mask_write = mask_write.or(profile.mask_write);
+                raw_commands = Some((profile.commands, format!("profiles.{}", p.value)));
             }
             None => {
                 let known = profiles.keys().copied().collect::<Vec<_>>().join(", ");
@@ -609,7 +620,8 @@ fn device(
             ));
         }
     }
-    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, poll, commands, twin })
+    let mask_write = mask_write.unwrap_or(false);
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, commands, twin })
 }
 
 /// The largest `reported` document the device's points can make, roughly:

@@ -37,6 +37,8 @@ pub enum Op {
     WriteCoils(u16, Vec<bool>),
     /// Function 6 for one register, 16 for several.
     WriteRegisters(u16, Vec<u16>),
+    /// Function 22: (address, AND mask, OR mask).
+    MaskWriteRegister(u16, u16, u16),
 }
 
 /// What a successful transaction returned.
@@ -250,6 +252,7 @@ async fn call(ctx: &mut Context, op: &Op) -> tokio_modbus::Result<Reply> {
             ctx.write_single_register(*a, words[0]).await?.map(|()| Reply::Written)
         }
         Op::WriteRegisters(a, words) => ctx.write_multiple_registers(*a, words).await?.map(|()| Reply::Written),
+        Op::MaskWriteRegister(a, and_mask, or_mask) => ctx.masked_write_register(*a, *and_mask, *or_mask).await?.map(|()| Reply::Written),
     })
 }
 

@@ -33,8 +33,10 @@ pub struct WriteRecord {
     pub table: Table,
     /// First address.
     pub address: u16,
-    /// Registers written, or bits as 0/1.
+    /// Registers written (for function 22, the register's new value), or bits as 0/1.
     pub values: Vec<u16>,
+    /// The Modbus function code of the request (5, 6, 15, 16 or 22).
+    pub function: u8,
 }
 
 #[derive(Debug, Default)]
@@ -302,27 +304,32 @@ fn serve(st: &mut State, unit_id: u8, req: Request<'_>) -> Result<Option<Respons
         Request::ReadInputRegisters(a, n) => Response::ReadInputRegisters(words(unit, Table::InputRegister, a, n)?),
         Request::ReadHoldingRegisters(a, n) => Response::ReadHoldingRegisters(words(unit, Table::HoldingRegister, a, n)?),
         Request::WriteSingleCoil(a, v) => {
-            write_bits(st, unit_id, a, &[v])?;
+            write_bits(st, unit_id, a, &[v], 5)?;
             Response::WriteSingleCoil(a, v)
         }
         Request::WriteMultipleCoils(a, vs) => {
-            write_bits(st, unit_id, a, &vs)?;
+            write_bits(st, unit_id, a, &vs, 15)?;
             Response::WriteMultipleCoils(a, vs.len() as u16)
         }
         Request::WriteSingleRegister(a, v) => {
-            write_words(st, unit_id, a, &[v])?;
+            write_words(st, unit_id, a, &[v], 6)?;
             Response::WriteSingleRegister(a, v)
         }
         Request::WriteMultipleRegisters(a, vs) => {
-            write_words(st, unit_id, a, &vs)?;
+            write_words(st, unit_id, a, &vs, 16)?;
             Response::WriteMultipleRegisters(a, vs.len() as u16)
+        }
+        Request::MaskWriteRegister(a, and_mask, or_mask) => {
+            let current = words(unit, Table::HoldingRegister, a, 1)?[0];
+            write_words(st, unit_id, a, &[(current & and_mask) | (or_mask & !and_mask)], 22)?;
+            Response::MaskWriteRegister(a, and_mask, or_mask)
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     };
     Ok(Some(response))
 }
 
-fn write_bits(st: &mut State, unit_id: u8, a: u16, vs: &[bool]) -> Result<(), ExceptionCode> {
+fn write_bits(st: &mut State, unit_id: u8, a: u16, vs: &[bool], function: u8) -> Result<(), ExceptionCode> {
     let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
     let all_mapped = (0..vs.len()).all(|k| unit.bits.contains_key(&(Table::Coil, a.wrapping_add(k as u16))));
     if !all_mapped {
@@ -331,11 +338,11 @@ fn write_bits(st: &mut State, unit_id: u8, a: u16, vs: &[bool]) -> Result<(), Ex
     for (k, v) in vs.iter().enumerate() {
         unit.bits.insert((Table::Coil, a.wrapping_add(k as u16)), *v);
     }
-    st.writes.push(WriteRecord { unit: unit_id, table: Table::Coil, address: a, values: vs.iter().map(|&b| u16::from(b)).collect() });
+    st.writes.push(WriteRecord { unit: unit_id, table: Table::Coil, address: a, values: vs.iter().map(|&b| u16::from(b)).collect(), function });
     Ok(())
 }
 
-fn write_words(st: &mut State, unit_id: u8, a: u16, vs: &[u16]) -> Result<(), ExceptionCode> {
+fn write_words(st: &mut State, unit_id: u8, a: u16, vs: &[u16], function: u8) -> Result<(), ExceptionCode> {
     let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
     let all_mapped = (0..vs.len()).all(|k| unit.words.contains_key(&(Table::HoldingRegister, a.wrapping_add(k as u16))));
     if !all_mapped {
@@ -344,6 +351,6 @@ fn write_words(st: &mut State, unit_id: u8, a: u16, vs: &[u16]) -> Result<(), Ex
     for (k, v) in vs.iter().enumerate() {
         unit.words.insert((Table::HoldingRegister, a.wrapping_add(k as u16)), *v);
     }
-    st.writes.push(WriteRecord { unit: unit_id, table: Table::HoldingRegister, address: a, values: vs.to_vec() });
+    st.writes.push(WriteRecord { unit: unit_id, table: Table::HoldingRegister, address: a, values: vs.to_vec(), function });
     Ok(())
 }

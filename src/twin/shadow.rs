@@ -242,11 +242,8 @@ impl Shadow {
             }
             // Not a version to remember: an application's desired update can be
             // numbered just below our report and its delta arrive after this.
-            "/update/accepted" => {
-                if ours {
-                    self.retry_delay = RETRY_MIN;
-                }
-            }
+            "/update/accepted" if ours => self.retry_delay = RETRY_MIN,
+            "/update/accepted" => {}
             "/update/rejected" => {
                 if !ours {
                     return; // someone else's update

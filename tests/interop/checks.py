@@ -29,6 +29,7 @@ HOST = "127.0.0.1"
 ANSWER_TIMEOUT = 10.0  # s; a command answer normally takes a few ms (RTU: tens of ms)
 SETTLE = 1.0  # s; after an answer, how long a late (unwanted) write gets to show up
 F32_42_5 = [0x422A, 0x0000]
+LAMP_WORD = 0x00F0  # holding 20 on the slaves (slave.py); the lamp is its bit 3
 
 failures = 0
 
@@ -194,8 +195,9 @@ def applied(writes: list[dict]) -> dict[str, object]:
 
 
 class Device:
-    def __init__(self, name: str, mqtt: Mqtt, slave: Slave):
+    def __init__(self, name: str, mqtt: Mqtt, slave: Slave, mask_write: bool = False):
         self.name, self.mqtt, self.slave = name, mqtt, slave
+        self.mask_write = mask_write
         self.cmd = f"ci/{name}/cmd"
         self.rsp = f"ci/{name}/rsp"
         self.tel = f"ci/{name}/telemetry"
@@ -297,6 +299,23 @@ class Device:
               f"wrong/missing {wrong}; answer {short(doc) if doc else 'none'}")
         check(f"{n} c-4 wrote nothing", w == [], f"writes {short(w)}")
 
+        # c-5: one bit of a holding register; the device's other bits must survive.
+        doc, w = self.command('{"id":"c-5","set":{"deviceAttrib":{"lamp":true}}}', self.by_id("c-5"))
+        check(f"{n} c-5 set lamp (holding 20 bit 3) on: succeeded", doc is not None and
+              doc.get("status") == "succeeded" and dig(doc, "values", "deviceAttrib", "lamp") is True,
+              f"answer {short(doc) if doc else 'none'}")
+        if self.mask_write:
+            want = [{"fc": 22, "address": 20, "and_mask": 0xFFF7, "or_mask": 0x0008}]
+            got = [{k: x.get(k) for k in ("fc", "address", "and_mask", "or_mask")} for x in w]
+            check(f"{n} c-5 one mask write (function 22) of bit 3 and nothing else", got == want,
+                  f"writes {short(w)}")
+        else:
+            check(f"{n} c-5 read-modify-write: holding 20 = 0x00F8 and nothing else",
+                  w != [] and applied(w) == {"holding 20": LAMP_WORD | 8}, f"writes {short(w)}")
+        s = self.slave.state_when(lambda s: s["holding_registers"]["20"] == LAMP_WORD | 8)
+        check(f"{n} c-5 slave holding 20 is 0x00F8 (bit 3 set, the others kept)",
+              s["holding_registers"]["20"] == LAMP_WORD | 8, f"state {short(s)}")
+
         # Not JSON: rejected, and there is no id to echo.
         doc, w = self.command("not json",
                               lambda d: d.get("status") == "rejected" and d.get("id") is None)
@@ -318,6 +337,8 @@ def main() -> int:
     ap.add_argument("--mqtt-port", type=int, required=True)
     ap.add_argument("--device", action="append", default=[], metavar="NAME:WRITES:STATE",
                     help="a gateway device and its slave's evidence files (repeatable)")
+    ap.add_argument("--mask-write", action="append", default=[], metavar="NAME",
+                    help="a device configured with mask_write: true (repeatable)")
     ap.add_argument("--piddir")
     ap.add_argument("--selftest", action="store_true",
                     help="no gateway: check the MQTT side of this script against the broker")
@@ -345,7 +366,7 @@ def main() -> int:
         # Telemetry is recorded from the start; each device looks at all of it.
         for spec in args.device:
             name, writes, state = spec.split(":", 2)
-            Device(name, mqtt, Slave(writes, state)).run(tel_since=0)
+            Device(name, mqtt, Slave(writes, state), mask_write=name in args.mask_write).run(tel_since=0)
     finally:
         mqtt.close()
     return 1 if failures else 0

@@ -303,11 +303,13 @@ profiles:
       deviceAttrib.setpoint: { holding: 10, type: f32, min: 0, max: 80 }
       deviceData.temperature: { input: 0, type: i16, scale: 0.1, deadband: 0.2 }
       deviceData.running: { discrete: 0 }
+      deviceAttrib.lamp: { holding: 20, bit: 3 }
 devices:
   tcp-pump:
     bus: tcp-line
     unit: 1
     profile: pump
+    mask_write: true
     poll: 500ms
     twin:
       connection: ci
@@ -368,7 +370,7 @@ alive gateway || die "gateway start" "exited at once (see gateway.log)"
 
 counted checks "$PY" "$HERE/checks.py" --mqtt-port "$MQTT_PORT" --piddir "$PIDDIR" \
     --device "tcp-pump:$WORK/writes-tcp.jsonl:$WORK/state-tcp.json" \
-    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json"
+    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json" --mask-write tcp-pump
 
 # Graceful stop: SIGTERM must end the gateway with status 0, promptly.
 if alive gateway; then

@@ -53,6 +53,7 @@ from pymodbus.simulator.simcore import SimCore
 UNIT = 1
 INITIAL_SETPOINT = 20.0
 TEMPERATURE_X10 = 215
+LAMP_WORD = 0x00F0
 
 # Function codes that change the device: write single/multiple coils, write single/multiple
 # registers, mask write register, read/write multiple registers.
@@ -74,6 +75,7 @@ def build_device() -> SimDevice:
     # anything outside the blocks answers ILLEGAL_ADDRESS.
     holding = [0] * 32
     holding[10:12] = f32_be_words(INITIAL_SETPOINT)
+    holding[20] = LAMP_WORD  # a register whose bit 3 the gateway sets; the others must stay
     inputs = [0] * 16
     inputs[0] = TEMPERATURE_X10
     return SimDevice(
@@ -138,7 +140,7 @@ class Evidence:
             "time": round(time.time(), 3),
             "coils": {"0": bool((await get(1, 0, 1))[0])},
             "discrete_inputs": {"0": bool((await get(2, 0, 1))[0])},
-            "holding_registers": {"10": holding[0], "11": holding[1]},
+            "holding_registers": {"10": holding[0], "11": holding[1], "20": (await get(3, 20, 1))[0]},
             "input_registers": {"0": (await get(4, 0, 1))[0]},
             "setpoint_f32": struct.unpack(">f", struct.pack(">HH", *holding))[0],
         }
