@@ -184,6 +184,10 @@ async fn poll_loop(
     let mut backoff = Backoff::new(min, max);
     let mut up_since: Option<Instant> = None;
     loop {
+        if !link_up.load(Ordering::SeqCst) && up_since.is_none() {
+            // Marks each attempt in debug logs: a gap between two tells where time went.
+            tracing::debug!("connecting to the MQTT broker");
+        }
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
             () = cancel.cancelled() => break,
@@ -207,8 +211,10 @@ async fn poll_loop(
             break;
         }
         if failed {
+            let wait = backoff.next();
+            tracing::debug!(?wait, "waiting before the next attempt");
             tokio::select! {
-                () = tokio::time::sleep(backoff.next()) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = cancel.cancelled() => break,
             }
             // Requests that reached rumqttc after the error are taken back too.
