@@ -60,8 +60,10 @@ impl Site {
         Site { broker_port, modbus_port: free_port(), state_dir, broker }
     }
 
-    /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
-    fn config(&self, extra_devices: &str) -> Config {
+    /// `body` (profiles, devices, simulators; `{MODBUS}` for the simulator's
+    /// port) under this site's state directory, its broker as connection
+    /// `aws` and its Modbus port as bus `line`.
+    fn parse(&self, body: &str) -> Config {
         let yaml = format!(
             r#"
 state_dir: {state}
@@ -72,7 +74,20 @@ connections:
     reconnect: {{ min: 200ms, max: 1s }}
 buses:
   line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
-{PUMP_PROFILE}
+{body}"#,
+            state = self.state_dir.display(),
+            broker = self.broker_port,
+            modbus = self.modbus_port,
+            body = body.replace("{MODBUS}", &self.modbus_port.to_string()),
+        );
+        Config::parse(&yaml, Path::new("shadow.yaml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
+    fn config(&self, extra_devices: &str) -> Config {
+        let served = if extra_devices.contains("pump-2") { ", pump-2" } else { "" };
+        self.parse(&format!(
+            r#"{PUMP_PROFILE}
 devices:
   pump-1:
     bus: line
@@ -82,14 +97,9 @@ devices:
     twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }}
 {extra_devices}
 simulators:
-  sim: {{ listen: "127.0.0.1:{modbus}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}
-"#,
-            state = self.state_dir.display(),
-            broker = self.broker_port,
-            modbus = self.modbus_port,
-            served = if extra_devices.contains("pump-2") { ", pump-2" } else { "" },
-        );
-        Config::parse(&yaml, Path::new("shadow.yaml")).unwrap_or_else(|e| panic!("{e}"))
+  sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}
+"#
+        ))
     }
 }
 
@@ -246,44 +256,35 @@ async fn a_named_shadow_works_beside_a_classic_one() {
 async fn a_named_command_reports_running_then_success_and_a_failed_check_is_a_failure() {
     let site = Site::new("named-command");
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
-    let yaml = format!(
+    let config = site.parse(
         r#"
-state_dir: {state}
-connections:
-  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-named }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
 profiles:
   drive:
     points:
-      deviceAttrib.motorStatus: {{ coil: 0, values: {{ "on": true, "off": false }} }}
-      deviceAttrib.speed: {{ holding: 10, type: f32, min: 0, max: 80 }}
-      deviceData.running: {{ input: 1, access: read }}
+      deviceAttrib.motorStatus: { coil: 0, values: { "on": true, "off": false } }
+      deviceAttrib.speed: { holding: 10, type: f32, min: 0, max: 80 }
+      deviceData.running: { input: 1, access: read }
     commands:
       start:
-        args: {{ speed: {{ type: number, min: 0, max: 50 }} }}
+        args: { speed: { type: number, min: 0, max: 50 } }
         steps:
-          - set: {{ deviceAttrib.speed: $speed, deviceAttrib.motorStatus: "on" }}
+          - set: { deviceAttrib.speed: $speed, deviceAttrib.motorStatus: "on" }
           - wait: 700ms
-          - check: {{ deviceData.running: 1 }}
+          - check: { deviceData.running: 1 }
       stop-and-expect-running:
         steps:
-          - set: {{ deviceAttrib.motorStatus: "off" }}
-          - check: {{ deviceData.running: 1 }}
+          - set: { deviceAttrib.motorStatus: "off" }
+          - check: { deviceData.running: 1 }
 devices:
   drive-1:
     bus: line
     unit: 1
     profile: drive
-    twin: {{ connection: aws, shadow: {{ thing: drive-1, running_interval: 200ms }} }}
+    twin: { connection: aws, shadow: { thing: drive-1, running_interval: 200ms } }
 simulators:
-  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1], mirror: {{ deviceData.running: deviceAttrib.motorStatus }} }}
+  sim: { listen: "127.0.0.1:{MODBUS}", serves: [drive-1], mirror: { deviceData.running: deviceAttrib.motorStatus } }
 "#,
-        state = site.state_dir.display(),
-        broker = site.broker_port,
-        modbus = site.modbus_port,
     );
-    let config = Config::parse(&yaml, Path::new("named.yaml")).unwrap_or_else(|e| panic!("{e}"));
     let gw = Gateway::start(&config).await.expect("start");
     let sim = gw.simulator("sim").expect("sim").clone();
     svc.wait_for_reported("drive-1", None, WAIT, |r| r["connected"] == true).await;
@@ -314,28 +315,19 @@ simulators:
 async fn a_delta_that_persists_is_applied_once_not_at_every_sync() {
     let site = Site::new("persisting");
     let svc = ShadowService::start(site.broker_port, &[("panel-1", None)]).await;
-    let yaml = format!(
+    let config = site.parse(
         r#"
-state_dir: {state}
-connections:
-  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-persist, reconnect: {{ min: 200ms, max: 1s }} }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
 profiles:
   panel:
     points:
-      deviceAttrib.reset: {{ coil: 5, access: write }}
-      deviceAttrib.mode: {{ holding: 12, values: {{ auto: 0, manual: 1 }} }}
+      deviceAttrib.reset: { coil: 5, access: write }
+      deviceAttrib.mode: { holding: 12, values: { auto: 0, manual: 1 } }
 devices:
-  panel-1: {{ bus: line, unit: 1, profile: panel, poll: 200ms, twin: {{ connection: aws, shadow: {{ thing: panel-1 }} }} }}
+  panel-1: { bus: line, unit: 1, profile: panel, poll: 200ms, twin: { connection: aws, shadow: { thing: panel-1 } } }
 simulators:
-  sim: {{ listen: "127.0.0.1:{modbus}", serves: [panel-1] }}
+  sim: { listen: "127.0.0.1:{MODBUS}", serves: [panel-1] }
 "#,
-        state = site.state_dir.display(),
-        broker = site.broker_port,
-        modbus = site.modbus_port,
     );
-    let config = Config::parse(&yaml, Path::new("persist.yaml")).unwrap_or_else(|e| panic!("{e}"));
     let gw = Gateway::start(&config).await.expect("start");
     let sim = gw.simulator("sim").expect("sim").clone();
     svc.wait_for_reported("panel-1", None, WAIT, |r| r["connected"] == true).await;
@@ -386,13 +378,8 @@ async fn two_values_written_within_one_second_are_both_applied() {
 /// A site with one drive, `drive-1`, on the classic shadow of thing
 /// `drive-1`, whose profile has `commands` (YAML, indented for `commands:`).
 fn drive_config(site: &Site, commands: &str, running_interval: &str) -> Config {
-    let yaml = format!(
+    site.parse(&format!(
         r#"
-state_dir: {state}
-connections:
-  aws: {{ url: "mqtt://127.0.0.1:{broker}", client_id: gw-drive-{broker} }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
 profiles:
   drive:
     points:
@@ -406,13 +393,9 @@ devices:
     profile: drive
     twin: {{ connection: aws, shadow: {{ thing: drive-1, running_interval: {running_interval} }} }}
 simulators:
-  sim: {{ listen: "127.0.0.1:{modbus}", serves: [drive-1] }}
-"#,
-        state = site.state_dir.display(),
-        broker = site.broker_port,
-        modbus = site.modbus_port,
-    );
-    Config::parse(&yaml, Path::new("drive.yaml")).unwrap_or_else(|e| panic!("{e}"))
+  sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [drive-1] }}
+"#
+    ))
 }
 
 /// While a long named command holds the shadow adapter, the application
