@@ -109,7 +109,7 @@ impl Gateway {
                 for topic in shadow_topics(s) {
                     routes[t.connection].insert(topic, Route::with_overflow(tx.clone(), overflow.clone()));
                 }
-                shadow_inboxes.insert(d.name.clone(), (rx, overflow));
+                shadow_inboxes.insert(d.name.clone(), ShadowInbox { messages: rx, overflow });
             }
         }
         let store = match shadow_inboxes.is_empty() {
@@ -129,8 +129,7 @@ impl Gateway {
             if let Some(inbox) = inboxes.remove(&d.name) {
                 adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
             }
-            if let (Some(binding), Some((inbox, overflow)), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
-                let inbox = ShadowInbox { messages: inbox, overflow };
+            if let (Some(binding), Some(inbox), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
                 adapters.spawn(run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
             }
             adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));

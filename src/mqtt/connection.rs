@@ -145,7 +145,6 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
     tokio::spawn(poll_loop(eventloop, events_tx, link_up.clone(), conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
 
     let (tx, rx) = mpsc::channel(1024);
-    let (connected_tx, _) = watch::channel(false);
     let (sessions_tx, sessions) = watch::channel(0u64);
     let actor = Actor {
         conn: conn.clone(),
@@ -154,7 +153,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         routes,
         topics: Vec::new(),
         outbox: Outbox::new(conn.outbox_limit, WINDOW),
-        connected: connected_tx,
+        connected: false,
         link_up,
         sessions: sessions_tx,
         last_error: None,
@@ -230,7 +229,7 @@ struct Actor {
     routes: Routes,
     topics: Vec<String>,
     outbox: Outbox,
-    connected: watch::Sender<bool>,
+    connected: bool,
     /// Set by the poll task: false as soon as it sees the link fail.
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
@@ -283,7 +282,7 @@ impl Actor {
         if !delivered {
             tracing::warn!(connection = %self.conn.name, unsent = self.outbox.len(), "closing with messages the broker has not acknowledged");
         }
-        if *self.connected.borrow() {
+        if self.connected {
             self.client.try_disconnect();
             // Let the poll task put DISCONNECT on the wire.
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
@@ -296,7 +295,6 @@ impl Actor {
             .await;
         }
         poll_cancel.cancel();
-        self.connected.send_replace(false);
         if let Some((_, done)) = closing {
             let _ = done.send(delivered);
         }
@@ -312,7 +310,7 @@ impl Actor {
 
     /// Hands waiting messages to rumqttc while connected and the window allows.
     fn feed(&mut self) {
-        if !*self.connected.borrow() || !self.link_up.load(Ordering::SeqCst) {
+        if !self.connected || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
         while let Some(e) = self.outbox.next_to_send() {
@@ -327,7 +325,7 @@ impl Actor {
     fn on_event(&mut self, ev: Ev) {
         match ev {
             Ev::ConnAck { session_present } => {
-                self.connected.send_replace(true);
+                self.connected = true;
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
                 self.warned_full = false;
@@ -387,7 +385,7 @@ impl Actor {
     }
 
     fn on_error(&mut self, error: String) {
-        let was_connected = self.connected.send_replace(false);
+        let was_connected = std::mem::replace(&mut self.connected, false);
         // A tunnel knows the real cause; rumqttc only saw the socket close.
         let mut cause = error;
         while let Ok(e) = self.tunnel_errors.try_recv() {
