@@ -83,10 +83,15 @@ impl Ids {
         self.answered.iter().find(|(seen, _)| seen == id).map(|(_, a)| a.clone())
     }
 
-    fn done(&mut self, id: Json, answer: Vec<u8>) {
-        if let Some(i) = self.waiting.iter().position(|w| *w == id) {
+    /// One queued copy of `id` has been taken care of.
+    fn unwait(&mut self, id: &Json) {
+        if let Some(i) = self.waiting.iter().position(|w| w == id) {
             self.waiting.remove(i);
         }
+    }
+
+    fn done(&mut self, id: Json, answer: Vec<u8>) {
+        self.unwait(&id);
         self.answered.push_back((id, answer));
         if self.answered.len() > REMEMBERED_IDS {
             self.answered.pop_front();
@@ -148,7 +153,8 @@ async fn work_through(mut queue: mpsc::Receiver<Queued>, twin: &Twin, a: &Adapte
             let previous = a.ids().answer_of(id);
             if let Some(previous) = previous {
                 tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
-                a.ids().done(id.clone(), previous.clone());
+                // Answered already: not remembered twice, which would push out another id.
+                a.ids().unwait(id);
                 reply.send(a.conn, previous).await;
                 continue;
             }
