@@ -43,6 +43,13 @@ simulators:
   sim: { listen: "127.0.0.1:MODBUS", serves: [demo-pump], mirror: { deviceData.running: deviceAttrib.motorStatus } }
 "#;
 
+/// A `state_dir:` line for a fresh store of this run.
+fn state_dir(tag: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("twinbus-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    format!("state_dir: {}\n", dir.display())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -53,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let (mqtt, modbus) = (free_port()?, free_port()?);
 
     // 1. Requests per poll cycle: poll fast for a while with no commands.
-    let yaml = CONFIG.replace("MQTT", &mqtt.to_string()).replace("MODBUS", &modbus.to_string()).replace("POLL", "50ms");
+    let yaml = CONFIG.replace("MQTT", &mqtt.to_string()).replace("MODBUS", &modbus.to_string()).replace("POLL", "50ms") + &state_dir("poll");
     let config = Config::parse(&yaml, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let points = config.devices[0].points.len();
     let gateway = Gateway::start(&config).await?;
@@ -68,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. Command round trip, with slow polling so commands dominate the wire.
     let (mqtt, modbus) = (free_port()?, free_port()?);
-    let yaml = CONFIG.replace("MQTT", &mqtt.to_string()).replace("MODBUS", &modbus.to_string()).replace("POLL", "10s");
+    let yaml = CONFIG.replace("MQTT", &mqtt.to_string()).replace("MODBUS", &modbus.to_string()).replace("POLL", "10s") + &state_dir("commands");
     let config = Config::parse(&yaml, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let gateway = Gateway::start(&config).await?;
     let sim = gateway.simulator("sim").ok_or_else(|| anyhow::anyhow!("no simulator"))?.clone();
@@ -136,13 +143,12 @@ async fn main() -> anyhow::Result<()> {
 /// read-back value.
 async fn shadow_round_trip(n: usize) -> anyhow::Result<()> {
     let (mqtt, modbus) = (free_port()?, free_port()?);
-    let state = std::env::temp_dir().join(format!("twinbus-bench-{}", std::process::id()));
     let yaml = CONFIG
         .replace("MQTT", &mqtt.to_string())
         .replace("MODBUS", &modbus.to_string())
         .replace("POLL", "10s")
         .replace("twin: { connection: local, commands: iot/v1/cmd, responses: iot/v1/rsp }", "twin: { connection: local, shadow: { thing: demo-pump } }")
-        + &format!("state_dir: {}\n", state.display());
+        + &state_dir("shadow");
     let config = Config::parse(&yaml, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let prefix = "$aws/things/demo-pump/shadow";
@@ -206,6 +212,5 @@ async fn shadow_round_trip(n: usize) -> anyhow::Result<()> {
         pct(0.99)
     );
     gateway.shutdown().await;
-    let _ = std::fs::remove_dir_all(&state);
     Ok(())
 }

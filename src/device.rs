@@ -103,9 +103,11 @@ impl DeviceHandle {
     }
 }
 
-/// Starts the actor of one device. It stops when `cancel` fires, after
-/// finishing the commands already queued.
-pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, cancel: CancellationToken) -> (DeviceHandle, tokio::task::JoinHandle<()>) {
+/// Starts the actor of one device on `tasks`. When `cancel` fires it stops
+/// polling at once (a poll on the wire finishes there: the bus owner never
+/// cuts a transaction), finishes the command it is executing, and answers
+/// those still queued with "shutting down" without touching the device.
+pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate::lifecycle::Tasks, cancel: CancellationToken) -> DeviceHandle {
     let points = Arc::new(device.points.clone());
     let n = points.len();
     let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now() };
@@ -125,8 +127,8 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, cancel: Cancel
         current: empty,
         failures: 0,
     };
-    let task = tokio::spawn(actor.run(cancel));
-    (DeviceHandle { name: device.name.clone(), points, tx, state }, task)
+    tasks.spawn(&format!("device {}", device.name), actor.run(cancel));
+    DeviceHandle { name: device.name.clone(), points, tx, state }
 }
 
 struct DeviceActor {
@@ -157,15 +159,23 @@ impl DeviceActor {
                     None => break,
                 },
                 () = tokio::time::sleep_until(next_poll) => {
-                    self.poll_cycle().await;
+                    if !self.poll_cycle(&cancel).await {
+                        break;
+                    }
                     next_poll = Instant::now() + self.poll_delay();
                 }
             }
         }
-        // Finish what was already asked, so no command goes unanswered.
+        // Answer what is still queued without touching the device: with dead
+        // devices on the line, executing it could outlast any stop deadline.
         self.rx.close();
         while let Some(msg) = self.rx.recv().await {
-            self.handle(msg).await;
+            let stopped = Outcome { values: vec![], error: Some("the gateway is shutting down; nothing was written".to_string()) };
+            match msg {
+                Msg::Write { reply, .. } | Msg::Read { reply, .. } => {
+                    let _ = reply.send(stopped);
+                }
+            }
         }
         tracing::debug!(device = %self.name, "device actor stopped");
     }
@@ -191,7 +201,9 @@ impl DeviceActor {
         }
     }
 
-    async fn poll_cycle(&mut self) {
+    /// One poll of every readable point; false when `cancel` fired in the
+    /// middle (the cycle is abandoned, nothing is published).
+    async fn poll_cycle(&mut self, cancel: &CancellationToken) -> bool {
         let readable: Vec<usize> = (0..self.points.len()).filter(|&i| self.points[i].access.readable()).collect();
         let blocks = plan_reads(&self.points, &readable, &self.limits);
         let mut unreachable = None;
@@ -200,7 +212,14 @@ impl DeviceActor {
             while let Ok(msg) = self.rx.try_recv() {
                 self.handle(msg).await;
             }
-            match self.bus.call(Priority::Poll, self.unit, block.op(), self.retries).await {
+            let call = self.bus.call(Priority::Poll, self.unit, block.op(), self.retries);
+            let result = tokio::select! {
+                biased;
+                // Dropping the call withdraws it from the bus's queue.
+                () = cancel.cancelled() => return false,
+                r = call => r,
+            };
+            match result {
                 Ok(reply) => {
                     for (i, v) in decode_block(&self.points, block.start, &block.points, &reply) {
                         self.store(i, v);
@@ -228,6 +247,7 @@ impl DeviceActor {
             }
         }
         self.publish();
+        true
     }
 
     fn store(&mut self, i: usize, v: Result<Value, String>) {

@@ -1,55 +1,72 @@
 //! Wiring: build every part from a validated config, run it, shut it down.
 //!
-//! Start order follows the data flow from the field up: embedded brokers and
-//! simulators, bus owners, device actors, MQTT connections, twin adapters.
-//! Shutdown goes the other way, so that nothing in flight is cut off:
+//! Start order follows the data flow from the field up: the store, embedded
+//! brokers and simulators, bus owners, device actors, MQTT connections, twin
+//! adapters. If any step fails, what was already started is stopped again
+//! before the error is returned. Every task is spawned through
+//! [`Tasks`](crate::lifecycle::Tasks): one that panics or ends on its own is
+//! a failure of the gateway ([`Gateway::failed`]).
+//!
+//! Shutdown goes the other way within one deadline (`shutdown_timeout`,
+//! default 10 s), however many devices are dead:
 //! 1. adapters stop taking commands (queued ones are answered with a refusal)
 //!    and finish the one they are executing;
-//! 2. device actors finish what they were asked and stop polling;
-//! 3. connections flush their answers (until PUBACK, at most 2 s) and disconnect;
-//! 4. bus owners, simulators and embedded brokers stop.
+//! 2. device actors stop polling at once, finish the command they execute,
+//!    and refuse what is queued without touching the line;
+//! 3. connections flush their outboxes until PUBACK (for what is left of the
+//!    deadline, at most a few seconds; what is not acknowledged stays in the
+//!    store) and disconnect;
+//! 4. bus owners, simulators, the store and embedded brokers stop.
+//!
+//! What still runs at the deadline is aborted and named in the log.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Broker, Config};
-use crate::device::{spawn_device, DeviceHandle};
+use crate::device::spawn_device;
+use crate::lifecycle::Tasks;
 use crate::modbus::spawn_bus;
-use crate::mqtt::{spawn_connection, ConnectionHandle, Route, Routes};
+use crate::mqtt::{spawn_connection, ConnectionHandle, Inbox, Routes};
 use crate::sim::{self, SimHandle};
 use crate::store::Store;
-use crate::twin::{run_commands, run_shadow, run_telemetry, shadow_topics, ShadowInbox};
+use crate::twin::{raw_adapter, run_commands, run_shadow, run_telemetry, shadow_inbox, shadow_topics};
 
-/// How long shutdown waits for answers to reach the broker.
-const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
-/// How long shutdown waits for a command on the wire to finish.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest part of the stop deadline spent flushing outboxes: what is
+/// not acknowledged by then is in the store and goes out after the restart.
+const FLUSH_AT_MOST: Duration = Duration::from_secs(3);
 
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
-    adapters: TaskTracker,
-    devices: Vec<(DeviceHandle, tokio::task::JoinHandle<()>)>,
+    root: Tasks,
+    failures: mpsc::UnboundedReceiver<String>,
+    adapters: Tasks,
+    devices: Tasks,
+    connections_tasks: Tasks,
+    rest: Tasks,
     connections: Vec<ConnectionHandle>,
     simulators: Vec<(String, SimHandle)>,
-    simulator_tasks: Vec<tokio::task::JoinHandle<()>>,
     #[cfg(feature = "embedded-broker")]
     brokers: Vec<crate::mqtt::EmbeddedBroker>,
+    store: Option<Store>,
     stop_adapters: CancellationToken,
     stop_devices: CancellationToken,
     stop_connections: CancellationToken,
     stop_simulators: CancellationToken,
     remote_shutdown: CancellationToken,
+    shutdown_timeout: Duration,
 }
 
 impl Gateway {
-    /// Starts everything the config describes.
+    /// Starts everything the config describes; on an error, stops what it
+    /// had started and returns the error.
     pub async fn start(config: &Config) -> anyhow::Result<Gateway> {
         // ring is the only provider we build with; installing it explicitly
         // keeps rustls from guessing (it panics if it finds two).
@@ -57,19 +74,62 @@ impl Gateway {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let stop_simulators = CancellationToken::new();
-        let stop_adapters = CancellationToken::new();
-        let stop_devices = CancellationToken::new();
-        let stop_connections = CancellationToken::new();
-        let remote_shutdown = CancellationToken::new();
+        let (root, failures) = Tasks::new();
+        let mut gateway = Gateway {
+            adapters: root.group(),
+            devices: root.group(),
+            connections_tasks: root.group(),
+            rest: root.group(),
+            root,
+            failures,
+            connections: Vec::new(),
+            simulators: Vec::new(),
+            #[cfg(feature = "embedded-broker")]
+            brokers: Vec::new(),
+            store: None,
+            stop_adapters: CancellationToken::new(),
+            stop_devices: CancellationToken::new(),
+            stop_connections: CancellationToken::new(),
+            stop_simulators: CancellationToken::new(),
+            remote_shutdown: CancellationToken::new(),
+            shutdown_timeout: config.shutdown_timeout,
+        };
+        match gateway.build(config).await {
+            Ok(()) => {
+                tracing::info!(
+                    devices = config.devices.len(),
+                    buses = config.buses.len(),
+                    connections = config.connections.len(),
+                    "twinbus running (config {})",
+                    config.source.display()
+                );
+                Ok(gateway)
+            }
+            Err(e) => {
+                gateway.shutdown().await;
+                Err(e)
+            }
+        }
+    }
 
-        #[cfg(feature = "embedded-broker")]
-        let mut brokers = Vec::new();
+    async fn build(&mut self, config: &Config) -> anyhow::Result<()> {
+        let store = Store::open(&config.state_dir)?;
+        self.store = Some(store.clone());
+        // The writer is a thread, not a task: this one stands for it, and
+        // ends (a failure, unless stopping) when the thread dies.
+        let (store_failed, stop) = (store.failed(), self.stop_connections.clone());
+        self.rest.spawn("the state store's writer thread", async move {
+            tokio::select! {
+                () = store_failed.cancelled() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+
         for c in &config.connections {
             if let Broker::Embedded { listen } = &c.broker {
                 #[cfg(feature = "embedded-broker")]
                 {
-                    brokers.push(crate::mqtt::EmbeddedBroker::start(*listen)?);
+                    self.brokers.push(crate::mqtt::EmbeddedBroker::start(*listen)?);
                     tracing::info!(connection = %c.name, %listen, "embedded MQTT broker listening");
                 }
                 #[cfg(not(feature = "embedded-broker"))]
@@ -77,85 +137,62 @@ impl Gateway {
             }
         }
 
-        let mut simulators = Vec::new();
-        let mut simulator_tasks = Vec::new();
         for s in &config.simulators {
-            let (handle, task) = sim::start_with_task(s, stop_simulators.clone()).await?;
-            simulators.push((s.name.clone(), handle));
-            simulator_tasks.push(task);
+            let (handle, task) = sim::start_with_task(s, self.stop_simulators.clone()).await?;
+            self.simulators.push((s.name.clone(), handle));
+            self.rest.spawn(&format!("simulator {}", s.name), async move {
+                let _ = task.await;
+            });
         }
 
-        let buses: Vec<_> = config.buses.iter().map(|b| spawn_bus(b.clone())).collect();
+        let buses: Vec<_> = config.buses.iter().map(|b| spawn_bus(b.clone(), &self.rest)).collect();
         let mut devices = Vec::new();
         for d in &config.devices {
             let bus = &config.buses[d.bus];
-            devices.push(spawn_device(d, buses[d.bus].clone(), bus.retries, stop_devices.clone()));
+            devices.push(spawn_device(d, buses[d.bus].clone(), bus.retries, &self.devices, self.stop_devices.clone()));
         }
         drop(buses); // each bus owner ends when its last device actor does
 
         let mut routes: Vec<Routes> = vec![HashMap::new(); config.connections.len()];
-        let mut inboxes = HashMap::new();
+        let mut raw_workers = HashMap::new();
         let mut shadow_inboxes = HashMap::new();
         for d in &config.devices {
             let Some(t) = &d.twin else { continue };
-            if let Some(topic) = &t.commands {
-                let (tx, rx) = mpsc::channel(64);
-                routes[t.connection].insert(topic.clone(), Route::new(tx));
-                inboxes.insert(d.name.clone(), rx);
+            if let (Some(topic), Some((inbox, worker))) = (&t.commands, raw_adapter(t, &d.name, store.clone())) {
+                routes[t.connection].insert(topic.clone(), inbox as Arc<dyn Inbox>);
+                raw_workers.insert(d.name.clone(), worker);
             }
             if let Some(s) = &t.shadow {
-                let (tx, rx) = mpsc::channel(64);
-                let overflow = Arc::new(Notify::new());
+                let (route, inbox) = shadow_inbox();
                 for topic in shadow_topics(s) {
-                    routes[t.connection].insert(topic, Route::with_overflow(tx.clone(), overflow.clone()));
+                    routes[t.connection].insert(topic, route.clone() as Arc<dyn Inbox>);
                 }
-                shadow_inboxes.insert(d.name.clone(), ShadowInbox { messages: rx, overflow });
+                shadow_inboxes.insert(d.name.clone(), inbox);
             }
         }
-        let store = match shadow_inboxes.is_empty() {
-            true => None,
-            false => Some(Store::open(&config.state_dir)?),
-        };
-        let mut connections = Vec::new();
         for (c, r) in config.connections.iter().zip(routes) {
-            let handle = spawn_connection(c, r, stop_connections.clone()).await.with_context(|| format!("connection `{}`", c.name))?;
-            connections.push(handle);
+            let handle = spawn_connection(c, r, store.clone(), &self.connections_tasks, self.stop_connections.clone())
+                .await
+                .with_context(|| format!("connection `{}`", c.name))?;
+            self.connections.push(handle);
         }
 
-        let adapters = TaskTracker::new();
-        for (d, (device, _)) in config.devices.iter().zip(&devices) {
+        for (d, device) in config.devices.iter().zip(&devices) {
             let Some(twin) = &d.twin else { continue };
-            let conn = connections[twin.connection].clone();
-            if let Some(inbox) = inboxes.remove(&d.name) {
-                adapters.spawn(run_commands(twin.clone(), device.clone(), conn.clone(), inbox, stop_adapters.clone(), remote_shutdown.clone()));
+            let conn = self.connections[twin.connection].clone();
+            if let Some(worker) = raw_workers.remove(&d.name) {
+                let task = run_commands(twin.clone(), worker, device.clone(), conn.clone(), self.stop_adapters.clone(), self.remote_shutdown.clone());
+                self.adapters.spawn(&format!("commands of {}", d.name), task);
             }
-            if let (Some(binding), Some(inbox), Some(store)) = (&twin.shadow, shadow_inboxes.remove(&d.name), &store) {
-                adapters.spawn(run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone()));
+            if let (Some(binding), Some(inbox)) = (&twin.shadow, shadow_inboxes.remove(&d.name)) {
+                let task = run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, self.stop_adapters.clone());
+                self.adapters.spawn(&format!("shadow of {}", d.name), task);
             }
-            adapters.spawn(run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));
+            if twin.telemetry.is_some() {
+                self.adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, self.stop_adapters.clone()));
+            }
         }
-        adapters.close();
-        tracing::info!(
-            devices = config.devices.len(),
-            buses = config.buses.len(),
-            connections = config.connections.len(),
-            "twinbus running (config {})",
-            config.source.display()
-        );
-        Ok(Gateway {
-            adapters,
-            devices,
-            connections,
-            simulators,
-            simulator_tasks,
-            #[cfg(feature = "embedded-broker")]
-            brokers,
-            stop_adapters,
-            stop_devices,
-            stop_connections,
-            stop_simulators,
-            remote_shutdown,
-        })
+        Ok(())
     }
 
     /// Waits until every connection is up with its subscriptions acknowledged
@@ -177,39 +214,62 @@ impl Gateway {
         self.remote_shutdown.clone()
     }
 
+    /// Resolves when a part of the gateway failed (a task panicked or ended
+    /// on its own, the store's writer died), with what failed.
+    pub async fn failed(&mut self) -> String {
+        self.failures.recv().await.unwrap_or_else(|| "the gateway's tasks are gone".to_string())
+    }
+
     /// A simulator started by the config, by name.
     pub fn simulator(&self, name: &str) -> Option<&SimHandle> {
         self.simulators.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
-    /// Stops everything in order; see the module docs.
-    pub async fn shutdown(self) {
-        tracing::info!("shutting down: no new commands");
+    /// Stops everything in order within `shutdown_timeout`; see the module
+    /// docs. Returns true when everything stopped by itself (nothing had to
+    /// be aborted at the deadline).
+    pub async fn shutdown(self) -> bool {
+        let started = Instant::now();
+        let deadline = started + self.shutdown_timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        // Keep some of the deadline for the flush, unless it is short.
+        let flush = FLUSH_AT_MOST.min(self.shutdown_timeout / 3);
+        tracing::info!(deadline = ?self.shutdown_timeout, "shutting down: no new commands");
+        self.root.stopping();
+
         self.stop_adapters.cancel();
-        if tokio::time::timeout(COMMAND_DEADLINE, self.adapters.wait()).await.is_err() {
-            tracing::warn!("a command was still running after {COMMAND_DEADLINE:?}; it was abandoned");
-        }
         self.stop_devices.cancel();
-        for (device, task) in self.devices {
-            if tokio::time::timeout(COMMAND_DEADLINE, task).await.is_err() {
-                tracing::warn!(device = %device.name, "device actor did not stop in time");
-            }
+        let mut clean = self.adapters.wait(left().saturating_sub(flush)).await;
+        clean &= self.devices.wait(left().saturating_sub(flush)).await;
+        if !clean {
+            tracing::warn!("a command was still running when the time to finish commands was up; it is abandoned");
         }
-        // In parallel: each waits up to its deadline for PUBACKs.
+
+        // In parallel: each waits for its PUBACKs.
+        let flush_for = left().saturating_sub(Duration::from_millis(300)).min(flush.max(Duration::from_millis(500)));
         let mut closing = tokio::task::JoinSet::new();
         for c in self.connections {
-            closing.spawn(async move { c.close(FLUSH_DEADLINE).await });
+            closing.spawn(async move { c.close(flush_for).await });
         }
         while closing.join_next().await.is_some() {}
         self.stop_connections.cancel();
         self.stop_simulators.cancel();
-        for task in self.simulator_tasks {
-            let _ = task.await; // its port is free once it returns
+        clean &= self.connections_tasks.wait(left()).await;
+        clean &= self.rest.wait(left()).await;
+        if let Some(store) = &self.store {
+            store.close().await;
         }
         #[cfg(feature = "embedded-broker")]
         for b in self.brokers {
             b.stop();
         }
-        tracing::info!("stopped");
+        let aborted = self.root.abort_all();
+        if aborted.is_empty() && clean {
+            tracing::info!(took = ?started.elapsed(), "stopped");
+            true
+        } else {
+            tracing::warn!(took = ?started.elapsed(), aborted = ?aborted, "stopped; these were still running at the deadline and were aborted");
+            false
+        }
     }
 }

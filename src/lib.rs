@@ -9,6 +9,7 @@
 pub mod config;
 pub mod device;
 pub mod gateway;
+pub mod lifecycle;
 pub mod modbus;
 pub mod mqtt;
 pub mod point;

@@ -3,8 +3,12 @@
 //! Exit codes: 0 on success (including a graceful stop on SIGINT, SIGTERM or
 //! an allowed remote shutdown); 1 when the configuration is invalid (the
 //! report names file, line, column, field and what would be valid); 2 when
-//! the gateway could not start or failed while running (e.g. a port in use).
-//! Errors are printed once, as `twinbus: error: ...` with their causes.
+//! the gateway could not start or failed while running (e.g. a port in use,
+//! or one of its tasks panicked: the service manager should restart it);
+//! 130 when a second SIGINT/SIGTERM cut the shutdown short. SIGHUP is logged
+//! and ignored (no reload yet). Errors are printed once, as
+//! `twinbus: error: ...` with their causes. Logs go to stderr, in colour only
+//! on a terminal.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,19 +86,48 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn,rumqttc=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colour only on a terminal: journald and `docker logs` show escapes as is.
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
+/// Exit status after a second stop signal: the drain was cut short.
+const INTERRUPTED: i32 = 130;
+
 async fn run(config: &Config) -> anyhow::Result<()> {
-    let gateway = Gateway::start(config).await?;
+    let mut gateway = Gateway::start(config).await?;
     let remote = gateway.remote_shutdown();
-    tokio::select! {
-        r = stop_signal() => r?,
-        () = remote.cancelled() => {}
+    let mut signals = Signals::new()?;
+    let failure = loop {
+        tokio::select! {
+            s = signals.next() => match s {
+                Signal::Stop(name) => {
+                    tracing::info!("{name}: stopping");
+                    break None;
+                }
+                Signal::Hangup => tracing::warn!("SIGHUP: reloading the configuration is not supported yet; ignored (restart the service to apply changes)"),
+            },
+            () = remote.cancelled() => break None,
+            f = gateway.failed() => break Some(f),
+        }
+    };
+    // A second stop signal while draining means "now".
+    let drained = tokio::select! {
+        ok = gateway.shutdown() => ok,
+        () = signals.second_stop() => {
+            eprintln!("twinbus: second stop signal: exiting without finishing the shutdown");
+            std::process::exit(INTERRUPTED);
+        }
+    };
+    if let Some(f) = failure {
+        anyhow::bail!("stopped because a part of the gateway failed: {f}");
     }
-    gateway.shutdown().await;
+    if !drained {
+        tracing::warn!("the shutdown deadline cut some work short (see above); unsent messages stay in the store");
+    }
     Ok(())
 }
 
@@ -106,21 +139,56 @@ async fn simulate(config: &Config) -> anyhow::Result<()> {
     for s in &config.simulators {
         twinbus::sim::start(s, cancel.clone()).await?;
     }
-    stop_signal().await?;
+    let mut signals = Signals::new()?;
+    while let Signal::Hangup = signals.next().await {}
     cancel.cancel();
     Ok(())
 }
 
-async fn stop_signal() -> anyhow::Result<()> {
+enum Signal {
+    /// SIGINT or SIGTERM, by name.
+    Stop(&'static str),
+    Hangup,
+}
+
+/// The signals the gateway reacts to.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Signal::Stop("SIGTERM"),
+                _ = self.int.recv() => Signal::Stop("SIGINT"),
+                _ = self.hup.recv() => Signal::Hangup,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop("Ctrl-C")
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+
+    async fn second_stop(&mut self) {
+        while let Signal::Hangup = self.next().await {}
+    }
 }

@@ -103,6 +103,7 @@ simulators:
   sim: {{ listen: "127.0.0.1:{modbus}", serves: [pump] }}
 "#
     );
+    let yaml = yaml + &format!("state_dir: {}\n", support::fresh_state_dir(format!("remote-{broker_port}")).display());
     Config::parse(&yaml, Path::new("remote.yaml")).expect("valid")
 }
 
@@ -166,6 +167,7 @@ async fn a_hundred_per_twin_connections_work_side_by_side() {
     }
     let served: Vec<String> = (1..=100).map(|n| format!("pump-{n}")).collect();
     yaml += &format!("simulators:\n  sim: {{ listen: \"127.0.0.1:{modbus}\", serves: [{}] }}\n", served.join(", "));
+    yaml += &format!("state_dir: {}\n", support::fresh_state_dir("hundred").display());
     let config = Config::parse(&yaml, Path::new("hundred.yaml")).expect("valid");
     let gateway = Gateway::start(&config).await.expect("start");
 

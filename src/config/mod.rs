@@ -39,8 +39,10 @@ pub struct Config {
     pub simulators: Vec<Simulator>,
     /// Things that work but deserve a look (e.g. an inline password).
     pub warnings: Vec<String>,
-    /// Where shadow versions and executed command ids are kept across restarts.
+    /// Where the store lives: the outbox, command ids, shadow versions.
     pub state_dir: PathBuf,
+    /// How long a graceful stop may take before what is left is aborted.
+    pub shutdown_timeout: Duration,
 }
 
 /// One MQTT session.
@@ -68,8 +70,20 @@ pub struct Connection {
     pub reconnect_min: Duration,
     /// Longest wait before reconnecting.
     pub reconnect_max: Duration,
-    /// Messages kept while the broker is unreachable; beyond it the oldest go.
-    pub outbox_limit: usize,
+    /// Bounds of the messages kept until the broker acknowledges them.
+    pub outbox: OutboxSettings,
+}
+
+/// Bounds of a connection's outbox; past one, waiting messages are dropped
+/// oldest first, telemetry before shadow reports before answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutboxSettings {
+    /// Most messages kept.
+    pub max_messages: usize,
+    /// Most payload bytes kept.
+    pub max_bytes: usize,
+    /// Messages older than this are dropped.
+    pub max_age: Duration,
 }
 
 /// MQTT protocol version.

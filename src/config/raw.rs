@@ -57,6 +57,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) simulators: Map<RawSimulator>,
     pub(crate) state_dir: Option<S<String>>,
+    pub(crate) shutdown_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +117,8 @@ pub(crate) struct RawReconnect {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawOutbox {
     pub(crate) max_messages: Option<S<i64>>,
+    pub(crate) max_size: Option<S<RawScalar>>,
+    pub(crate) max_age: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

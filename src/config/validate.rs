@@ -47,13 +47,16 @@ impl Checker<'_> {
     }
 
     fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
-        let Some(v) = v else { return default };
         // No setting here needs more than a day; a bound also keeps
         // arithmetic on durations (backoff doubling) from overflowing.
-        const MAX: Duration = Duration::from_secs(86_400);
+        self.duration_within(v, path, default, min, Duration::from_secs(86_400))
+    }
+
+    fn duration_within(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration, max: Duration) -> Duration {
+        let Some(v) = v else { return default };
         match humantime::parse_duration(v.value.trim()) {
-            Ok(d) if d > MAX => {
-                self.at(v, path, format!("{:?} is too long (at most 1 day)", v.value));
+            Ok(d) if d > max => {
+                self.at(v, path, format!("{:?} is too long (at most {})", v.value, humantime::format_duration(max)));
                 default
             }
             Ok(d) if d >= min => d,
@@ -64,6 +67,28 @@ impl Checker<'_> {
             Err(e) => {
                 self.at(v, path, format!("{:?} is not a duration: {e} (write e.g. 300ms, 2s, 1m)", v.value));
                 default
+            }
+        }
+    }
+
+    /// A size in bytes: a number, or a number with a unit (`64MiB`, `512KiB`,
+    /// `1GB`).
+    fn size(&mut self, v: &Spanned<RawScalar>, path: &str, lo: u64, hi: u64) -> Option<usize> {
+        let bytes = match &v.value {
+            RawScalar::Int(n) => u64::try_from(*n).ok(),
+            RawScalar::Float(_) => None,
+            RawScalar::Text(t) => parse_size(t),
+        };
+        let human = |n: u64| format!("{} MiB", n >> 20);
+        match bytes {
+            Some(n) if (lo..=hi).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.at(v, path, format!("{n} bytes is out of range (valid: {} KiB to {})", lo >> 10, human(hi)));
+                None
+            }
+            None => {
+                self.at(v, path, "is not a size (write e.g. 64MiB, 512KiB, or a number of bytes)");
+                None
             }
         }
     }
@@ -136,10 +161,11 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     };
     check_shadow_conflicts(&mut c, &raw.devices, &devices);
 
+    let shutdown_timeout = c.duration_within(raw.shutdown_timeout.as_ref(), "shutdown_timeout", Duration::from_secs(10), Duration::from_secs(1), Duration::from_secs(600));
     if !c.problems.is_empty() {
         return Err(ConfigError::Invalid { problems: c.problems });
     }
-    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings, state_dir })
+    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings, state_dir, shutdown_timeout })
 }
 
 fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> Option<Connection> {
@@ -224,12 +250,7 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         }
         reconnect_max = reconnect_min;
     }
-    let outbox_limit = raw
-        .outbox
-        .as_ref()
-        .and_then(|o| o.max_messages.as_ref())
-        .map_or(Some(10_000), |m| c.int(m, &format!("{path}.outbox.max_messages"), 1, 10_000_000, "a message count"))
-        .unwrap_or(10_000);
+    let outbox = outbox(c, raw.outbox.as_ref(), &path);
     Some(Connection {
         name: key.name().to_string(),
         broker: broker?,
@@ -242,8 +263,29 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         presence,
         reconnect_min,
         reconnect_max,
-        outbox_limit,
+        outbox,
     })
+}
+
+/// Defaults: 100,000 messages, 64 MiB, 24 hours: a day of outage for a
+/// gateway sending a few messages per second, in bounded disk space.
+fn outbox(c: &mut Checker, raw: Option<&RawOutbox>, path: &str) -> OutboxSettings {
+    let max_messages = raw
+        .and_then(|o| o.max_messages.as_ref())
+        .map_or(Some(100_000), |m| c.int(m, &format!("{path}.outbox.max_messages"), 1, 10_000_000, "a message count"))
+        .unwrap_or(100_000);
+    let max_bytes = raw
+        .and_then(|o| o.max_size.as_ref())
+        .map_or(Some(64 << 20), |m| c.size(m, &format!("{path}.outbox.max_size"), 64 << 10, 16 << 30))
+        .unwrap_or(64 << 20);
+    let max_age = c.duration_within(
+        raw.and_then(|o| o.max_age.as_ref()),
+        &format!("{path}.outbox.max_age"),
+        Duration::from_secs(86_400),
+        Duration::from_secs(60),
+        Duration::from_secs(30 * 86_400),
+    );
+    OutboxSettings { max_messages, max_bytes, max_age }
 }
 
 /// `username` with `password` or `password_file`, for a broker or a proxy.
@@ -320,6 +362,26 @@ fn proxy(c: &mut Checker, p: &Spanned<RawProxy>, path: &str, base: &Path, embedd
     };
     let credentials = credentials(c, &raw.username, &raw.password, &raw.password_file, &raw.url, path, base);
     Some(Proxy { kind, host, port, credentials })
+}
+
+/// `64MiB`, `512 KiB`, `1GB`, `100000`: bytes. Binary and decimal units both
+/// mean what they say.
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 fn host_name() -> String {

@@ -124,12 +124,14 @@ impl BusHandle {
     }
 }
 
-/// Starts the owner task of one bus. It ends when every handle is dropped.
-pub fn spawn_bus(bus: Bus) -> BusHandle {
+/// Starts the owner task of one bus on `tasks`. It ends when every handle is
+/// dropped (its device actors have stopped).
+pub fn spawn_bus(bus: Bus, tasks: &crate::lifecycle::Tasks) -> BusHandle {
     let (commands, command_rx) = mpsc::channel(64);
     let (polls, poll_rx) = mpsc::channel(64);
+    let name = format!("bus {}", bus.name);
     let owner = BusOwner { bus, ctx: None, last_done: None, commands: command_rx, polls: poll_rx, retry: VecDeque::new() };
-    tokio::spawn(owner.run());
+    tasks.spawn(&name, owner.run());
     BusHandle { commands, polls }
 }
 

@@ -3,30 +3,40 @@
 //! The poll task only drives rumqttc's event loop and forwards its events; it
 //! is never interrupted mid-connect, and after an error it waits (exponential
 //! backoff with jitter, capped) before the next attempt. The actor owns the
-//! [`Outbox`], routes incoming publishes by topic to the twin adapters,
-//! resubscribes and publishes `online` after every CONNACK (rumqttc does
-//! neither), and hands publishes to rumqttc with `try_publish`, so nothing
-//! ever awaits rumqttc's request channel.
+//! [`Outbox`] and does its I/O: every message is written to the [`Store`]
+//! before it is handed to rumqttc (with `try_publish`, so nothing ever awaits
+//! rumqttc's request channel) and removed from it on PUBACK; after a restart
+//! the stored messages go out first, in order. The actor also routes incoming
+//! publishes by topic to the twin adapters' [`Inbox`]es, which never make it
+//! wait: an inbox that cannot take a message answers for it (a raw command is
+//! refused as busy) or catches up later (a shadow fetches itself again), so
+//! nothing is dropped in silence. It resubscribes and publishes `online` after
+//! every CONNACK (rumqttc does neither).
 //!
 //! Connection errors are logged once per outage as one line that says what
 //! to check; the same error repeating is logged at debug level.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Entry, Outbox};
+use super::outbox::{self, Class, DropReason, Dropped, Entry, Limits, Next, Outbox};
 use super::session::{self, Client, Ev, EventLoop, Properties};
 use crate::config::{Broker, Connection, ProxyKind};
+use crate::store::{Op, Pending, Store};
 
 /// QoS 1 publishes handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 64;
+/// Waiting messages that keep their payload in memory; the rest wait on disk.
+const RESIDENT: usize = 256;
+/// How often old messages are looked for (`outbox.max_age`).
+const EXPIRY_CHECK: Duration = Duration::from_secs(60);
 
 /// An incoming message, handed to the twin adapter subscribed to its topic.
 #[derive(Clone, Debug)]
@@ -39,32 +49,59 @@ pub struct Message {
     pub properties: Option<Properties>,
 }
 
-/// Topic → the adapter's inbox. Exact topics only (no wildcards).
-pub type Routes = HashMap<String, Route>;
-
-/// Where messages on one topic go.
-#[derive(Clone, Debug)]
-pub struct Route {
-    inbox: mpsc::Sender<Message>,
-    /// Woken when a message had to be dropped because the inbox was full, for
-    /// an adapter that can recover what it missed (a shadow asks for the
-    /// whole document again). The connection never waits on an adapter.
-    overflow: Option<Arc<Notify>>,
+/// Where the messages of one topic go. The connection hands over every
+/// message with `offer` from its own task, so an implementation must never
+/// block or wait: what it cannot take now it answers for at once (the
+/// returned publishes go out like any other), or recovers later by itself.
+pub trait Inbox: Send + Sync + std::fmt::Debug {
+    /// Takes a message; returns what to publish in its place, if anything.
+    fn offer(&self, msg: Message) -> Vec<Publish>;
 }
 
-impl Route {
-    pub fn new(inbox: mpsc::Sender<Message>) -> Route {
-        Route { inbox, overflow: None }
+/// Topic → the adapter's inbox. Exact topics only (no wildcards).
+pub type Routes = HashMap<String, Arc<dyn Inbox>>;
+
+/// A message to publish (QoS 1), with what it is (which decides what is
+/// dropped first when the outbox is full) and store records that must be
+/// committed together with it (e.g. "command X answered").
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// What it is.
+    pub class: Class,
+    /// Ask the broker to keep it.
+    pub retain: bool,
+    /// MQTT 5 properties echoed with an answer.
+    pub properties: Option<Properties>,
+    /// Committed in the same store transaction as the message itself.
+    pub records: Vec<Op>,
+}
+
+impl Publish {
+    /// A message of `class` on `topic`.
+    pub fn new(class: Class, topic: impl Into<String>, payload: impl Into<Bytes>) -> Publish {
+        Publish { topic: topic.into(), payload: payload.into(), class, retain: false, properties: None, records: Vec::new() }
     }
 
-    pub fn with_overflow(inbox: mpsc::Sender<Message>, overflow: Arc<Notify>) -> Route {
-        Route { inbox, overflow: Some(overflow) }
+    /// With MQTT 5 properties (an answer's correlation data).
+    pub fn with_properties(mut self, properties: Option<Properties>) -> Publish {
+        self.properties = properties;
+        self
+    }
+
+    /// With store records committed together with the message.
+    pub fn recording(mut self, records: Vec<Op>) -> Publish {
+        self.records = records;
+        self
     }
 }
 
 #[derive(Debug)]
 enum Cmd {
-    Publish(Entry),
+    Publish(Publish),
     Close { deadline: Duration, done: oneshot::Sender<bool> },
 }
 
@@ -78,20 +115,16 @@ pub struct ConnectionHandle {
 }
 
 impl ConnectionHandle {
-    /// Queues a QoS 1 publish in the outbox. Waits when the actor is busy.
-    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.send(Entry::new(topic.to_string(), payload.into(), false, None)).await;
-    }
-
-    /// Queues an answer carrying MQTT 5 properties (correlation data, user properties).
-    pub async fn publish_reply(&self, topic: &str, payload: Vec<u8>, properties: Properties) {
-        self.send(Entry::new(topic.to_string(), payload.into(), false, Some(properties))).await;
-    }
-
-    async fn send(&self, entry: Entry) {
-        if self.tx.send(Cmd::Publish(entry)).await.is_err() {
+    /// Queues a message in the outbox. Waits only when the actor is busy.
+    pub async fn send(&self, publish: Publish) {
+        if self.tx.send(Cmd::Publish(publish)).await.is_err() {
             tracing::warn!(connection = %self.name, "publish dropped: the connection is closed");
         }
+    }
+
+    /// Queues a message of `class` without properties or records.
+    pub async fn publish(&self, class: Class, topic: &str, payload: Vec<u8>) {
+        self.send(Publish::new(class, topic, payload)).await;
     }
 
     /// Counts sessions that are up with their subscriptions acknowledged:
@@ -102,7 +135,7 @@ impl ConnectionHandle {
 
     /// Graceful close: publishes `offline` presence, waits until every queued
     /// message is acknowledged (or `deadline`), then disconnects. Returns
-    /// whether everything was delivered.
+    /// whether everything was delivered; what was not stays in the store.
     pub async fn close(&self, deadline: Duration) -> bool {
         let (done, rx) = oneshot::channel();
         if self.tx.send(Cmd::Close { deadline, done }).await.is_err() {
@@ -113,8 +146,15 @@ impl ConnectionHandle {
 }
 
 /// Starts one connection. `routes` lists the topics to subscribe to on every
-/// connect. Runs until closed or `cancel` fires.
-pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: CancellationToken) -> anyhow::Result<ConnectionHandle> {
+/// connect; `store` keeps its outbox. Runs until closed or `cancel` fires;
+/// both tasks are spawned on `tasks`.
+pub async fn spawn_connection(
+    conn: &Connection,
+    routes: Routes,
+    store: Store,
+    tasks: &crate::lifecycle::Tasks,
+    cancel: CancellationToken,
+) -> anyhow::Result<ConnectionHandle> {
     let tls = match &conn.broker {
         Broker::Remote { tls: Some(tls), .. } => Some(super::tls::client_config(tls)?),
         _ => None,
@@ -138,11 +178,26 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
             (endpoint, target)
         }
     };
+    let limits = Limits {
+        max_messages: conn.outbox.max_messages,
+        max_bytes: conn.outbox.max_bytes,
+        max_age_ms: u64::try_from(conn.outbox.max_age.as_millis()).unwrap_or(u64::MAX),
+        max_payload: session::MAX_PACKET - 65_536,
+    };
+    let mut outbox = Outbox::new(limits, WINDOW, RESIDENT);
+    let restored = restore(&store, &conn.name, &mut outbox)?;
+    if restored > 0 {
+        tracing::info!(connection = %conn.name, messages = restored, "sending first what was queued before the restart");
+    }
+
     let (client, eventloop) = session::build(conn, &endpoint);
     let (events_tx, events) = mpsc::channel(256);
     let poll_cancel = cancel.child_token();
     let link_up = Arc::new(AtomicBool::new(false));
-    tokio::spawn(poll_loop(eventloop, events_tx, link_up.clone(), conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()));
+    tasks.spawn(
+        &format!("connection {} (event loop)", conn.name),
+        poll_loop(eventloop, events_tx, link_up.clone(), conn.reconnect_min, conn.reconnect_max, poll_cancel.clone()),
+    );
 
     let (tx, rx) = mpsc::channel(1024);
     let (sessions_tx, sessions) = watch::channel(0u64);
@@ -152,16 +207,36 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         client,
         routes,
         topics: Vec::new(),
-        outbox: Outbox::new(conn.outbox_limit, WINDOW),
+        outbox,
+        store,
+        removals: Vec::new(),
+        warned: HashMap::new(),
         connected: false,
         link_up,
         sessions: sessions_tx,
         last_error: None,
         tunnel_errors,
-        warned_full: false,
     };
-    tokio::spawn(actor.run(rx, events, cancel, poll_cancel));
+    tasks.spawn(&format!("connection {}", conn.name), actor.run(rx, events, cancel, poll_cancel));
     Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions })
+}
+
+/// Loads the messages a previous run left in the store. Only the first
+/// `RESIDENT` keep their payload in memory.
+fn restore(store: &Store, connection: &str, outbox: &mut Outbox) -> anyhow::Result<usize> {
+    let mut entries = Vec::new();
+    let mut unreadable = Vec::new();
+    store.outbox_scan(connection, |seq, record| match outbox::decode(seq, record, entries.len() < RESIDENT) {
+        Some(e) => entries.push(e),
+        None => unreadable.push(seq),
+    })?;
+    if !unreadable.is_empty() {
+        tracing::warn!(connection, count = unreadable.len(), "dropping stored messages this build cannot read");
+        store.submit_detached(vec![Op::OutboxRemove { connection: connection.to_string(), seqs: unreadable }]);
+    }
+    let n = entries.len();
+    outbox.restore(entries);
+    Ok(n)
 }
 
 /// A link must stay up this long before the backoff starts again from `min`:
@@ -229,14 +304,23 @@ struct Actor {
     routes: Routes,
     topics: Vec<String>,
     outbox: Outbox,
+    store: Store,
+    /// Acknowledged or dropped entries to remove from the store, in one
+    /// (non-durable) commit per turn of the loop.
+    removals: Vec<u64>,
+    /// Drop reasons already warned about in this episode (reset on connect),
+    /// so an outage logs one line per reason, not one per message.
+    warned: HashMap<(DropReason, Class), u64>,
     connected: bool,
     /// Set by the poll task: false as soon as it sees the link fail.
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
     last_error: Option<String>,
     tunnel_errors: mpsc::UnboundedReceiver<String>,
-    warned_full: bool,
 }
+
+/// Store commits under way, in submission order: (outbox entry, its commit).
+type Persisting = VecDeque<(Option<u64>, Pending)>;
 
 impl Actor {
     async fn run(
@@ -248,11 +332,16 @@ impl Actor {
     ) {
         self.topics = self.routes.keys().cloned().collect();
         self.topics.sort();
+        let mut persisting = Persisting::new();
+        let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing: Option<(Instant, oneshot::Sender<bool>)> = None;
         loop {
+            self.flush_removals();
             self.feed();
+            self.gauge();
             if let Some((deadline, _)) = &closing {
-                if self.outbox.len() == 0 || Instant::now() >= *deadline {
+                if (self.outbox.len() == 0 && persisting.is_empty()) || Instant::now() >= *deadline {
                     break;
                 }
             }
@@ -260,27 +349,39 @@ impl Actor {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 cmd = rx.recv(), if closing.is_none() => match cmd {
-                    Some(Cmd::Publish(entry)) => self.enqueue(entry),
+                    Some(Cmd::Publish(p)) => self.enqueue(p, &mut persisting),
                     Some(Cmd::Close { deadline, done }) => {
                         if let Some(p) = self.conn.presence.clone() {
                             let retain = session::presence_retain(&p, &self.conn);
-                            self.enqueue(Entry::new(p.topic, p.offline.into(), retain, None));
+                            let offline = Publish { retain, ..Publish::new(Class::Volatile, p.topic, p.offline) };
+                            self.enqueue(offline, &mut persisting);
                         }
                         closing = Some((Instant::now() + deadline, done));
                     }
                     None => break,
                 },
                 ev = events.recv() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev),
+                    Some(Ok(ev)) => self.on_event(ev, &mut persisting),
                     Some(Err(e)) => self.on_error(e),
                     None => break,
                 },
+                (seq, result) = next_persisted(&mut persisting) => self.on_persisted(seq, result),
+                _ = expiry.tick() => {
+                    let gone = self.outbox.expire(crate::twin::now_ms());
+                    self.report_drops(&gone);
+                }
                 () = sleep_until(deadline) => {}
             }
         }
-        let delivered = self.outbox.len() == 0;
-        if !delivered {
-            tracing::warn!(connection = %self.conn.name, unsent = self.outbox.len(), "closing with messages the broker has not acknowledged");
+        // Whatever is still being written must be on disk before we go.
+        while !persisting.is_empty() {
+            let (seq, result) = next_persisted(&mut persisting).await;
+            self.on_persisted(seq, result);
+        }
+        self.flush_removals();
+        let unsent = self.outbox.len();
+        if unsent > 0 {
+            tracing::info!(connection = %self.conn.name, unsent, "closing with messages the broker has not acknowledged: they stay in the store and go out after the restart");
         }
         if self.connected {
             self.client.try_disconnect();
@@ -296,16 +397,84 @@ impl Actor {
         }
         poll_cancel.cancel();
         if let Some((_, done)) = closing {
-            let _ = done.send(delivered);
+            let _ = done.send(unsent == 0);
         }
     }
 
-    fn enqueue(&mut self, entry: Entry) {
-        if !self.outbox.push(entry) && !self.warned_full {
-            self.warned_full = true;
-            tracing::warn!(connection = %self.conn.name, limit = self.conn.outbox_limit, "outbox full: dropping the oldest messages");
+    /// Queues a message: into the outbox, and into the store (with the
+    /// records that ride with it) before it may be sent.
+    fn enqueue(&mut self, p: Publish, persisting: &mut Persisting) {
+        let Publish { topic, payload, class, retain, properties, mut records } = p;
+        let entry = Entry::new(class, topic, payload, retain, properties, crate::twin::now_ms());
+        let record = (class != Class::Volatile).then(|| outbox::encode(&entry, entry.payload.as_deref().unwrap_or_default()));
+        let pushed = self.outbox.push(entry);
+        self.report_drops(&pushed.dropped);
+        let mut put = None;
+        if let (true, Some(record)) = (pushed.store, record) {
+            records.insert(0, Op::OutboxPut { connection: self.conn.name.clone(), seq: pushed.seq, record });
+            put = Some(pushed.seq);
         }
+        // Records are kept even when their message could not be (a command
+        // that ran stays answered): a repeat must not run it again.
+        if !records.is_empty() {
+            persisting.push_back((put, self.store.submit(records, true)));
+        }
+    }
+
+    fn on_persisted(&mut self, seq: Option<u64>, result: anyhow::Result<()>) {
+        if let Err(e) = &result {
+            metrics::counter!("twinbus_store_errors_total", "connection" => self.conn.name.clone()).increment(1);
+            tracing::error!(connection = %self.conn.name, store = %self.store.path().display(), "cannot write to the store: {e:#}; sending from memory (lost if the gateway stops before the broker has it)");
+        }
+        if let Some(seq) = seq {
+            self.outbox.persisted(seq, result.is_ok());
+        }
+    }
+
+    /// Logs (once per reason and class per episode) and counts entries that
+    /// left undelivered, and removes them from the store.
+    fn report_drops(&mut self, dropped: &[Dropped]) {
+        for d in dropped {
+            metrics::counter!("twinbus_mqtt_outbox_dropped_total", "connection" => self.conn.name.clone(), "class" => d.class.name(), "reason" => d.reason.name())
+                .increment(1);
+            if d.stored {
+                self.removals.push(d.seq);
+            }
+            if d.class == Class::Volatile && d.reason == DropReason::Expired {
+                continue; // an old connection's presence or shadow `get`: meaningless now
+            }
+            let count = self.warned.entry((d.reason, d.class)).or_insert(0);
+            *count += 1;
+            let (name, topic, bytes, class) = (&self.conn.name, &d.topic, d.size, d.class.name());
+            match d.reason {
+                DropReason::TooLarge => tracing::error!(connection = %name, %topic, bytes, class, "dropping a message larger than the broker takes"),
+                DropReason::Refused => tracing::error!(connection = %name, %topic, class, "the broker refused a message (an MQTT 5 error reason in its PUBACK: not authorized, quota, ...): it will not be delivered"),
+                DropReason::Full if *count == 1 => tracing::warn!(
+                    connection = %name,
+                    class,
+                    max_messages = self.conn.outbox.max_messages,
+                    max_bytes = self.conn.outbox.max_bytes,
+                    "outbox full: dropping the oldest {class} messages (telemetry first, answers last); counted in twinbus_mqtt_outbox_dropped_total"
+                ),
+                DropReason::Expired if *count == 1 => {
+                    tracing::warn!(connection = %name, class, max_age = ?self.conn.outbox.max_age, "dropping {class} messages older than outbox.max_age")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn flush_removals(&mut self) {
+        if !self.removals.is_empty() {
+            let seqs = std::mem::take(&mut self.removals);
+            // Not durable: if a crash loses this, the message is sent once more.
+            self.store.submit_detached(vec![Op::OutboxRemove { connection: self.conn.name.clone(), seqs }]);
+        }
+    }
+
+    fn gauge(&self) {
         metrics::gauge!("twinbus_mqtt_outbox_messages", "connection" => self.conn.name.clone()).set(self.outbox.len() as f64);
+        metrics::gauge!("twinbus_mqtt_outbox_bytes", "connection" => self.conn.name.clone()).set(self.outbox.bytes() as f64);
     }
 
     /// Hands waiting messages to rumqttc while connected and the window allows.
@@ -313,40 +482,49 @@ impl Actor {
         if !self.connected || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
-        while let Some(e) = self.outbox.next_to_send() {
-            let topic = e.topic.clone();
-            match self.client.try_publish(&topic, e.payload.clone(), e.retain, e.properties.as_ref()) {
-                Ok(()) => self.outbox.mark_sent(),
-                Err(_) => break, // rumqttc's queue is full: retry after its next event
+        loop {
+            match self.outbox.next() {
+                Next::Send(e) => {
+                    let Some(payload) = e.payload.clone() else { break };
+                    let topic = e.topic.clone();
+                    match self.client.try_publish(&topic, payload, e.retain, e.properties.as_ref()) {
+                        Ok(()) => self.outbox.mark_sent(),
+                        Err(_) => break, // rumqttc's queue is full: retry after its next event
+                    }
+                }
+                Next::Load(seqs) => {
+                    let found = match self.store.outbox_get(&self.conn.name, &seqs) {
+                        Ok(found) => found.into_iter().filter_map(|(seq, r)| outbox::decode_payload(&r).map(|p| (seq, p))).collect(),
+                        Err(e) => {
+                            tracing::error!(connection = %self.conn.name, "cannot read queued messages from the store: {e:#}");
+                            Vec::new()
+                        }
+                    };
+                    let lost = self.outbox.loaded(&seqs, found);
+                    self.report_drops(&lost);
+                }
+                Next::Wait => break,
             }
         }
     }
 
-    fn on_event(&mut self, ev: Ev) {
+    fn on_event(&mut self, ev: Ev, persisting: &mut Persisting) {
         match ev {
             Ev::ConnAck { session_present } => {
                 self.connected = true;
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
-                self.warned_full = false;
+                self.warned.clear();
                 if self.topics.is_empty() {
                     self.sessions.send_modify(|n| *n += 1);
                 } else if let Err(e) = self.client.try_subscribe(&self.topics) {
                     tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
                 }
-                for lost in self.outbox.on_connected(session_present) {
-                    metrics::counter!("twinbus_mqtt_poison_dropped_total", "connection" => self.conn.name.clone()).increment(1);
-                    tracing::error!(
-                        connection = %self.conn.name,
-                        topic = %lost.topic,
-                        bytes = lost.payload.len(),
-                        "dropping a message the broker refused {} times by closing the connection (too large, or a topic its policy denies)",
-                        super::outbox::MAX_ATTEMPTS
-                    );
-                }
+                let stale = self.outbox.on_connected(session_present);
+                self.report_drops(&stale);
                 if let Some(p) = self.conn.presence.clone() {
                     let retain = session::presence_retain(&p, &self.conn);
-                    self.outbox.push_front(Entry::new(p.topic, p.online.into(), retain, None));
+                    self.outbox.push_front(Entry::new(Class::Volatile, p.topic, p.online.into(), retain, None, crate::twin::now_ms()));
                 }
             }
             Ev::SubAck { refused } => {
@@ -358,25 +536,25 @@ impl Actor {
                 self.sessions.send_modify(|n| *n += 1);
             }
             Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
-                Some(route) => {
-                    if route.inbox.try_send(Message { topic: topic.clone(), payload, properties }).is_err() {
-                        metrics::counter!("twinbus_mqtt_dropped_total", "connection" => self.conn.name.clone()).increment(1);
-                        match &route.overflow {
-                            Some(overflow) => {
-                                tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy; it will fetch the current state again");
-                                overflow.notify_one();
-                            }
-                            None => tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy"),
-                        }
+                Some(inbox) => {
+                    let replies = inbox.offer(Message { topic, payload, properties });
+                    for reply in replies {
+                        self.enqueue(reply, persisting);
                     }
                 }
                 None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
             },
             Ev::PubAck { pkid, refused } => {
-                if let Some(topic) = self.outbox.on_puback(pkid).filter(|_| refused.is_some()) {
-                    // MQTT 5: the broker took the message but refused it
-                    // (not authorized, quota): it will not be delivered.
-                    tracing::error!(connection = %self.conn.name, %topic, reason = ?refused, "the broker refused a message");
+                if let Some((entry, stored)) = self.outbox.on_puback(pkid) {
+                    if stored {
+                        self.removals.push(entry.seq);
+                    }
+                    if refused.is_some() {
+                        // MQTT 5: the broker took the message but refused it
+                        // (not authorized, quota): it will not be delivered.
+                        let d = Dropped { seq: entry.seq, class: entry.class, topic: entry.topic, size: entry.size, reason: DropReason::Refused, stored: false };
+                        self.report_drops(&[d]);
+                    }
                 }
             }
             Ev::SentPublish(pkid) => self.outbox.on_sent(pkid),
@@ -402,6 +580,19 @@ impl Actor {
             tracing::debug!(connection = %self.conn.name, "still cannot connect: {line}");
         }
         self.last_error = Some(hint);
+    }
+}
+
+/// The next store commit to finish (in order), or never when none is under way.
+async fn next_persisted(persisting: &mut Persisting) -> (Option<u64>, anyhow::Result<()>) {
+    match persisting.front_mut() {
+        Some((seq, pending)) => {
+            let seq = *seq;
+            let result = pending.await;
+            persisting.pop_front();
+            (seq, result)
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -1,105 +1,312 @@
 //! The outbox: what must reach the broker, kept until the broker has it.
 //!
-//! rumqttc's `publish` returning `Ok` only means queued, and a clean-session
-//! reconnect drops whatever it had in flight. So every publish goes through
-//! this queue first, and an entry leaves only when its PUBACK arrives.
-//! Entries are handed to rumqttc in order, at most `window` at a time; rumqttc
-//! reports the packet id it gives each (in the same order), which is how a
-//! PUBACK finds its entry. After a reconnect without a session, everything
-//! unacknowledged goes back to the front, in order, and is sent again (so a
-//! message can arrive twice, never zero times). When the broker resumes the
-//! session, rumqttc resends those itself, keeping their packet ids.
+//! rumqttc's `publish` returning `Ok` only means queued, a clean-session
+//! reconnect drops whatever it had in flight, and a crash loses its memory.
+//! So every publish goes through this queue first: it is written to the store
+//! before it is handed to rumqttc (the connection actor does the I/O; this
+//! file only decides), and it leaves only when its PUBACK arrives. Entries are
+//! handed to rumqttc in order, at most `window` at a time; rumqttc reports the
+//! packet id it gives each (in the same order), which is how a PUBACK finds
+//! its entry. After a reconnect without a session, everything unacknowledged
+//! goes back to the front, in order, and is sent again (so a message can
+//! arrive twice, never zero times). A lost link never drops an entry.
 //!
-//! Bounded: past `limit` entries the oldest is dropped and counted, so a
-//! long outage costs memory in proportion to the limit, not to its length.
-//! (On disk, surviving a restart, in a later issue.)
+//! Bounded, with a stated policy: by count, by bytes and by age. When a bound
+//! is reached, waiting entries are dropped oldest first from the least
+//! important class: telemetry, then shadow reports, then answers and command
+//! states (see [`Class`]); entries in flight are never dropped. Only the
+//! first entries keep their payload in memory; the others are read back from
+//! the store when their turn comes, so a long outage costs disk, not memory.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 
 use super::session::Properties;
 
+/// What a message is, which decides what is dropped first when the outbox is
+/// full, and whether it is worth keeping across a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// Only meaningful on this connection (presence, a shadow `get`): never
+    /// written to the store, dropped first.
+    Volatile,
+    /// Telemetry documents.
+    Telemetry,
+    /// Shadow reported state.
+    Report,
+    /// Command answers and command states: dropped last.
+    Answer,
+}
+
+impl Class {
+    const ALL: [Class; 4] = [Class::Volatile, Class::Telemetry, Class::Report, Class::Answer];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// For logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Volatile => "volatile",
+            Class::Telemetry => "telemetry",
+            Class::Report => "report",
+            Class::Answer => "answer",
+        }
+    }
+
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Option<Class> {
+        Class::ALL.get(usize::from(code)).copied()
+    }
+}
+
 /// One message to deliver.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Entry {
+    /// Send order; also the entry's key in the store.
+    pub(crate) seq: u64,
+    pub(crate) class: Class,
     pub(crate) topic: String,
-    pub(crate) payload: Bytes,
+    /// `None` while it is only on disk.
+    pub(crate) payload: Option<Bytes>,
+    /// Payload bytes (known even when the payload is on disk).
+    pub(crate) size: usize,
     pub(crate) retain: bool,
     pub(crate) properties: Option<Properties>,
-    /// Connections it was lost on (set by the outbox).
-    pub(crate) attempts: u8,
+    /// Epoch ms when it was queued, for `max_age`.
+    pub(crate) created_ms: u64,
 }
 
 impl Entry {
-    pub(crate) fn new(topic: String, payload: Bytes, retain: bool, properties: Option<Properties>) -> Entry {
-        Entry { topic, payload, retain, properties, attempts: 0 }
+    pub(crate) fn new(class: Class, topic: String, payload: Bytes, retain: bool, properties: Option<Properties>, created_ms: u64) -> Entry {
+        Entry { seq: 0, class, size: payload.len(), topic, payload: Some(payload), retain, properties, created_ms }
     }
+}
+
+/// The bounds of an outbox.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Limits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) max_age_ms: u64,
+    /// Largest payload the broker takes; a bigger one would close the
+    /// connection at every attempt, so it is refused here.
+    pub(crate) max_payload: usize,
+}
+
+/// Why an entry left without being delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum DropReason {
+    /// The outbox reached `max_messages` or `max_bytes`.
+    Full,
+    /// Older than `max_age`.
+    Expired,
+    /// Larger than the broker takes.
+    TooLarge,
+    /// The broker acknowledged it with an MQTT 5 error reason code.
+    Refused,
+}
+
+impl DropReason {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DropReason::Full => "full",
+            DropReason::Expired => "expired",
+            DropReason::TooLarge => "too_large",
+            DropReason::Refused => "refused",
+        }
+    }
+}
+
+/// An entry dropped undelivered: the caller removes it from the store, logs
+/// and counts it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Dropped {
+    pub(crate) seq: u64,
+    pub(crate) class: Class,
+    pub(crate) topic: String,
+    pub(crate) size: usize,
+    pub(crate) reason: DropReason,
+    /// Whether it was written to the store (and must be removed there).
+    pub(crate) stored: bool,
+}
+
+/// What [`Outbox::push`] did with a message.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Pushed {
+    /// Its sequence number: its key in the store.
+    pub(crate) seq: u64,
+    /// Whether to write it to the store (then report with [`Outbox::persisted`]).
+    pub(crate) store: bool,
+    /// What had to leave to make room (possibly the message itself, when it
+    /// can never be sent or is the least important one).
+    pub(crate) dropped: Vec<Dropped>,
+}
+
+/// What the connection actor should do next to move the queue.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Next<'a> {
+    /// Hand this entry to rumqttc, then call [`Outbox::mark_sent`].
+    Send(&'a Entry),
+    /// Read these entries' payloads from the store, then [`Outbox::loaded`].
+    Load(Vec<u64>),
+    /// Nothing can go now (empty, window full, or the next one is not on disk yet).
+    Wait,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    entry: Entry,
+    /// Written to the store (or volatile, or the store failed): may be sent.
+    ready: bool,
+    /// Written to the store: its payload may leave memory.
+    stored: bool,
 }
 
 #[derive(Debug)]
 struct Sent {
     entry: Entry,
+    stored: bool,
     pkid: Option<u16>,
 }
 
-/// Connections a message may be in flight on, without a PUBACK, before it is
-/// taken for the reason they close (a broker drops the link on a packet too
-/// large or a topic its policy denies) and dropped, so that one bad message
-/// cannot keep a connection and every twin on it down for good.
-pub(crate) const MAX_ATTEMPTS: u8 = 3;
-
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    pending: VecDeque<Entry>,
+    /// Presence and the like: sent before anything else, never stored.
+    urgent: VecDeque<Entry>,
+    waiting: BTreeMap<u64, Waiting>,
     sent: VecDeque<Sent>,
-    limit: usize,
+    next_seq: u64,
+    limits: Limits,
     window: usize,
-    /// Entries dropped because the outbox was full.
-    pub(crate) dropped: u64,
+    /// Waiting entries at the front that keep their payload in memory.
+    resident: usize,
+    per_class: [usize; 4],
+    bytes: usize,
 }
 
 impl Outbox {
-    pub(crate) fn new(limit: usize, window: usize) -> Self {
-        Outbox { pending: VecDeque::new(), sent: VecDeque::new(), limit: limit.max(1), window: window.max(1), dropped: 0 }
+    pub(crate) fn new(limits: Limits, window: usize, resident: usize) -> Self {
+        Outbox {
+            urgent: VecDeque::new(),
+            waiting: BTreeMap::new(),
+            sent: VecDeque::new(),
+            next_seq: 1,
+            limits,
+            window: window.max(1),
+            resident: resident.max(window),
+            per_class: [0; 4],
+            bytes: 0,
+        }
+    }
+
+    /// Takes back what the store kept from before a restart (already stored,
+    /// in sequence order; payloads may be absent).
+    pub(crate) fn restore(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for entry in entries {
+            self.next_seq = self.next_seq.max(entry.seq + 1);
+            self.account(&entry, true);
+            self.waiting.insert(entry.seq, Waiting { entry, ready: true, stored: true });
+        }
+        self.evict();
     }
 
     /// Messages not yet acknowledged.
     pub(crate) fn len(&self) -> usize {
-        self.pending.len() + self.sent.len()
+        self.urgent.len() + self.waiting.len() + self.sent.len()
     }
 
-    /// Adds a message; returns false when the oldest waiting one was dropped for it.
-    pub(crate) fn push(&mut self, entry: Entry) -> bool {
-        let mut kept_all = true;
-        if self.len() >= self.limit {
-            if self.pending.pop_front().is_some() {
-                self.dropped += 1;
-                kept_all = false;
-            } else {
-                // Everything is in flight: the new one is the one that cannot be kept.
-                self.dropped += 1;
-                return false;
+    /// Payload bytes not yet acknowledged.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Queues a message; see [`Pushed`].
+    pub(crate) fn push(&mut self, mut entry: Entry) -> Pushed {
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        let seq = entry.seq;
+        if entry.size > self.limits.max_payload {
+            let dropped = dropped(&entry, DropReason::TooLarge, false);
+            return Pushed { seq, store: false, dropped: vec![dropped] };
+        }
+        let volatile = entry.class == Class::Volatile;
+        self.account(&entry, true);
+        self.waiting.insert(seq, Waiting { entry, ready: volatile, stored: false });
+        let dropped = self.enforce_bounds();
+        let store = !volatile && self.waiting.contains_key(&seq);
+        Pushed { seq, store, dropped }
+    }
+
+    /// Puts a volatile message ahead of everything waiting (the `online` presence).
+    pub(crate) fn push_front(&mut self, entry: Entry) {
+        self.bytes += entry.size;
+        self.urgent.push_back(entry);
+    }
+
+    /// The store has (`ok`) or could not take (`!ok`) entry `seq`. Either way
+    /// it may now be sent; only a stored one may leave memory.
+    pub(crate) fn persisted(&mut self, seq: u64, ok: bool) {
+        if let Some(w) = self.waiting.get_mut(&seq) {
+            w.ready = true;
+            w.stored = ok;
+        } else if let Some(s) = self.sent.iter_mut().find(|s| s.entry.seq == seq) {
+            s.stored = ok;
+        }
+        self.evict();
+    }
+
+    /// What to do next; see [`Next`].
+    pub(crate) fn next(&self) -> Next<'_> {
+        if let Some(e) = self.urgent.front() {
+            return Next::Send(e);
+        }
+        if self.sent.len() >= self.window {
+            return Next::Wait;
+        }
+        let Some(front) = self.waiting.values().next() else { return Next::Wait };
+        if !front.ready {
+            return Next::Wait;
+        }
+        if front.entry.payload.is_some() {
+            return Next::Send(&front.entry);
+        }
+        let missing = self.waiting.values().take(self.resident).filter(|w| w.entry.payload.is_none()).map(|w| w.entry.seq).take(self.window);
+        Next::Load(missing.collect())
+    }
+
+    /// Payloads read back from the store. An entry the store no longer has
+    /// cannot be sent: it is dropped and returned.
+    pub(crate) fn loaded(&mut self, asked: &[u64], found: Vec<(u64, Bytes)>) -> Vec<Dropped> {
+        let mut found: BTreeMap<u64, Bytes> = found.into_iter().collect();
+        let mut lost = Vec::new();
+        for seq in asked {
+            match (found.remove(seq), self.waiting.get_mut(seq)) {
+                (Some(payload), Some(w)) => w.entry.payload = Some(payload),
+                (None, Some(_)) => {
+                    if let Some(w) = self.waiting.remove(seq) {
+                        self.account(&w.entry, false);
+                        lost.push(dropped(&w.entry, DropReason::Expired, false));
+                    }
+                }
+                _ => {}
             }
         }
-        self.pending.push_back(entry);
-        kept_all
+        lost
     }
 
-    /// Puts a message ahead of everything waiting (the `online` presence).
-    pub(crate) fn push_front(&mut self, entry: Entry) {
-        self.pending.push_front(entry);
-    }
-
-    /// The next message to hand to rumqttc, if the window allows.
-    pub(crate) fn next_to_send(&self) -> Option<&Entry> {
-        (self.sent.len() < self.window).then(|| self.pending.front()).flatten()
-    }
-
-    /// The message from `next_to_send` was accepted by rumqttc.
+    /// The entry from [`Outbox::next`] was accepted by rumqttc.
     pub(crate) fn mark_sent(&mut self) {
-        if let Some(entry) = self.pending.pop_front() {
-            self.sent.push_back(Sent { entry, pkid: None });
+        if let Some(entry) = self.urgent.pop_front() {
+            self.sent.push_back(Sent { entry, stored: false, pkid: None });
+        } else if let Some((_, w)) = self.waiting.pop_first() {
+            self.per_class[w.entry.class.index()] -= 1;
+            self.sent.push_back(Sent { entry: w.entry, stored: w.stored, pkid: None });
         }
     }
 
@@ -113,123 +320,185 @@ impl Outbox {
         }
     }
 
-    /// The broker acknowledged this packet id; returns the topic it was for.
-    pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<String> {
+    /// The broker acknowledged this packet id. Returns the entry and whether
+    /// it was stored (then the caller removes it from the store).
+    pub(crate) fn on_puback(&mut self, pkid: u16) -> Option<(Entry, bool)> {
         let i = self.sent.iter().position(|s| s.pkid == Some(pkid))?;
-        self.sent.remove(i).map(|s| s.entry.topic)
+        let s = self.sent.remove(i)?;
+        self.bytes -= s.entry.size;
+        Some((s.entry, s.stored))
     }
 
     /// A new connection is up. Without a resumed session, rumqttc dropped what
-    /// it had: everything unacknowledged goes back to the front, in order,
-    /// except a message lost on `MAX_ATTEMPTS` connections, which is returned.
-    pub(crate) fn on_connected(&mut self, session_present: bool) -> Vec<Entry> {
-        let mut dropped = Vec::new();
+    /// it had: everything unacknowledged goes back to the front, in order.
+    /// Volatile entries of the old connection (an old presence, a `get`) are
+    /// dropped and returned.
+    pub(crate) fn on_connected(&mut self, session_present: bool) -> Vec<Dropped> {
+        let mut stale = Vec::new();
+        while let Some(entry) = self.urgent.pop_front() {
+            self.bytes -= entry.size;
+            stale.push(dropped(&entry, DropReason::Expired, false));
+        }
         if session_present {
-            return dropped;
+            return stale;
         }
-        while let Some(mut s) = self.sent.pop_back() {
-            s.entry.attempts = s.entry.attempts.saturating_add(1);
-            if s.entry.attempts >= MAX_ATTEMPTS {
-                dropped.push(s.entry);
-            } else {
-                self.pending.push_front(s.entry);
+        while let Some(s) = self.sent.pop_back() {
+            if s.entry.class == Class::Volatile {
+                self.bytes -= s.entry.size;
+                stale.push(dropped(&s.entry, DropReason::Expired, false));
+                continue;
             }
+            self.per_class[s.entry.class.index()] += 1;
+            self.waiting.insert(s.entry.seq, Waiting { entry: s.entry, ready: true, stored: s.stored });
         }
-        dropped
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(n: u32) -> Entry {
-        Entry { topic: "t".into(), payload: Bytes::from(n.to_string()), retain: false, properties: None, attempts: 0 }
+        stale
     }
 
-    fn send_all(o: &mut Outbox) -> Vec<Bytes> {
+    /// Drops waiting entries older than `max_age`.
+    pub(crate) fn expire(&mut self, now_ms: u64) -> Vec<Dropped> {
+        let cutoff = now_ms.saturating_sub(self.limits.max_age_ms);
+        let old: Vec<u64> = self.waiting.values().filter(|w| w.ready && w.entry.created_ms < cutoff).map(|w| w.entry.seq).collect();
+        old.into_iter().filter_map(|seq| self.drop_waiting(seq, DropReason::Expired)).collect()
+    }
+
+    fn enforce_bounds(&mut self) -> Vec<Dropped> {
         let mut out = Vec::new();
-        while let Some(e) = o.next_to_send() {
-            out.push(e.payload.clone());
-            o.mark_sent();
+        while self.len() > self.limits.max_messages || self.bytes > self.limits.max_bytes {
+            let Some(class) = Class::ALL.into_iter().find(|c| self.per_class[c.index()] > 0) else { break };
+            let Some(seq) = self.waiting.values().find(|w| w.entry.class == class).map(|w| w.entry.seq) else { break };
+            out.extend(self.drop_waiting(seq, DropReason::Full));
         }
         out
     }
 
-    #[test]
-    fn an_entry_leaves_only_on_its_puback() {
-        let mut o = Outbox::new(10, 10);
-        o.push(entry(1));
-        o.push(entry(2));
-        send_all(&mut o);
-        o.on_sent(7);
-        o.on_sent(8);
-        o.on_puback(8);
-        assert_eq!(o.len(), 1);
-        o.on_puback(7);
-        assert_eq!(o.len(), 0);
+    fn drop_waiting(&mut self, seq: u64, reason: DropReason) -> Option<Dropped> {
+        let w = self.waiting.remove(&seq)?;
+        self.account(&w.entry, false);
+        // An entry not yet stored may still be on its way there: remove it anyway.
+        Some(dropped(&w.entry, reason, w.entry.class != Class::Volatile))
     }
 
-    #[test]
-    fn a_reconnect_without_session_resends_everything_unacknowledged_in_order() {
-        let mut o = Outbox::new(10, 10);
-        for n in 1..=3 {
-            o.push(entry(n));
+    fn account(&mut self, entry: &Entry, add: bool) {
+        let i = entry.class.index();
+        if add {
+            self.per_class[i] += 1;
+            self.bytes += entry.size;
+        } else {
+            self.per_class[i] -= 1;
+            self.bytes -= entry.size;
         }
-        send_all(&mut o);
-        o.on_sent(1);
-        o.on_sent(2);
-        o.on_puback(1);
-        o.push(entry(4));
-        o.on_connected(false);
-        assert_eq!(send_all(&mut o), vec!["2", "3", "4"]);
     }
 
-    #[test]
-    fn a_resumed_session_leaves_resending_to_the_client() {
-        let mut o = Outbox::new(10, 10);
-        o.push(entry(1));
-        send_all(&mut o);
-        o.on_sent(1);
-        o.on_connected(true);
-        assert!(o.next_to_send().is_none());
-        o.on_sent(1); // rumqttc resends with the same id
-        o.on_puback(1);
-        assert_eq!(o.len(), 0);
-    }
-
-    #[test]
-    fn the_window_limits_what_is_in_flight() {
-        let mut o = Outbox::new(10, 2);
-        for n in 1..=3 {
-            o.push(entry(n));
+    /// Lets stored payloads beyond the resident front leave memory.
+    fn evict(&mut self) {
+        for w in self.waiting.values_mut().skip(self.resident) {
+            if w.stored {
+                w.entry.payload = None;
+            }
         }
-        assert_eq!(send_all(&mut o).len(), 2);
-        o.on_sent(1);
-        o.on_puback(1);
-        assert_eq!(send_all(&mut o), vec!["3"]);
-    }
-
-    #[test]
-    fn a_message_lost_on_every_connection_is_dropped_after_max_attempts() {
-        let mut o = Outbox::new(10, 10);
-        o.push(entry(1));
-        for attempt in 1..=MAX_ATTEMPTS {
-            assert_eq!(send_all(&mut o), vec!["1"], "attempt {attempt}");
-            o.on_sent(1);
-            let dropped = o.on_connected(false);
-            assert_eq!(dropped.len(), usize::from(attempt == MAX_ATTEMPTS));
-        }
-        assert_eq!(o.len(), 0);
-    }
-
-    #[test]
-    fn a_full_outbox_drops_the_oldest_waiting_and_counts_it() {
-        let mut o = Outbox::new(2, 10);
-        assert!(o.push(entry(1)));
-        assert!(o.push(entry(2)));
-        assert!(!o.push(entry(3)));
-        assert_eq!(o.dropped, 1);
-        assert_eq!(send_all(&mut o), vec!["2", "3"]);
     }
 }
+
+fn dropped(entry: &Entry, reason: DropReason, stored: bool) -> Dropped {
+    Dropped { seq: entry.seq, class: entry.class, topic: entry.topic.clone(), size: entry.size, reason, stored }
+}
+
+/// The store's form of an entry: version, class, retain, created, topic,
+/// properties, then the payload. Little-endian, lengths as u32.
+pub(crate) fn encode(entry: &Entry, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + entry.topic.len() + 32);
+    out.push(1);
+    out.push(entry.class.code());
+    out.push(u8::from(entry.retain));
+    out.extend_from_slice(&entry.created_ms.to_le_bytes());
+    put_bytes(&mut out, entry.topic.as_bytes());
+    match &entry.properties {
+        None => out.push(0),
+        Some(p) => {
+            out.push(1);
+            match &p.correlation_data {
+                None => out.push(0),
+                Some(c) => {
+                    out.push(1);
+                    put_bytes(&mut out, c);
+                }
+            }
+            out.extend_from_slice(&(p.user_properties.len() as u32).to_le_bytes());
+            for (k, v) in &p.user_properties {
+                put_bytes(&mut out, k.as_bytes());
+                put_bytes(&mut out, v.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads an entry back; `None` for a record this build cannot read (it is
+/// then dropped, logged by the caller). `with_payload: false` leaves the
+/// payload on disk.
+pub(crate) fn decode(seq: u64, record: &[u8], with_payload: bool) -> Option<Entry> {
+    let mut r = Reader(record);
+    if r.u8()? != 1 {
+        return None;
+    }
+    let class = Class::from_code(r.u8()?)?;
+    let retain = r.u8()? != 0;
+    let created_ms = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+    let topic = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+    let properties = match r.u8()? {
+        0 => None,
+        _ => {
+            let correlation_data = match r.u8()? {
+                0 => None,
+                _ => Some(Bytes::copy_from_slice(r.bytes()?)),
+            };
+            let n = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+            let mut user_properties = Vec::new();
+            for _ in 0..n {
+                let k = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+                let v = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+                user_properties.push((k, v));
+            }
+            Some(Properties { response_topic: None, correlation_data, user_properties })
+        }
+    };
+    let size = r.0.len();
+    let payload = with_payload.then(|| Bytes::copy_from_slice(r.0));
+    Some(Entry { seq, class, topic, payload, size, retain, properties, created_ms })
+}
+
+/// The payload of an encoded entry.
+pub(crate) fn decode_payload(record: &[u8]) -> Option<Bytes> {
+    decode(0, record, true).and_then(|e| e.payload)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
+        self.take(usize::try_from(n).ok()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

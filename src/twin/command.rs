@@ -49,16 +49,27 @@ impl Request {
 /// A parsed command: its id (echoed in the answer) and what it asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
-    /// The sender's id, as sent (string or number).
+    /// The sender's id (string or number).
     pub id: Option<Json>,
+    /// The id exactly as its JSON text, which is what identifies a command:
+    /// `7`, `7.0` and `"7"` are three ids, and a number too large for a u64
+    /// is neither rounded nor merged with its neighbours. Answers echo it.
+    pub id_text: Option<String>,
     /// The request, or why the payload is not a valid command.
     pub request: Result<Request, String>,
+}
+
+/// Reads only the `id` of a command, as its raw JSON text.
+#[derive(serde::Deserialize)]
+struct IdProbe<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Parses a payload. Never fails: a bad payload becomes a command whose
 /// request is the reason it will be rejected.
 pub fn parse(payload: &[u8]) -> Command {
-    let reject = |why: String| Command { id: None, request: Err(why) };
+    let reject = |why: String| Command { id: None, id_text: None, request: Err(why) };
     if payload.is_empty() {
         return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
     }
@@ -76,16 +87,23 @@ pub fn parse(payload: &[u8]) -> Command {
         return reject(r#"a command is a JSON object with "set", "get" or "shutdown""#.to_string());
     };
     let id = obj.get("id").cloned();
-    let with_id = |request| Command { id: id.clone(), request };
     if let Some(id) = &id {
         if !(id.is_string() || id.is_number()) {
-            return Command { id: None, request: Err("\"id\" must be a string or a number".to_string()) };
+            return reject("\"id\" must be a string or a number".to_string());
         }
         if id.as_str().is_some_and(|s| s.len() > MAX_ID_BYTES) {
             // Not echoed: an answer must stay small whatever was sent.
-            return Command { id: None, request: Err(format!("\"id\" is longer than {MAX_ID_BYTES} bytes")) };
+            return reject(format!("\"id\" is longer than {MAX_ID_BYTES} bytes"));
         }
     }
+    let id_text = match serde_json::from_str::<IdProbe>(text) {
+        Ok(probe) => probe.id.map(|raw| raw.get().to_string()),
+        Err(_) => return reject("the command has \"id\" more than once".to_string()),
+    };
+    if id_text.as_ref().is_some_and(|t| t.len() > MAX_ID_BYTES) {
+        return reject(format!("\"id\" is longer than {MAX_ID_BYTES} bytes"));
+    }
+    let with_id = |request| Command { id: id.clone(), id_text: id_text.clone(), request };
     if let Some(unknown) = obj.keys().find(|k| !["id", "set", "get", "shutdown"].contains(&k.as_str())) {
         return with_id(Err(format!("unknown field {unknown:?} (valid: id, set, get, shutdown)")));
     }
@@ -237,6 +255,31 @@ pub fn answer(id: Option<&Json>, status: &Status, values: &[(&str, &Value)], err
         doc.insert("error".into(), json!(e));
     }
     Json::Object(doc)
+}
+
+/// An answer as bytes, with the id exactly as the command wrote it (a JSON
+/// value cannot hold `7.50` or a number beyond a u64 unchanged).
+pub fn render(doc: &Json, id_text: Option<&str>) -> Vec<u8> {
+    struct WithRawId<'a>(&'a Map<String, Json>, &'a serde_json::value::RawValue);
+    impl serde::Serialize for WithRawId<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut map = s.serialize_map(Some(self.0.len()))?;
+            for (k, v) in self.0 {
+                if k == "id" {
+                    map.serialize_entry(k, self.1)?;
+                } else {
+                    map.serialize_entry(k, v)?;
+                }
+            }
+            map.end()
+        }
+    }
+    let raw = id_text.and_then(|t| serde_json::value::RawValue::from_string(t.to_string()).ok());
+    match (doc, raw) {
+        (Json::Object(m), Some(raw)) if m.contains_key("id") => serde_json::to_vec(&WithRawId(m, &raw)).unwrap_or_else(|_| doc.to_string().into_bytes()),
+        _ => doc.to_string().into_bytes(),
+    }
 }
 
 /// The one-line summary of per-field errors.

@@ -12,8 +12,8 @@ mod sequence;
 mod shadow;
 mod telemetry;
 
-pub use raw::run_commands;
-pub use shadow::{run_shadow, shadow_topics, ShadowInbox};
+pub use raw::{raw_adapter, run_commands, RawInbox, RawWorker};
+pub use shadow::{run_shadow, shadow_inbox, shadow_topics, ShadowInbox, ShadowRoute};
 pub use telemetry::run_telemetry;
 
 /// Milliseconds since the Unix epoch, the `time` of every document we publish.

@@ -1,216 +1,335 @@
-//! The raw command adapter task: one per device with a commands topic.
+//! The raw command adapter: one per device with a commands topic.
 //!
-//! Commands for one device are executed one after the other, in arrival
-//! order. Each gets exactly one answer (plus the optional early
-//! `acknowledged`). A repeated id (an MQTT redelivery, a retrying cloud) is
-//! not executed again: it gets the answer of the first execution.
+//! Two halves. The [`RawInbox`] is what the connection hands each message to,
+//! from its own task, without ever waiting: it parses the command, answers a
+//! repeated id at once with the first answer, and queues the rest for the
+//! device; when the device already has [`QUEUED_COMMANDS`] waiting, it
+//! answers `rejected` ("busy") at once. The worker ([`run_commands`])
+//! executes queued commands one after the other, in arrival order. Every
+//! command gets exactly one answer (plus the optional early `acknowledged`).
+//!
+//! Ids are kept in the store with their answers (the last 10,000 per device,
+//! for at most 24 hours), so a repeated id is answered, not executed, also
+//! after a restart. A `set` is recorded as started before its first write:
+//! one that a crash cut off is answered `failed` ("interrupted") when the
+//! gateway starts again, and never run a second time. Ids are compared by
+//! their exact JSON text.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{answer, check_get, check_set, parse, summary, Command, Request, Status};
+use super::command::{answer, check_get, check_set, parse, render, summary, Command, Request, Status};
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
-use crate::mqtt::{ConnectionHandle, Message, Properties};
-
-/// How many answered ids each device remembers, to recognise duplicates.
-const REMEMBERED_IDS: usize = 256;
+use crate::mqtt::{decode_publish, encode_publish, Class, ConnectionHandle, Inbox, Message, Properties, Publish};
+use crate::store::{CommandState, Op, Store};
 
 /// Commands that may wait for one device. Past that a command is answered
 /// `rejected` (busy) at once rather than dropped: the cloud always hears back,
 /// and a flood cannot keep a device busy for minutes with stale work.
 const QUEUED_COMMANDS: usize = 32;
 
-/// Serves the commands topic of one device until `stop` fires; then answers
-/// what is still queued with a refusal. `shutdown` is fired by an allowed
-/// `{"shutdown": true}`.
-pub async fn run_commands(
-    twin: Twin,
-    device: DeviceHandle,
-    conn: ConnectionHandle,
-    inbox: mpsc::Receiver<Message>,
-    stop: CancellationToken,
-    shutdown: CancellationToken,
-) {
-    let Some(responses) = twin.responses.clone() else { return };
-    // Two halves in one task: the receiving half never waits on the device, so
-    // the connection's inbox for this topic cannot fill up and lose a command.
-    // They share the id bookkeeping: one task, so the lock is never
-    // contended, and it is never held across an await.
-    let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
-    let ids = Mutex::new(Ids::default());
-    let adapter = Adapter { device: &device, responses: &responses, conn: &conn, ids: &ids };
-    tokio::join!(receive(inbox, queue_tx, &adapter, &stop), work_through(queue, &twin, &adapter, &stop, &shutdown));
+/// Answers kept in memory for repeated ids (the store has them too, but only
+/// once their commit is done).
+const RECENT_ANSWERS: usize = 256;
+/// Ids kept in the store per device, and for how long.
+const KEPT_IDS: usize = 10_000;
+const KEPT_IDS_MS: u64 = 24 * 3600 * 1000;
+/// Answers between two prunings of the stored ids.
+const PRUNE_EVERY: u64 = 1000;
+
+const INTERRUPTED: &str = "interrupted: the gateway stopped while this command ran (a crash or power loss); its outcome is unknown and it was not run again: read the device's values to see what it holds";
+const SHUTTING_DOWN: &str = "the gateway is shutting down; nothing was written: send the command again once it is back";
+
+/// The receiving half: see the module docs.
+#[derive(Debug)]
+pub struct RawInbox {
+    shared: Arc<Shared>,
+    queue: mpsc::Sender<Queued>,
 }
 
-/// What both halves need.
-struct Adapter<'a> {
-    device: &'a DeviceHandle,
-    responses: &'a str,
-    conn: &'a ConnectionHandle,
-    ids: &'a Mutex<Ids>,
+/// The executing half, run by [`run_commands`].
+#[derive(Debug)]
+pub struct RawWorker {
+    shared: Arc<Shared>,
+    queue: mpsc::Receiver<Queued>,
+    /// Answers for commands a previous run left unfinished, sent first.
+    interrupted: Vec<Publish>,
 }
 
-impl Adapter<'_> {
+#[derive(Debug)]
+struct Shared {
+    device: String,
+    responses: String,
+    store: Store,
+    ids: Mutex<Ids>,
+}
+
+/// A command on its way from the inbox to the worker.
+#[derive(Debug)]
+struct Queued {
+    cmd: Command,
+    reply: ReplyTo,
+}
+
+#[derive(Debug, Default)]
+struct Ids {
+    /// Ids queued and not answered yet, with how many copies are queued.
+    waiting: HashMap<String, usize>,
+    /// The last answers handed to the connection, oldest first.
+    recent: VecDeque<(String, Vec<u8>)>,
+    /// The worker has stopped: new commands are refused.
+    stopped: bool,
+}
+
+impl Shared {
     fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
         // A poisoned lock only means a panic elsewhere; the ids are still usable.
         self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
 
-/// A command on its way from the receiving half to the executing half.
-struct Queued {
-    msg: Message,
-    cmd: Command,
-}
-
-/// Ids of commands queued and answered, to recognise a repeated id.
-#[derive(Default)]
-struct Ids {
-    /// Queued, not answered yet (a repeat may be queued too: listed twice).
-    waiting: Vec<Json>,
-    /// The last answers, oldest first.
-    answered: VecDeque<(Json, Vec<u8>)>,
-}
-
-impl Ids {
-    fn answer_of(&self, id: &Json) -> Option<Vec<u8>> {
-        self.answered.iter().find(|(seen, _)| seen == id).map(|(_, a)| a.clone())
-    }
-
-    /// One queued copy of `id` has been taken care of.
-    fn unwait(&mut self, id: &Json) {
-        if let Some(i) = self.waiting.iter().position(|w| w == id) {
-            self.waiting.remove(i);
+    /// The answer already given to `id`, from memory or from the store.
+    fn answer_of(&self, id: &str) -> Option<Vec<u8>> {
+        if let Some((_, a)) = self.ids().recent.iter().rev().find(|(seen, _)| seen == id) {
+            return Some(a.clone());
+        }
+        match self.store.raw_command(&self.device, id) {
+            Ok(Some((_, CommandState::Done, record))) => decode_publish(&record).map(|p| p.payload.to_vec()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(device = %self.device, "cannot read answered command ids from the store: {e:#}");
+                None
+            }
         }
     }
 
-    fn done(&mut self, id: Json, answer: Vec<u8>) {
-        self.unwait(&id);
-        self.answered.push_back((id, answer));
-        if self.answered.len() > REMEMBERED_IDS {
-            self.answered.pop_front();
+    fn answered(&self, id: &str, answer: &[u8]) {
+        let mut ids = self.ids();
+        unwait(&mut ids.waiting, id);
+        ids.recent.push_back((id.to_string(), answer.to_vec()));
+        if ids.recent.len() > RECENT_ANSWERS {
+            ids.recent.pop_front();
         }
     }
 }
 
-async fn receive(mut inbox: mpsc::Receiver<Message>, queue: mpsc::Sender<Queued>, a: &Adapter<'_>, stop: &CancellationToken) {
-    loop {
-        let msg = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            m = inbox.recv() => match m { Some(m) => m, None => break },
-        };
+fn unwait(waiting: &mut HashMap<String, usize>, id: &str) {
+    if let Some(n) = waiting.get_mut(id) {
+        *n -= 1;
+        if *n == 0 {
+            waiting.remove(id);
+        }
+    }
+}
+
+/// Builds the two halves for a device with a commands topic; `None` when the
+/// twin has no responses topic (validation requires one). Commands a previous
+/// run left unfinished are found here, before any message can arrive, so a
+/// repeat of one is answered "interrupted" too.
+pub fn raw_adapter(twin: &Twin, device: &str, store: Store) -> Option<(Arc<RawInbox>, RawWorker)> {
+    let responses = twin.responses.clone()?;
+    let shared = Arc::new(Shared { device: device.to_string(), responses, store, ids: Mutex::new(Ids::default()) });
+    let interrupted = recover(&shared);
+    let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
+    Some((Arc::new(RawInbox { shared: shared.clone(), queue: queue_tx }), RawWorker { shared, queue, interrupted }))
+}
+
+/// Answers for the commands recorded as started and never finished.
+fn recover(shared: &Shared) -> Vec<Publish> {
+    let started = match shared.store.raw_commands_started(&shared.device) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(device = %shared.device, "cannot read unfinished commands from the store: {e:#}");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for (id, record) in started {
+        let Some(route) = decode_publish(&record) else { continue };
+        let id_json: Option<Json> = serde_json::from_str(&id).ok();
+        let doc = answer(id_json.as_ref(), &Status::Failed(INTERRUPTED.to_string()), &[], &BTreeMap::new(), now_ms());
+        let bytes = render(&doc, Some(&id));
+        tracing::warn!(device = %shared.device, %id, "a command was cut off when the gateway stopped: answering it `failed` (interrupted), not running it again");
+        shared.answered(&id, &bytes);
+        let reply = ReplyTo { topic: route.topic, properties: route.properties };
+        out.push(reply.publish(bytes.clone()).recording(vec![done(shared, &id, &reply, &bytes)]));
+    }
+    out
+}
+
+/// The store record "command `id` answered `bytes`".
+fn done(shared: &Shared, id: &str, reply: &ReplyTo, bytes: &[u8]) -> Op {
+    Op::RawCommand {
+        device: shared.device.clone(),
+        id: id.to_string(),
+        at_ms: now_ms(),
+        state: CommandState::Done,
+        record: encode_publish(&reply.publish(bytes.to_vec())),
+    }
+}
+
+impl Inbox for RawInbox {
+    fn offer(&self, msg: Message) -> Vec<Publish> {
         let cmd = parse(&msg.payload);
-        let id = cmd.id.clone();
-        match queue.try_send(Queued { msg, cmd }) {
-            Ok(()) => a.ids().waiting.extend(id),
-            Err(mpsc::error::TrySendError::Full(Queued { msg, cmd })) => {
-                // A repeat of a command already answered or still waiting is
-                // not "busy": it gets (or will get) the first one's answer.
-                let previous = cmd.id.as_ref().map(|id| {
-                    let ids = a.ids();
-                    (ids.answer_of(id), ids.waiting.contains(id))
-                });
-                match previous {
-                    Some((Some(answer), _)) => ReplyTo::of(&msg, a.responses).send(a.conn, answer).await,
-                    Some((None, true)) => tracing::info!(device = %a.device.name, "repeated command id while the first is still waiting: it will answer"),
-                    _ => {
-                        metrics::counter!("twinbus_commands_busy_total", "device" => a.device.name.clone()).increment(1);
-                        tracing::warn!(device = %a.device.name, waiting = QUEUED_COMMANDS, "command rejected: the device is busy");
-                        let why = format!("busy: {QUEUED_COMMANDS} commands are already waiting for this device; nothing was written, try again later");
-                        refuse(&msg, cmd.id.as_ref(), why, a).await;
-                    }
-                }
+        let reply = ReplyTo::of(&msg, &self.shared.responses);
+        let device = &self.shared.device;
+        if let Some(id) = &cmd.id_text {
+            if let Some(previous) = self.shared.answer_of(id) {
+                tracing::info!(%device, %id, "repeated command id: answering again, not executing");
+                metrics::counter!("twinbus_commands_total", "device" => device.clone(), "outcome" => "repeated").increment(1);
+                return vec![reply.publish(previous)];
             }
-            Err(mpsc::error::TrySendError::Closed(Queued { msg, cmd })) => {
-                refuse(&msg, cmd.id.as_ref(), "the gateway is shutting down".into(), a).await;
+            if self.shared.ids().waiting.contains_key(id) {
+                // Not "busy": the first copy is queued and will answer.
+                tracing::info!(%device, %id, "repeated command id while the first is still waiting: it will answer");
+                return Vec::new();
             }
         }
-    }
-    inbox.close();
-    while let Some(msg) = inbox.recv().await {
-        refuse(&msg, parse(&msg.payload).id.as_ref(), "the gateway is shutting down".into(), a).await;
+        if self.shared.ids().stopped {
+            return vec![refusal(&cmd, &reply, SHUTTING_DOWN.to_string())];
+        }
+        let id = cmd.id_text.clone();
+        let refused = match self.queue.try_send(Queued { cmd, reply }) {
+            Ok(()) => {
+                if let Some(id) = id {
+                    *self.shared.ids().waiting.entry(id).or_insert(0) += 1;
+                }
+                return Vec::new();
+            }
+            Err(mpsc::error::TrySendError::Full(q)) => {
+                metrics::counter!("twinbus_commands_total", "device" => device.clone(), "outcome" => "busy").increment(1);
+                tracing::warn!(%device, waiting = QUEUED_COMMANDS, "command rejected: the device is busy");
+                let why = format!("busy: {QUEUED_COMMANDS} commands are already waiting for this device; nothing was written, try again later");
+                refusal(&q.cmd, &q.reply, why)
+            }
+            Err(mpsc::error::TrySendError::Closed(q)) => refusal(&q.cmd, &q.reply, SHUTTING_DOWN.to_string()),
+        };
+        vec![refused]
     }
 }
 
-async fn work_through(mut queue: mpsc::Receiver<Queued>, twin: &Twin, a: &Adapter<'_>, stop: &CancellationToken, shutdown: &CancellationToken) {
-    let device = a.device;
+/// `rejected` without executing anything, and without remembering the id:
+/// the same id sent again later is a new attempt.
+fn refusal(cmd: &Command, reply: &ReplyTo, why: String) -> Publish {
+    let doc = answer(cmd.id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
+    reply.publish(render(&doc, cmd.id_text.as_deref()))
+}
+
+/// Executes queued commands until `stop` fires; then refuses what is still
+/// queued. `shutdown` is fired by an allowed `{"shutdown": true}`.
+pub async fn run_commands(
+    twin: Twin,
+    worker: RawWorker,
+    device: DeviceHandle,
+    conn: ConnectionHandle,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let RawWorker { shared, mut queue, interrupted } = worker;
+    for p in interrupted {
+        conn.send(p).await;
+    }
+    let mut answers: u64 = 0;
+    prune(&shared);
     loop {
-        let Queued { msg, cmd } = tokio::select! {
+        let Queued { cmd, reply } = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             m = queue.recv() => match m { Some(m) => m, None => break },
         };
-        let reply = ReplyTo::of(&msg, a.responses);
-        let id = cmd.id.clone();
-        if let Some(id) = &id {
-            let previous = a.ids().answer_of(id);
-            if let Some(previous) = previous {
-                tracing::info!(device = %device.name, id = %id, "duplicate command id: answering again, not executing");
-                // Answered already: not remembered twice, which would push out another id.
-                a.ids().unwait(id);
-                reply.send(a.conn, previous).await;
-                continue;
-            }
+        let is_shutdown = cmd.request.as_ref().is_ok_and(|r| *r == Request::Shutdown);
+        let publish = execute(&twin, &shared, &device, &conn, cmd, &reply).await;
+        conn.send(publish).await;
+        answers += 1;
+        if answers.is_multiple_of(PRUNE_EVERY) {
+            prune(&shared);
         }
-        let request = match cmd.request {
-            Ok(r) => r,
-            Err(why) => {
-                tracing::info!(device = %device.name, reason = %why, "command rejected");
-                let doc = answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
-                let bytes = doc.to_string().into_bytes();
-                if let Some(id) = id {
-                    a.ids().done(id, bytes.clone());
-                }
-                reply.send(a.conn, bytes).await;
-                continue;
-            }
-        };
-        if twin.acknowledge {
-            let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now_ms());
-            reply.send(a.conn, ack.to_string().into_bytes()).await;
-        }
-        let is_shutdown = request == Request::Shutdown;
-        let kind = request.kind();
-        let started = std::time::Instant::now();
-        let doc = execute(twin, device, request, id.as_ref()).await;
-        tracing::info!(
-            device = %device.name,
-            id = %id.as_ref().map_or_else(|| "-".to_string(), |i| i.to_string()),
-            status = %doc["status"].as_str().unwrap_or("?"),
-            ms = started.elapsed().as_millis() as u64,
-            error = %doc["error"].as_str().unwrap_or(""),
-            "command {kind}"
-        );
-        let bytes = doc.to_string().into_bytes();
-        if let Some(id) = id {
-            a.ids().done(id, bytes.clone());
-        }
-        reply.send(a.conn, bytes).await;
         if is_shutdown && twin.allow_shutdown {
             tracing::info!(device = %device.name, "shutdown requested by a remote command");
             shutdown.cancel();
         }
     }
+    shared.ids().stopped = true;
     queue.close();
-    while let Some(Queued { msg, cmd }) = queue.recv().await {
-        refuse(&msg, cmd.id.as_ref(), "the gateway is shutting down".into(), a).await;
+    while let Some(Queued { cmd, reply }) = queue.recv().await {
+        if let Some(id) = &cmd.id_text {
+            unwait(&mut shared.ids().waiting, id);
+        }
+        conn.send(refusal(&cmd, &reply, SHUTTING_DOWN.to_string())).await;
     }
 }
 
-/// Answers `rejected` without executing anything.
-async fn refuse(msg: &Message, id: Option<&Json>, why: String, a: &Adapter<'_>) {
-    let doc = answer(id, &Status::Rejected(why), &[], &BTreeMap::new(), now_ms());
-    ReplyTo::of(msg, a.responses).send(a.conn, doc.to_string().into_bytes()).await;
+fn prune(shared: &Shared) {
+    let before_ms = now_ms().saturating_sub(KEPT_IDS_MS);
+    shared.store.submit_detached(vec![Op::PruneRawCommands { device: shared.device.clone(), keep: KEPT_IDS, before_ms }]);
 }
 
-async fn execute(twin: &Twin, device: &DeviceHandle, request: Request, id: Option<&Json>) -> Json {
+/// Runs one command; returns its answer, with the store record that marks
+/// its id answered.
+async fn execute(twin: &Twin, shared: &Shared, device: &DeviceHandle, conn: &ConnectionHandle, cmd: Command, reply: &ReplyTo) -> Publish {
+    let Command { id, id_text, request } = cmd;
+    let started = std::time::Instant::now();
+    let doc = match request {
+        Err(why) => {
+            tracing::info!(device = %device.name, reason = %why, "command rejected");
+            answer(id.as_ref(), &Status::Rejected(why), &[], &BTreeMap::new(), now_ms())
+        }
+        Ok(request) => {
+            if twin.acknowledge {
+                let ack = answer(id.as_ref(), &Status::Acknowledged, &[], &BTreeMap::new(), now_ms());
+                conn.send(reply.publish(render(&ack, id_text.as_deref()))).await;
+            }
+            let kind = request.kind();
+            let doc = match (&request, &id_text) {
+                // Recorded before the first write, so that a crash in the
+                // middle is answered "interrupted" and never run twice.
+                (Request::Set(_), Some(text)) => {
+                    let op = Op::RawCommand {
+                        device: shared.device.clone(),
+                        id: text.clone(),
+                        at_ms: now_ms(),
+                        state: CommandState::Started,
+                        record: encode_publish(&reply.publish(Vec::new())),
+                    };
+                    match shared.store.apply(vec![op]).await {
+                        Ok(()) => run(twin, device, request, id.as_ref()).await,
+                        Err(e) => {
+                            tracing::error!(device = %device.name, "cannot record a command before running it: {e:#}; not running it");
+                            let why = format!("the gateway cannot record the command, so it cannot promise to run it only once; nothing was written ({e:#})");
+                            answer(id.as_ref(), &Status::Failed(why), &[], &BTreeMap::new(), now_ms())
+                        }
+                    }
+                }
+                _ => run(twin, device, request, id.as_ref()).await,
+            };
+            tracing::info!(
+                device = %device.name,
+                id = %id_text.as_deref().unwrap_or("-"),
+                status = %doc["status"].as_str().unwrap_or("?"),
+                ms = started.elapsed().as_millis() as u64,
+                error = %doc["error"].as_str().unwrap_or(""),
+                "command {kind}"
+            );
+            doc
+        }
+    };
+    let outcome = doc["status"].as_str().unwrap_or("unknown").to_string();
+    metrics::counter!("twinbus_commands_total", "device" => device.name.clone(), "outcome" => outcome).increment(1);
+    let bytes = render(&doc, id_text.as_deref());
+    let mut publish = reply.publish(bytes.clone());
+    if let Some(text) = &id_text {
+        shared.answered(text, &bytes);
+        publish = publish.recording(vec![done(shared, text, reply, &bytes)]);
+    }
+    publish
+}
+
+async fn run(twin: &Twin, device: &DeviceHandle, request: Request, id: Option<&Json>) -> Json {
     let points = &device.points;
     let no_errors = BTreeMap::new();
     let outcome = match request {
@@ -248,6 +367,7 @@ fn outcome_answer(device: &DeviceHandle, outcome: &Outcome, id: Option<&Json>) -
 /// Where an answer goes: the MQTT 5 response topic when the command named
 /// one (with its correlation data and user properties echoed), else the
 /// twin's responses topic.
+#[derive(Clone, Debug)]
 struct ReplyTo {
     topic: String,
     properties: Option<Properties>,
@@ -264,11 +384,7 @@ impl ReplyTo {
         }
     }
 
-    async fn send(&self, conn: &ConnectionHandle, payload: Vec<u8>) {
-        match &self.properties {
-            Some(p) => conn.publish_reply(&self.topic, payload, p.clone()).await,
-            None => conn.publish(&self.topic, payload).await,
-        }
+    fn publish(&self, payload: Vec<u8>) -> Publish {
+        Publish::new(Class::Answer, self.topic.clone(), payload).with_properties(self.properties.clone())
     }
 }
-

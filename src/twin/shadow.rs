@@ -31,9 +31,9 @@ use super::now_ms;
 use super::telemetry::Reported;
 use crate::config::{CommandDef, ShadowBinding};
 use crate::device::{DeviceHandle, Health};
-use crate::mqtt::{ConnectionHandle, Message};
+use crate::mqtt::{Class, ConnectionHandle, Inbox, Message, Publish};
 use crate::point::Encoded;
-use crate::store::{Applied, Store};
+use crate::store::{Applied, CommandState, Op, Store};
 
 /// AWS limit for a shadow document's state.
 const MAX_DOCUMENT: usize = 8 * 1024;
@@ -56,6 +56,34 @@ pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {
 pub struct ShadowInbox {
     pub messages: mpsc::Receiver<Message>,
     pub overflow: Arc<Notify>,
+}
+
+/// The connection's side of a [`ShadowInbox`]: a full inbox (a long named
+/// command holds the adapter) drops the message and wakes `overflow`; the
+/// adapter then fetches the whole shadow again, which still holds whatever
+/// a dropped delta carried.
+#[derive(Debug)]
+pub struct ShadowRoute {
+    tx: mpsc::Sender<Message>,
+    overflow: Arc<Notify>,
+}
+
+/// The two ends of a shadow adapter's inbox.
+pub fn shadow_inbox() -> (Arc<ShadowRoute>, ShadowInbox) {
+    let (tx, messages) = mpsc::channel(64);
+    let overflow = Arc::new(Notify::new());
+    (Arc::new(ShadowRoute { tx, overflow: overflow.clone() }), ShadowInbox { messages, overflow })
+}
+
+impl Inbox for ShadowRoute {
+    fn offer(&self, msg: Message) -> Vec<Publish> {
+        if self.tx.try_send(msg).is_err() {
+            metrics::counter!("twinbus_shadow_messages_deferred_total").increment(1);
+            tracing::warn!("a shadow message arrived while its adapter was busy: it will fetch the shadow again");
+            self.overflow.notify_one();
+        }
+        Vec::new()
+    }
 }
 
 /// Serves one shadow until `stop` fires; then reports `connected: false`.
@@ -124,6 +152,12 @@ struct Shadow {
     listed_commands: VecDeque<String>,
     /// The device's named commands.
     commands: Vec<CommandDef>,
+    /// Store records of commands that finished, committed with the report
+    /// that carries their final state.
+    finished: Vec<Op>,
+    /// Commands a previous run started and never finished (it crashed):
+    /// reported `FAILURE` with the next full report.
+    interrupted: Vec<String>,
 }
 
 impl Shadow {
@@ -133,6 +167,10 @@ impl Shadow {
         let last_version = store.shadow_version(&key).unwrap_or_else(|e| {
             tracing::error!(shadow = %prefix, "cannot read the last applied version from the store: {e:#}");
             None
+        });
+        let interrupted = store.shadow_commands_started(&key).unwrap_or_else(|e| {
+            tracing::error!(shadow = %prefix, "cannot read unfinished commands from the store: {e:#}");
+            Vec::new()
         });
         let n = device.points.len();
         Shadow {
@@ -151,6 +189,8 @@ impl Shadow {
             retry_delay: RETRY_MIN,
             listed_commands: VecDeque::new(),
             commands,
+            finished: Vec::new(),
+            interrupted,
         }
     }
 
@@ -205,7 +245,7 @@ impl Shadow {
     async fn sync(&mut self) {
         let token = self.token(None);
         tracing::debug!(shadow = %self.prefix, "syncing: get");
-        self.conn.publish(&format!("{}/get", self.prefix), json!({"clientToken": token}).to_string().into_bytes()).await;
+        self.conn.publish(Class::Volatile, &format!("{}/get", self.prefix), json!({"clientToken": token}).to_string().into_bytes()).await;
     }
 
     async fn on_message(&mut self, m: &Message) {
@@ -281,7 +321,7 @@ impl Shadow {
                 // old one: a lower version means the shadow was deleted and
                 // created again (AWS restarts at 0 after 48 hours).
                 tracing::warn!(shadow = %self.prefix, version = v, last, "the shadow's version went back: it was recreated; starting afresh");
-                if let Err(e) = self.store.reset_shadow(&self.key, v.saturating_sub(1)).await {
+                if let Err(e) = self.store.apply(vec![Op::ShadowReset { shadow: self.key.clone(), version: v.saturating_sub(1) }]).await {
                     tracing::error!(shadow = %self.prefix, "cannot reset the stored shadow state: {e:#}");
                 }
                 self.last_version = Some(v.saturating_sub(1));
@@ -319,7 +359,7 @@ impl Shadow {
     async fn remember_version(&mut self, v: u64) {
         if self.last_version.is_none_or(|last| v > last) {
             self.last_version = Some(v);
-            if let Err(e) = self.store.set_shadow_version(&self.key, v).await {
+            if let Err(e) = self.store.apply(vec![Op::ShadowVersion { shadow: self.key.clone(), version: v }]).await {
                 tracing::error!(shadow = %self.prefix, store = %self.store.path().display(), "cannot persist the shadow version: {e:#}");
             }
         }
@@ -389,7 +429,7 @@ impl Shadow {
             }
         }
         if !settled.is_empty() {
-            if let Err(e) = self.store.set_desired_applied(&self.key, &settled).await {
+            if let Err(e) = self.store.apply(vec![Op::DesiredApplied { shadow: self.key.clone(), applied: settled }]).await {
                 tracing::error!(shadow = %self.prefix, "cannot record applied desired values: {e:#}");
             }
         }
@@ -412,19 +452,20 @@ impl Shadow {
         for (n, element) in list.iter().enumerate() {
             let written = newest_timestamp(&metadata[n]).or(doc_time);
             let id = command_id(&self.prefix, element, written);
-            match self.store.command_seen(&self.key, &id) {
-                Ok(true) => {
+            match self.store.shadow_command(&self.key, &id) {
+                Ok(Some(_)) => {
                     tracing::debug!(shadow = %self.prefix, %id, "command already executed: skipping");
                     continue;
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     // Without the store we cannot promise "at most once": do not run.
                     tracing::error!(shadow = %self.prefix, %id, "cannot read executed commands: {e:#}; not running it");
                     continue;
                 }
             }
-            if let Err(e) = self.store.mark_command(&self.key, &id, now_ms()).await {
+            let started = Op::ShadowCommand { shadow: self.key.clone(), id: id.clone(), at_ms: now_ms(), state: CommandState::Started };
+            if let Err(e) = self.store.apply(vec![started]).await {
                 tracing::error!(shadow = %self.prefix, %id, "cannot record the command before running it: {e:#}; not running it");
                 continue;
             }
@@ -434,6 +475,7 @@ impl Shadow {
             }
             tracing::info!(shadow = %self.prefix, %id, state = %state["state"], "shadow command");
             states.insert(id.clone(), state);
+            self.finished.push(Op::ShadowCommand { shadow: self.key.clone(), id: id.clone(), at_ms: now_ms(), state: CommandState::Done });
             self.listed_commands.push_back(id);
         }
         // Keep `reported.command` small: drop the oldest entries.
@@ -479,7 +521,7 @@ impl Shadow {
                     return failure("relay-command needs a \"topic\" without wildcards".into());
                 }
                 let msg = json!({"msg": body["message"], "deviceId": self.binding.thing});
-                self.conn.publish(topic, msg.to_string().into_bytes()).await;
+                self.conn.publish(Class::Answer, topic, msg.to_string().into_bytes()).await;
                 json!({"state": "SUCCESS", "time": now_ms()})
             }
             other => match self.commands.iter().find(|c| c.name == other).cloned() {
@@ -520,7 +562,7 @@ impl Shadow {
         if let Some(topic) = body["response_topic"].as_str().filter(|t| !t.is_empty() && !t.contains(['+', '#'])) {
             let mut doc = state.clone();
             doc["id"] = json!(id);
-            self.conn.publish(topic, doc.to_string().into_bytes()).await;
+            self.conn.publish(Class::Answer, topic, doc.to_string().into_bytes()).await;
         }
     }
 
@@ -538,7 +580,17 @@ impl Shadow {
     }
 
     /// Reports every readable value, plus connected/online and `extra`.
-    async fn report_everything(&mut self, extra: Map<String, Json>) {
+    async fn report_everything(&mut self, mut extra: Map<String, Json>) {
+        for id in std::mem::take(&mut self.interrupted) {
+            tracing::warn!(shadow = %self.prefix, %id, "a command was cut off when the gateway stopped: reporting FAILURE (interrupted), not running it again");
+            let state = json!({"state": "FAILURE", "reason": "interrupted: the gateway stopped while this command ran (a crash or power loss); its outcome is unknown and it was not run again", "time": now_ms()});
+            // The id as one key (it may contain dots).
+            if let Json::Object(commands) = extra.entry("command").or_insert_with(|| json!({})) {
+                commands.insert(id.clone(), state);
+            }
+            self.finished.push(Op::ShadowCommand { shadow: self.key.clone(), id: id.clone(), at_ms: now_ms(), state: CommandState::Done });
+            self.listed_commands.push_back(id);
+        }
         let snap = self.device.watch().borrow().clone();
         let mut reported = Map::new();
         let all = vec![true; self.device.points.len()];
@@ -599,7 +651,15 @@ impl Shadow {
                 tracing::warn!(shadow = %self.prefix, bytes = bytes.len(), "a reported value alone exceeds the 8 KB shadow limit: not sent");
                 continue;
             }
-            self.conn.publish(&format!("{}/update", self.prefix), bytes).await;
+            let records = std::mem::take(&mut self.finished);
+            self.conn.send(Publish::new(Class::Report, format!("{}/update", self.prefix), bytes).recording(records)).await;
+        }
+        if !self.finished.is_empty() {
+            // Nothing could be sent: record the commands as finished anyway.
+            let records = std::mem::take(&mut self.finished);
+            if let Err(e) = self.store.apply(records).await {
+                tracing::error!(shadow = %self.prefix, "cannot record finished commands: {e:#}");
+            }
         }
     }
 }

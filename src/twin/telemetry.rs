@@ -17,7 +17,7 @@ use super::epoch_ms;
 use super::json::{insert, to_json};
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Health, Snapshot};
-use crate::mqtt::ConnectionHandle;
+use crate::mqtt::{Class, ConnectionHandle};
 use crate::point::{Point, Value};
 
 /// Publishes the device's telemetry until `stop` fires.
@@ -56,7 +56,7 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
         };
         if let Some(doc) = doc {
             sent = Some(snap.at);
-            conn.publish(&topic, doc.to_string().into_bytes()).await;
+            conn.publish(Class::Telemetry, &topic, doc.to_string().into_bytes()).await;
         }
     }
 }

@@ -402,6 +402,7 @@ simulators:
     listen: 127.0.0.1:$sim
     serves: [pump]
     initial: { deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }
+state_dir: $WORK/state-$name
 EOF
     } >"$WORK/$name.yaml"
 }
@@ -662,6 +663,7 @@ EOF
     serves=$(for ((i = 0; i < TOPO + 2; i++)); do printf 'topo-%d, ' "$i"; done)
     echo "    serves: [${serves%, }]"
     echo "    initial: { deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }"
+    echo "state_dir: $WORK/state-topology"
 } >"$WORK/topology.yaml"
 if check_config topology; then
     start_gw topology

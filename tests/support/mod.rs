@@ -21,6 +21,13 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// An empty state directory under cargo's scratch space for tests.
+pub fn fresh_state_dir(tag: impl std::fmt::Display) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("state-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// A running gateway plus what a test needs to drive and observe it.
 pub struct Harness {
     pub gateway: Gateway,
@@ -45,7 +52,11 @@ profiles:
 pub async fn start(template: &str) -> Harness {
     let mqtt_port = free_port();
     let modbus_port = free_port();
-    let yaml = template.replace("{MQTT}", &mqtt_port.to_string()).replace("{MODBUS}", &modbus_port.to_string());
+    let mut yaml = template.replace("{MQTT}", &mqtt_port.to_string()).replace("{MODBUS}", &modbus_port.to_string());
+    if !yaml.contains("\nstate_dir:") {
+        // Each gateway its own store: tests run in parallel.
+        yaml.push_str(&format!("\nstate_dir: {}\n", fresh_state_dir(mqtt_port).display()));
+    }
     let config = match Config::parse(&yaml, Path::new("test.yaml")) {
         Ok(c) => c,
         Err(e) => panic!("test config invalid: {e}\n{yaml}"),
