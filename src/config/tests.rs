@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::point::{Access, DataType, Table};
+use crate::point::{Access, DataType, Number, Table};
 
 /// A connection, an RTU and a TCP bus, and a pump profile; devices follow.
 const HEAD: &str = "\
@@ -183,7 +183,7 @@ fn the_shipped_gateway_yaml_is_valid_and_describes_the_demo() {
     let point = |p: &str| pump.points.iter().find(|x| x.path == p).unwrap();
     let setpoint = point("deviceAttrib.setpoint");
     assert_eq!((setpoint.location.table, setpoint.location.address), (Table::HoldingRegister, 10));
-    assert_eq!((setpoint.data_type, setpoint.min, setpoint.max), (DataType::F32, Some(0.0), Some(80.0)));
+    assert_eq!((setpoint.data_type, setpoint.min, setpoint.max), (DataType::F32, Some(Number::Int(0)), Some(Number::Int(80))));
     assert_eq!(setpoint.access, Access::ReadWrite);
     let temperature = point("deviceData.temperature");
     assert_eq!((temperature.data_type, temperature.scale, temperature.deadband), (DataType::I16, 0.1, 0.2));

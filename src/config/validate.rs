@@ -13,7 +13,7 @@ use serde_saphyr::Spanned;
 
 use super::raw::*;
 use super::*;
-use crate::point::{Access, DataType, Label, Location, Order, Point, Table, Value};
+use crate::point::{Access, DataType, Label, Location, Number, Order, Point, Table, Value};
 
 /// First path segments that the telemetry and answer documents use themselves.
 const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors", "connected", "command"];
@@ -943,9 +943,9 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
         offset,
         labels,
         access,
-        min: p.min.as_ref().map(|v| v.value),
-        max: p.max.as_ref().map(|v| v.value),
-        allowed: p.allowed.as_ref().map(|v| v.value.clone()).unwrap_or_default(),
+        min: p.min.as_ref().map(|v| number(v.value)),
+        max: p.max.as_ref().map(|v| number(v.value)),
+        allowed: p.allowed.as_ref().map(|v| v.value.iter().map(|a| number(a.value)).collect()).unwrap_or_default(),
         deadband: p.deadband.as_ref().map_or(0.0, |v| v.value),
     };
     check_limits(c, p, &point, path);
@@ -972,15 +972,15 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
         return;
     }
     if let (Some(lo), Some(hi)) = (&p.min, &p.max) {
-        if lo.value > hi.value {
-            c.at(lo, &format!("{path}.min"), format!("{} is above max {}", lo.value, hi.value));
+        if number(lo.value) > number(hi.value) {
+            c.at(lo, &format!("{path}.min"), format!("{} is above max {}", number(lo.value), number(hi.value)));
         }
     }
     // Each limit must itself fit the type, or the limit is a typo.
     for (v, field) in [(&p.min, "min"), (&p.max, "max")] {
         if let Some(v) = v {
-            if let Err(e) = point.encode_device_value(&Value::Float(v.value)) {
-                if !e.contains("multiple of the scale") {
+            if let Err(e) = point.encode_device_value(&number(v.value).to_value()) {
+                if !e.contains("between two steps") {
                     c.at(v, &format!("{path}.{field}"), format!("does not fit the point's type: {e}"));
                 }
             }
@@ -988,8 +988,8 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
     }
     if let Some(list) = &p.allowed {
         for a in &list.value {
-            if let Err(e) = point.encode_device_value(&Value::Float(*a)) {
-                c.at(list, &format!("{path}.allowed"), format!("{a}: {e}"));
+            if let Err(e) = point.encode_device_value(&number(a.value).to_value()) {
+                c.at(a, &format!("{path}.allowed"), format!("{}: {e}", number(a.value)));
             }
         }
     }
@@ -997,6 +997,13 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
         if !(d.value >= 0.0 && d.value.is_finite()) {
             c.at(d, &format!("{path}.deadband"), "must be zero or a positive number");
         }
+    }
+}
+
+fn number(n: RawNumber) -> Number {
+    match n {
+        RawNumber::Int(i) => Number::Int(i),
+        RawNumber::Float(f) => Number::Float(f),
     }
 }
 
