@@ -613,8 +613,7 @@ impl Point {
                     // Beyond 2^53 a float stands for several integers: the
                     // digits written may not be the ones it holds.
                     return Err(format!(
-                        "{f} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded; give it as an integer (e.g. {})",
-                        f as i128
+                        "{f} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only"
                     ));
                 }
                 f as i128
