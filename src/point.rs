@@ -20,8 +20,8 @@ use std::fmt;
 
 mod number;
 
-use number::{Scaling, Step};
 pub use number::Number;
+use number::{Scaling, Step};
 
 /// A typed value as it flows between the twin adapters and the device actors.
 ///
@@ -513,7 +513,9 @@ impl Point {
 
     fn type_name_with_article(&self) -> String {
         match self.data_type {
-            DataType::F32 | DataType::F64 | DataType::I16 | DataType::I32 | DataType::I64 => format!("an {}", self.type_name()),
+            DataType::F32 | DataType::F64 | DataType::I16 | DataType::I32 | DataType::I64 => {
+                format!("an {}", self.type_name())
+            }
             _ => format!("a {}", self.type_name()),
         }
     }
@@ -532,7 +534,11 @@ impl Point {
             let bitwise = self.location.table.is_bits() || self.location.bit.is_some();
             let (lo, hi) = if bitwise { (0, 1) } else { self.data_type.int_range().unwrap_or((0, 0)) };
             if !(lo..=hi).contains(&i128::from(label.raw)) {
-                return Err(format!("label {name:?} maps to {}, which does not fit a {}", label.raw, self.data_type.name()));
+                return Err(format!(
+                    "label {name:?} maps to {}, which does not fit a {}",
+                    label.raw,
+                    self.data_type.name()
+                ));
             }
             return Ok((RawWrite::Int(label.raw.into()), None));
         }
@@ -596,11 +602,14 @@ impl Point {
         let whole = match asked {
             Number::Int(i) => i,
             Number::Float(f) if f.fract() != 0.0 => {
-                let around: Vec<String> =
-                    [f.floor(), f.ceil()].iter().filter(|x| Number::Float(**x) >= Number::Int(lo) && Number::Float(**x) <= Number::Int(hi)).map(|x| x.to_string()).collect();
+                let around: Vec<String> = [f.floor(), f.ceil()]
+                    .iter()
+                    .filter(|x| Number::Float(**x) >= Number::Int(lo) && Number::Float(**x) <= Number::Int(hi))
+                    .map(|x| x.to_string())
+                    .collect();
                 let nearest = match around.as_slice() {
                     [] => String::new(),
-                    [one] => format!(" (nearest valid value: {one})"),
+                    [one] => format!(" (nearest valid value {one})"),
                     [a, b, ..] => format!(" (nearest valid values {a} and {b})"),
                 };
                 return Err(format!("{f} is not a whole number, and a {} holds whole numbers{nearest}", t.name()));
@@ -627,16 +636,22 @@ impl Point {
 
     /// A scaled integer point: the raw value of the step `asked` is on.
     fn raw_step(&self, asked: Number, t: DataType, range: (i128, i128)) -> Result<i128, String> {
-        let fits = |what: &dyn fmt::Display| format!("{what} does not fit in a {} (range {}..={})", t.name(), range.0, range.1);
+        let fits = |what: &dyn fmt::Display| {
+            format!("{what} does not fit in a {} (range {}..={})", t.name(), range.0, range.1)
+        };
         let v = asked.to_f64();
         if Number::Float(v) != asked {
-            return Err(format!("{asked} has no exact 64-bit float, which a scaled value needs; the largest whole numbers a scaled point takes are ±2^53"));
+            // Beyond 2^53 not every integer has an f64, and a scaled value is one.
+            return Err(format!(
+                "{asked} cannot be scaled exactly: it is beyond 2^53 and has no 64-bit float of its own"
+            ));
         }
         match self.scaling().step(v, range) {
             Step::On(n) => Ok(n),
             Step::Outside(q) => Err(fits(&format!("{asked} (raw {})", raw_text(q)))),
             Step::Between(below, above) => {
-                let offset = if self.offset != 0.0 { format!(" from the offset {}", self.offset) } else { String::new() };
+                let offset =
+                    if self.offset != 0.0 { format!(" from the offset {}", self.offset) } else { String::new() };
                 let nearest = match (below, above) {
                     (Some(b), Some(a)) => format!("nearest valid values {b} and {a}"),
                     (Some(x), None) | (None, Some(x)) => format!("nearest valid value {x}"),

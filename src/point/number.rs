@@ -8,7 +8,7 @@
 //! ([`Number::Int`]) and is compared with a float without rounding either. A
 //! scaled reading is `raw × scale + offset` worked out on the decimals of the
 //! scale and offset as written, then rounded once to the nearest f64. A
-//! write is on a step only within [`Scaling::tolerance`], which is float noise
+//! write is on a step only within `Scaling::tolerance`, which is float noise
 //! and never more than a thousandth of a step.
 
 use std::cmp::Ordering;
@@ -206,7 +206,17 @@ impl Scaling {
         // outside the type while others inside it read the same: look at
         // the end of the range too.
         let edge = centre.clamp(lo, hi);
-        let candidates = [centre, centre - 1, centre + 1, centre - 2, centre + 2, edge, edge - 1, edge + 1];
+        let near = |n: i128, d: i128| n.saturating_add(d);
+        let candidates = [
+            centre,
+            near(centre, -1),
+            near(centre, 1),
+            near(centre, -2),
+            near(centre, 2),
+            edge,
+            near(edge, -1),
+            near(edge, 1),
+        ];
         let in_range = |n: &&i128| (lo..=hi).contains(*n);
         let distance = |n: i128| (self.reading(n) - value).abs();
         let tolerance = self.tolerance(value);

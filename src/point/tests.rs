@@ -888,7 +888,11 @@ fn a_value_within_noise_of_a_step_is_checked_against_the_limits_as_that_step() {
 
 #[test]
 fn i64_limits_at_the_ends_of_the_type_are_compared_exactly() {
-    let p = Point { min: Some(limit("-9223372036854775808")), max: Some(limit("9223372036854775806")), ..holding(DataType::I64) };
+    let p = Point {
+        min: Some(limit("-9223372036854775808")),
+        max: Some(limit("9223372036854775806")),
+        ..holding(DataType::I64)
+    };
     assert_eq!(words_for(&p, Value::Int(i64::MIN)), vec![0x8000, 0, 0, 0]);
     assert_eq!(words_for(&p, Value::Int(i64::MAX - 1)), vec![0x7FFF, 0xFFFF, 0xFFFF, 0xFFFE]);
     assert!(refusal(&p, Value::Int(i64::MAX)).contains("above the maximum 9223372036854775806"));
