@@ -6,8 +6,22 @@
 //! product's first rule: a value is turned into registers only if it fits the
 //! point's type, enum and limits exactly; anything else is refused with a reason
 //! and nothing is produced to write.
+//!
+//! "Exactly" is checked twice. Limits apply to the value asked for, compared
+//! as numbers (integers as integers, see `number.rs`), and then the registers
+//! about to be written are decoded again, as a read would, and that value too
+//! must lie within the limits and be what was asked: the same integer; for a
+//! scaled integer point, the reading of the step the value was on; for an
+//! f32 or f64 point, the float nearest to it. A value between two steps of a
+//! scale is refused with the nearest valid values, never rounded.
 
+use std::cmp::Ordering;
 use std::fmt;
+
+mod number;
+
+pub use number::Number;
+use number::{Scaling, Step};
 
 /// A typed value as it flows between the twin adapters and the device actors.
 ///
@@ -127,15 +141,15 @@ impl DataType {
     }
 
     /// The smallest and largest raw (unscaled) value of an integer type.
-    fn int_range(self) -> Option<(f64, f64)> {
+    fn int_range(self) -> Option<(i128, i128)> {
         Some(match self {
-            DataType::Bool => (0.0, 1.0),
-            DataType::U16 => (0.0, u16::MAX as f64),
-            DataType::I16 => (i16::MIN as f64, i16::MAX as f64),
-            DataType::U32 => (0.0, u32::MAX as f64),
-            DataType::I32 => (i32::MIN as f64, i32::MAX as f64),
-            DataType::U64 => (0.0, u64::MAX as f64),
-            DataType::I64 => (i64::MIN as f64, i64::MAX as f64),
+            DataType::Bool => (0, 1),
+            DataType::U16 => (0, u16::MAX.into()),
+            DataType::I16 => (i16::MIN.into(), i16::MAX.into()),
+            DataType::U32 => (0, u32::MAX.into()),
+            DataType::I32 => (i32::MIN.into(), i32::MAX.into()),
+            DataType::U64 => (0, u64::MAX.into()),
+            DataType::I64 => (i64::MIN.into(), i64::MAX.into()),
             _ => return None,
         })
     }
@@ -231,12 +245,14 @@ pub struct Point {
     pub labels: Vec<Label>,
     /// Read, write or both.
     pub access: Access,
-    /// Lowest engineering value a write may set.
-    pub min: Option<f64>,
-    /// Highest engineering value a write may set.
-    pub max: Option<f64>,
-    /// When non-empty, the only engineering values a write may set.
-    pub allowed: Vec<f64>,
+    /// Lowest engineering value a write may set. Kept as written (an integer
+    /// stays exact) by the config validation, which also checks that the
+    /// point can hold it; compared exactly by `encode`.
+    pub min: Option<Number>,
+    /// Highest engineering value a write may set; see `min`.
+    pub max: Option<Number>,
+    /// When non-empty, the only engineering values a write may set; see `min`.
+    pub allowed: Vec<Number>,
     /// Smallest change that counts as a change for report-on-change.
     pub deadband: f64,
 }
@@ -340,13 +356,13 @@ impl Point {
             }
         }
         if self.is_scaled() {
-            let (scale, offset) = (self.scale, self.offset);
+            let scaling = self.scaling();
             return Value::Float(match raw {
-                Raw::Int(i) => round_scaled(i as f64 * scale + offset, scale, offset),
-                Raw::UInt(u) => round_scaled(u as f64 * scale + offset, scale, offset),
+                Raw::Int(i) => scaling.reading(i.into()),
+                Raw::UInt(u) => scaling.reading(u.into()),
                 // A float is finer than the steps of its scale: only the noise
                 // of the arithmetic is removed, never real digits.
-                Raw::Float(f) => round_significant(f * scale + offset),
+                Raw::Float(f) => round_significant(f * self.scale + self.offset),
             });
         }
         match raw {
@@ -354,6 +370,10 @@ impl Point {
             Raw::UInt(u) => Value::UInt(u),
             Raw::Float(f) => Value::Float(f),
         }
+    }
+
+    fn scaling(&self) -> Scaling {
+        Scaling::new(self.scale, self.offset)
     }
 
     /// Checks a value against access, type, labels and limits and turns it
@@ -370,27 +390,48 @@ impl Point {
     }
 
     /// Encodes a value the device itself may hold, checking only that it fits
-    /// the type and labels: for the simulator, and for checking limits in the
-    /// configuration. Never use it for a write that came from outside.
+    /// the type, labels and steps: for the simulator, and for the values a
+    /// configuration gives (initial values, `check` steps). Never use it for
+    /// a write that came from outside.
     pub fn encode_device_value(&self, value: &Value) -> Result<Encoded, String> {
         self.encode_checked(value, false)
     }
 
+    /// Whether the device can hold `n` exactly: encoded (limits aside) and
+    /// read back, it is `n` again. `twinbus check` asks this of every limit,
+    /// so that a limit is itself a value a write can set.
+    pub fn holds(&self, n: Number) -> Result<(), String> {
+        let encoded = self.encode_checked(&n.to_value(), false)?;
+        let held = self.read_back(&encoded)?;
+        if Number::of(&held) == Some(n) {
+            Ok(())
+        } else {
+            Err(format!("{n} cannot be held exactly by this {} point: it would read back as {held}", self.type_name()))
+        }
+    }
+
     fn encode_checked(&self, value: &Value, limits: bool) -> Result<Encoded, String> {
-        let raw = self.raw_for_write(value, limits)?;
+        let (raw, asked) = self.raw_for_write(value, limits)?;
+        let encoded = self.to_encoded(raw)?;
+        if let Some(asked) = asked {
+            self.check_read_back(asked, &encoded, limits)?;
+        }
+        Ok(encoded)
+    }
+
+    fn to_encoded(&self, raw: RawWrite) -> Result<Encoded, String> {
         if self.location.table == Table::Coil {
             return Ok(Encoded::Bits(vec![raw != RawWrite::Int(0)]));
         }
         if let Some(bit) = self.location.bit {
             return Ok(Encoded::RegisterBit { bit, value: raw != RawWrite::Int(0) });
         }
+        // Every integer reaching here lies in its type's range, so keeping
+        // the low bytes is the two's complement encoding.
         let bytes: Vec<u8> = match (self.data_type, raw) {
-            (DataType::Bool | DataType::U16 | DataType::I16, RawWrite::Int(i)) => {
-                (i as u16).to_be_bytes().to_vec()
-            }
+            (DataType::Bool | DataType::U16 | DataType::I16, RawWrite::Int(i)) => (i as u16).to_be_bytes().to_vec(),
             (DataType::U32 | DataType::I32, RawWrite::Int(i)) => (i as u32).to_be_bytes().to_vec(),
-            (DataType::U64, RawWrite::UInt(u)) => u.to_be_bytes().to_vec(),
-            (DataType::U64 | DataType::I64, RawWrite::Int(i)) => i.to_be_bytes().to_vec(),
+            (DataType::U64 | DataType::I64, RawWrite::Int(i)) => (i as u64).to_be_bytes().to_vec(),
             (DataType::F32, RawWrite::Float(f)) => (f as f32).to_be_bytes().to_vec(),
             (DataType::F64, RawWrite::Float(f)) => f.to_be_bytes().to_vec(),
             (DataType::String { len }, RawWrite::Text(ref s)) => {
@@ -403,8 +444,86 @@ impl Point {
         Ok(Encoded::Words(self.from_bytes(&bytes)))
     }
 
-    /// The raw (device-side) value for a write, after every check.
-    fn raw_for_write(&self, value: &Value, limits: bool) -> Result<RawWrite, String> {
+    /// The value a read would return once `encoded` is on the device.
+    fn read_back(&self, encoded: &Encoded) -> Result<Value, String> {
+        let decoded = match encoded {
+            Encoded::Words(words) => self.decode_words(words),
+            Encoded::Bits(bits) => self.decode_bits(bits),
+            Encoded::RegisterBit { value, .. } => Ok(self.present(Raw::Int(i64::from(*value)))),
+        };
+        decoded.map_err(|e| format!("internal: the encoded value does not decode: {e}"))
+    }
+
+    /// Decodes what is about to be written and checks it is what was asked:
+    /// the limits again, and the meaning of "exactly" for the point's type.
+    fn check_read_back(&self, asked: Number, encoded: &Encoded, limits: bool) -> Result<(), String> {
+        let held_value = self.read_back(encoded)?;
+        let Some(held) = Number::of(&held_value).filter(|h| h.is_finite()) else {
+            return Err(format!("{asked} does not fit in {}", self.type_name_with_article()));
+        };
+        let v = asked.to_f64();
+        let exact = match self.data_type {
+            DataType::F64 if !self.is_scaled() => held.to_f64().to_bits() == v.to_bits(),
+            DataType::F32 if !self.is_scaled() => (held.to_f64() as f32).to_bits() == (v as f32).to_bits(),
+            // A scaled float holds the float nearest to (v - offset) / scale:
+            // there is no step to be on, and the reading is what the device has.
+            DataType::F32 | DataType::F64 => true,
+            _ if self.is_scaled() => (held.to_f64() - v).abs() <= self.scaling().tolerance(v),
+            _ => held == asked,
+        };
+        if !exact {
+            // A bug in this codec, never a user error: refuse rather than write.
+            return Err(format!("internal: {asked} would be written as {held}"));
+        }
+        if limits {
+            self.within_limits(held).map_err(|why| {
+                if held == asked {
+                    format!("{asked} {why}")
+                } else {
+                    format!("{asked} would be held by the device as {held}, which {why}")
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether `x` passes min, max and allowed; the `Err` completes a
+    /// sentence whose subject is the value.
+    fn within_limits(&self, x: Number) -> Result<(), String> {
+        if let Some(min) = self.min {
+            if matches!(x.partial_cmp(&min), Some(Ordering::Less) | None) {
+                return Err(format!("is below the minimum {min}"));
+            }
+        }
+        if let Some(max) = self.max {
+            if matches!(x.partial_cmp(&max), Some(Ordering::Greater) | None) {
+                return Err(format!("is above the maximum {max}"));
+            }
+        }
+        if !self.allowed.is_empty() && !self.allowed.contains(&x) {
+            let list = self.allowed.iter().map(Number::to_string).collect::<Vec<_>>().join(", ");
+            return Err(format!("is not an allowed value; allowed: {list}"));
+        }
+        Ok(())
+    }
+
+    fn type_name(&self) -> &'static str {
+        self.data_type.name()
+    }
+
+    fn type_name_with_article(&self) -> String {
+        match self.data_type {
+            DataType::F32 | DataType::F64 | DataType::I16 | DataType::I32 | DataType::I64 => {
+                format!("an {}", self.type_name())
+            }
+            _ => format!("a {}", self.type_name()),
+        }
+    }
+
+    /// The raw (device-side) value for a write, after the type, label, step
+    /// and (when `limits`) limit checks on the value asked; and that value,
+    /// for a numeric point, to check again once encoded.
+    fn raw_for_write(&self, value: &Value, limits: bool) -> Result<(RawWrite, Option<Number>), String> {
         if !self.labels.is_empty() {
             let names = || self.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ");
             let Value::Text(name) = value else {
@@ -413,12 +532,15 @@ impl Point {
             let label = self.labels.iter().find(|l| &l.name == name);
             let label = label.ok_or_else(|| format!("unknown value {name:?}; expected one of: {}", names()))?;
             let bitwise = self.location.table.is_bits() || self.location.bit.is_some();
-            let (lo, hi) = if bitwise { (0.0, 1.0) } else { self.data_type.int_range().unwrap_or((0.0, 0.0)) };
-            let raw = label.raw as f64;
-            if raw < lo || raw > hi {
-                return Err(format!("label {name:?} maps to {}, which does not fit a {}", label.raw, self.data_type.name()));
+            let (lo, hi) = if bitwise { (0, 1) } else { self.data_type.int_range().unwrap_or((0, 0)) };
+            if !(lo..=hi).contains(&i128::from(label.raw)) {
+                return Err(format!(
+                    "label {name:?} maps to {}, which does not fit a {}",
+                    label.raw,
+                    self.data_type.name()
+                ));
             }
-            return Ok(RawWrite::Int(label.raw));
+            return Ok((RawWrite::Int(label.raw.into()), None));
         }
         if let DataType::String { len } = self.data_type {
             let Value::Text(s) = value else {
@@ -427,90 +549,116 @@ impl Point {
             if !s.is_ascii() || s.len() > usize::from(len) {
                 return Err(format!("expected ASCII text of at most {len} characters; got {} bytes", s.len()));
             }
-            return Ok(RawWrite::Text(s.clone()));
+            if s.contains('\0') {
+                // The device would hold it, but a read stops at the NUL.
+                return Err("the text contains a NUL character, which would end it on the device".to_string());
+            }
+            return Ok((RawWrite::Text(s.clone()), None));
         }
         let is_bool = self.data_type == DataType::Bool || self.location.table.is_bits() || self.location.bit.is_some();
         if is_bool {
             return match value {
-                Value::Bool(b) => Ok(RawWrite::Int(i64::from(*b))),
+                Value::Bool(b) => Ok((RawWrite::Int(i128::from(*b)), None)),
                 _ => Err(format!("expected true or false; got {value}")),
             };
         }
-        let eng = match value {
-            Value::Int(_) | Value::UInt(_) | Value::Float(_) => value.as_f64().unwrap_or(f64::NAN),
-            Value::Bool(_) | Value::Text(_) => return Err(format!("expected a number; got {value}")),
+        let Some(asked) = Number::of(value) else {
+            return Err(format!("expected a number; got {value}"));
         };
-        if !eng.is_finite() {
+        if !asked.is_finite() {
             return Err("expected a finite number".to_string());
         }
-        if let Some(min) = self.min.filter(|_| limits) {
-            if eng < min {
-                return Err(format!("{eng} is below the minimum {min}"));
-            }
+        if limits {
+            self.within_limits(asked).map_err(|why| format!("{asked} {why}"))?;
         }
-        if let Some(max) = self.max.filter(|_| limits) {
-            if eng > max {
-                return Err(format!("{eng} is above the maximum {max}"));
-            }
+        let raw = match self.data_type {
+            DataType::F32 | DataType::F64 => self.raw_float(asked)?,
+            t => self.raw_integer(asked, t)?,
+        };
+        Ok((raw, Some(asked)))
+    }
+
+    /// f32 and f64: the float nearest to (value - offset) / scale.
+    fn raw_float(&self, asked: Number) -> Result<RawWrite, String> {
+        let raw = (asked.to_f64() - self.offset) / self.scale;
+        let fits = match self.data_type {
+            DataType::F32 => raw.abs() <= f64::from(f32::MAX),
+            _ => raw.is_finite(),
+        };
+        if !fits {
+            return Err(format!("{asked} does not fit in {}", self.type_name_with_article()));
         }
-        if limits && !self.allowed.is_empty() && !self.allowed.iter().any(|a| close(*a, eng)) {
-            let list = self.allowed.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
-            return Err(format!("{eng} is not an allowed value; allowed: {list}"));
-        }
-        match self.data_type {
-            DataType::F32 => {
-                let raw = (eng - self.offset) / self.scale;
-                if raw.abs() > f64::from(f32::MAX) {
-                    return Err(format!("{eng} does not fit in an f32"));
-                }
-                Ok(RawWrite::Float(raw))
-            }
-            DataType::F64 => Ok(RawWrite::Float((eng - self.offset) / self.scale)),
-            t => self.raw_integer(value, eng, t),
-        }
+        Ok(RawWrite::Float(raw))
     }
 
     /// Integer types: exact for unscaled values, so that a u64 or i64 is never
-    /// rounded through a float, and checked for fit after inverse scaling.
-    fn raw_integer(&self, value: &Value, eng: f64, t: DataType) -> Result<RawWrite, String> {
-        let (lo, hi) = t.int_range().unwrap_or((0.0, 0.0));
+    /// rounded through a float; on a step for scaled ones.
+    fn raw_integer(&self, asked: Number, t: DataType) -> Result<RawWrite, String> {
+        let (lo, hi) = t.int_range().unwrap_or((0, 0));
         let fits = |what: &dyn fmt::Display| format!("{what} does not fit in a {} (range {lo}..={hi})", t.name());
-        if !self.is_scaled() {
-            let (i, u) = match *value {
-                Value::Int(i) => (Some(i), u64::try_from(i).ok()),
-                Value::UInt(u) => (i64::try_from(u).ok(), Some(u)),
-                _ => {
-                    if eng.fract() != 0.0 {
-                        return Err(format!("{eng} is not a whole number, and a {} holds whole numbers", t.name()));
-                    }
-                    (float_to_i64(eng), float_to_u64(eng))
-                }
-            };
-            return match t {
-                DataType::U64 => u.map(RawWrite::UInt).ok_or_else(|| fits(value)),
-                DataType::I64 => i.map(RawWrite::Int).ok_or_else(|| fits(value)),
-                _ => match i {
-                    Some(i) if (i as f64) >= lo && (i as f64) <= hi => Ok(RawWrite::Int(i)),
-                    _ => Err(fits(value)),
-                },
-            };
+        if self.is_scaled() {
+            return self.raw_step(asked, t, (lo, hi)).map(RawWrite::Int);
         }
-        let raw = (eng - self.offset) / self.scale;
-        let rounded = raw.round();
-        // A value that falls between two steps of the scale cannot be written
-        // exactly; refusing it beats writing a silently different value.
-        if (raw - rounded).abs() > 1e-6 * rounded.abs().max(1.0) {
+        let whole = match asked {
+            Number::Int(i) => i,
+            Number::Float(f) if f.fract() != 0.0 => {
+                let around: Vec<String> = [f.floor(), f.ceil()]
+                    .iter()
+                    .filter(|x| Number::Float(**x) >= Number::Int(lo) && Number::Float(**x) <= Number::Int(hi))
+                    .map(|x| x.to_string())
+                    .collect();
+                let nearest = match around.as_slice() {
+                    [] => String::new(),
+                    [one] => format!(" (nearest valid value {one})"),
+                    [a, b, ..] => format!(" (nearest valid values {a} and {b})"),
+                };
+                return Err(format!("{f} is not a whole number, and a {} holds whole numbers{nearest}", t.name()));
+            }
+            Number::Float(f) => {
+                if Number::Float(f) < Number::Int(lo) || Number::Float(f) > Number::Int(hi) {
+                    return Err(fits(&f));
+                }
+                if f.abs() >= TWO_POW_53 {
+                    // Beyond 2^53 a float stands for several integers: the
+                    // digits written may not be the ones it holds.
+                    return Err(format!(
+                        "{f} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only"
+                    ));
+                }
+                f as i128
+            }
+        };
+        if !(lo..=hi).contains(&whole) {
+            return Err(fits(&asked));
+        }
+        Ok(RawWrite::Int(whole))
+    }
+
+    /// A scaled integer point: the raw value of the step `asked` is on.
+    fn raw_step(&self, asked: Number, t: DataType, range: (i128, i128)) -> Result<i128, String> {
+        let fits = |what: &dyn fmt::Display| {
+            format!("{what} does not fit in a {} (range {}..={})", t.name(), range.0, range.1)
+        };
+        let v = asked.to_f64();
+        if Number::Float(v) != asked {
+            // Beyond 2^53 not every integer has an f64, and a scaled value is one.
             return Err(format!(
-                "{eng} is not a multiple of the scale {} (offset {}): the device cannot hold it exactly",
-                self.scale, self.offset
+                "{asked} cannot be scaled exactly: it is beyond 2^53 and has no 64-bit float of its own"
             ));
         }
-        if rounded < lo || rounded > hi {
-            return Err(fits(&format!("{eng} (raw {rounded})")));
-        }
-        match t {
-            DataType::U64 => float_to_u64(rounded).map(RawWrite::UInt).ok_or_else(|| fits(&rounded)),
-            _ => float_to_i64(rounded).map(RawWrite::Int).ok_or_else(|| fits(&rounded)),
+        match self.scaling().step(v, range) {
+            Step::On(n) => Ok(n),
+            Step::Outside(q) => Err(fits(&format!("{asked} (raw {})", raw_text(q)))),
+            Step::Between(below, above) => {
+                let offset =
+                    if self.offset != 0.0 { format!(" from the offset {}", self.offset) } else { String::new() };
+                let nearest = match (below, above) {
+                    (Some(b), Some(a)) => format!("nearest valid values {b} and {a}"),
+                    (Some(x), None) | (None, Some(x)) => format!("nearest valid value {x}"),
+                    (None, None) => "no valid value near".to_string(),
+                };
+                Err(format!("{asked} is between two steps of {}{offset}: {nearest}", self.scale))
+            }
         }
     }
 
@@ -561,11 +709,14 @@ enum Raw {
 /// A raw value to write, after every check.
 #[derive(Clone, Debug, PartialEq)]
 enum RawWrite {
-    Int(i64),
-    UInt(u64),
+    /// Any integer type's raw value (i128 holds both i64 and u64).
+    Int(i128),
     Float(f64),
     Text(String),
 }
+
+/// 2^53: the last integer before which every integer has an f64 of its own.
+const TWO_POW_53: f64 = 9_007_199_254_740_992.0;
 
 fn arr<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
@@ -573,12 +724,13 @@ fn arr<const N: usize>(bytes: &[u8]) -> [u8; N] {
     a
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
-}
-
-fn float_to_i64(x: f64) -> Option<i64> {
-    (x >= i64::MIN as f64 && x < i64::MAX as f64).then_some(x as i64)
+/// A raw value worked out in floating point, for a message.
+fn raw_text(q: f64) -> String {
+    if q.abs() < 1e21 {
+        q.round().to_string()
+    } else {
+        format!("{q:e}")
+    }
 }
 
 /// The f32 as the shortest decimal that reads back as the same f32: a device
@@ -589,33 +741,6 @@ fn shortest_f64(x: f32) -> f64 {
         return f64::from(x);
     }
     x.to_string().parse::<f64>().unwrap_or(f64::from(x))
-}
-
-fn float_to_u64(x: f64) -> Option<u64> {
-    (x >= 0.0 && x < u64::MAX as f64).then_some(x as u64)
-}
-
-/// Rounds integer × scale + offset to the decimals the scale and offset carry,
-/// so that 215 × 0.1 reads as 21.5 and not 21.500000000000004, 1 × 0.125 as
-/// 0.125 and 300 − 273.15 as 26.85: the exact decimal result, which has no
-/// more decimals than the scale and the offset.
-fn round_scaled(x: f64, scale: f64, offset: f64) -> f64 {
-    let decimals = decimals(scale).max(decimals(offset));
-    if !x.is_finite() || decimals > 15 {
-        return x;
-    }
-    let factor = 10f64.powi(decimals as i32);
-    let shifted = x * factor;
-    if shifted.abs() >= 9_007_199_254_740_992.0 {
-        // Beyond 2^53 an f64 holds no fraction to round.
-        return x;
-    }
-    shifted.round() / factor
-}
-
-/// Digits after the decimal point in the shortest representation of `x`.
-fn decimals(x: f64) -> usize {
-    x.abs().to_string().split_once('.').map_or(0, |(_, fraction)| fraction.len())
 }
 
 /// Rounds to 15 significant digits (all an f64 holds reliably), so that

@@ -282,10 +282,48 @@ pub(crate) struct RawPoint {
     pub(crate) offset: Option<S<f64>>,
     pub(crate) values: Option<S<BTreeMap<String, RawLabel>>>,
     pub(crate) access: Option<S<RawAccess>>,
-    pub(crate) min: Option<S<f64>>,
-    pub(crate) max: Option<S<f64>>,
-    pub(crate) allowed: Option<S<Vec<f64>>>,
+    pub(crate) min: Option<S<RawNumber>>,
+    pub(crate) max: Option<S<RawNumber>>,
+    pub(crate) allowed: Option<S<Vec<S<RawNumber>>>>,
     pub(crate) deadband: Option<S<f64>>,
+}
+
+/// A limit as written: a whole number without a point or an exponent stays
+/// an exact integer (a u64 limit of 2^53 + 1 must not become 2^53 + 2 on the
+/// way through an f64); anything else is the f64 it reads as.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RawNumber {
+    Int(i128),
+    Float(f64),
+}
+
+impl<'de> Deserialize<'de> for RawNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = RawNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Int(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Int(v.into()))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<RawNumber, E> {
+                Ok(RawNumber::Int(v))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<RawNumber, E> {
+                // Beyond every point type either way; the float says how far.
+                Ok(i128::try_from(v).map_or(RawNumber::Float(v as f64), RawNumber::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<RawNumber, E> {
+                Ok(RawNumber::Float(v))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::point::{Access, DataType, Table};
+use crate::point::{Access, DataType, Number, Table, Value};
 
 /// A connection, an RTU and a TCP bus, and a pump profile; devices follow.
 const HEAD: &str = "\
@@ -183,7 +183,7 @@ fn the_shipped_gateway_yaml_is_valid_and_describes_the_demo() {
     let point = |p: &str| pump.points.iter().find(|x| x.path == p).unwrap();
     let setpoint = point("deviceAttrib.setpoint");
     assert_eq!((setpoint.location.table, setpoint.location.address), (Table::HoldingRegister, 10));
-    assert_eq!((setpoint.data_type, setpoint.min, setpoint.max), (DataType::F32, Some(0.0), Some(80.0)));
+    assert_eq!((setpoint.data_type, setpoint.min, setpoint.max), (DataType::F32, Some(Number::Int(0)), Some(Number::Int(80))));
     assert_eq!(setpoint.access, Access::ReadWrite);
     let temperature = point("deviceData.temperature");
     assert_eq!((temperature.data_type, temperature.scale, temperature.deadband), (DataType::I16, 0.1, 0.2));
@@ -550,6 +550,61 @@ fn a_max_that_a_u16_cannot_hold_is_refused() {
 fn a_min_above_the_max_is_refused() {
     let text = with_points("x: { holding: 0, type: f32, min: 50, max: 10 }");
     only_problem(&text, line_of(&text, "min: 50"), "devices.d.points.x.min", &["50 is above max 10"]);
+}
+
+#[test]
+fn a_u64_maximum_above_2_pow_53_is_kept_exactly_as_written() {
+    // 2^53 + 3 has no f64 of its own: read as a float it would become 2^53 + 4.
+    let config = valid(&with_points("x: { holding: 0, type: u64, max: 9007199254740995 }"));
+    let x = point_of(&config, "x");
+    assert!(x.encode(&Value::Int(9_007_199_254_740_995)).is_ok());
+    let reason = x.encode(&Value::Int(9_007_199_254_740_996)).expect_err("above the maximum");
+    assert!(reason.contains("above the maximum 9007199254740995"), "{reason}");
+}
+
+#[test]
+fn a_maximum_between_two_scale_steps_is_refused_with_the_steps_around_it() {
+    let text = with_points("x: { holding: 0, type: u32, scale: 0.01, max: 10000.006 }");
+    let words = ["10000.006 is between two steps of 0.01: nearest valid values 10000 and 10000.01"];
+    only_problem(&text, line_of(&text, "10000.006"), "devices.d.points.x.max", &words);
+}
+
+#[test]
+fn a_fractional_maximum_on_an_unscaled_integer_point_names_the_whole_numbers_around_it() {
+    let text = with_points("x: { holding: 0, max: 1.5 }");
+    only_problem(&text, line_of(&text, "1.5"), "devices.d.points.x.max", &["1.5 is not a whole number", "nearest valid values 1 and 2"]);
+}
+
+#[test]
+fn a_whole_float_limit_beyond_2_pow_53_is_refused_in_favour_of_an_integer() {
+    // 1.8e19 may be the float of many integers: the limit must say which one.
+    let text = with_points("x: { holding: 0, type: u64, max: 1.8e19 }");
+    only_problem(&text, line_of(&text, "1.8e19"), "devices.d.points.x.max", &["18000000000000000000", "as an integer"]);
+}
+
+#[test]
+fn an_f32_limit_that_an_f32_cannot_hold_is_refused_with_what_it_would_read_back_as() {
+    let text = with_points("x: { holding: 0, type: f32, max: 0.123456789 }");
+    only_problem(&text, line_of(&text, "0.123456789"), "devices.d.points.x.max", &["0.12345679"]);
+}
+
+#[test]
+fn an_allowed_value_outside_min_and_max_is_refused_at_its_own_column() {
+    let text = with_points("x: { holding: 0, min: 10, max: 100, allowed: [10, 200, 1.5] }");
+    let ps = problems(&text);
+    assert_eq!(ps.len(), 2, "{}", ps.join("\n"));
+    let line = line_of(&text, "allowed");
+    let column = |needle: &str| text.lines().nth(line - 1).and_then(|l| l.find(needle)).map(|c| c + 1);
+    let above = expect_problem(&ps, line, "devices.d.points.x.allowed", &["200 is above the maximum 100"]);
+    assert!(above.starts_with(&format!("gw.yaml:{line}:{}:", column("200").unwrap_or(0))), "{above}");
+    let fraction = expect_problem(&ps, line, "devices.d.points.x.allowed", &["1.5 is not a whole number"]);
+    assert!(fraction.starts_with(&format!("gw.yaml:{line}:{}:", column("1.5").unwrap_or(0))), "{fraction}");
+}
+
+#[test]
+fn a_limit_that_is_not_a_number_is_a_structural_error() {
+    let message = structure(&with_points("x: { holding: 0, max: high }"));
+    assert!(message.contains("a number"), "{message}");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use serde_saphyr::Spanned;
 
 use super::raw::*;
 use super::*;
-use crate::point::{Access, DataType, Label, Location, Order, Point, Table, Value};
+use crate::point::{Access, DataType, Label, Location, Number, Order, Point, Table, Value};
 
 /// First path segments that the telemetry and answer documents use themselves.
 const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors", "connected", "command"];
@@ -1005,9 +1005,9 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
         offset,
         labels,
         access,
-        min: p.min.as_ref().map(|v| v.value),
-        max: p.max.as_ref().map(|v| v.value),
-        allowed: p.allowed.as_ref().map(|v| v.value.clone()).unwrap_or_default(),
+        min: p.min.as_ref().map(|v| number(v.value)),
+        max: p.max.as_ref().map(|v| number(v.value)),
+        allowed: p.allowed.as_ref().map(|v| v.value.iter().map(|a| number(a.value)).collect()).unwrap_or_default(),
         deadband: p.deadband.as_ref().map_or(0.0, |v| v.value),
     };
     check_limits(c, p, &point, path);
@@ -1033,25 +1033,33 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
         }
         return;
     }
-    if let (Some(lo), Some(hi)) = (&p.min, &p.max) {
-        if lo.value > hi.value {
-            c.at(lo, &format!("{path}.min"), format!("{} is above max {}", lo.value, hi.value));
+    // Each limit must be a value the point can hold exactly (a whole
+    // number, on a step of the scale, an exact f32): a limit that is not is
+    // a typo, or a promise the device cannot keep. The reason says what
+    // would be valid.
+    let holds = |c: &mut Checker, v: &Spanned<RawNumber>, field: &str| {
+        let n = number(v.value);
+        let problem = if n.is_finite() { point.holds(n).err() } else { Some(format!("{n} is not a usable limit (write a finite number)")) };
+        if let Some(problem) = &problem {
+            c.at(v, &format!("{path}.{field}"), problem);
+        }
+        problem.is_none()
+    };
+    let min = p.min.as_ref().filter(|v| holds(c, v, "min")).map(|v| number(v.value));
+    let max = p.max.as_ref().filter(|v| holds(c, v, "max")).map(|v| number(v.value));
+    if let (Some(lo), Some(hi), Some(at)) = (min, max, &p.min) {
+        if lo > hi {
+            c.at(at, &format!("{path}.min"), format!("{lo} is above max {hi}"));
         }
     }
-    // Each limit must itself fit the type, or the limit is a typo.
-    for (v, field) in [(&p.min, "min"), (&p.max, "max")] {
-        if let Some(v) = v {
-            if let Err(e) = point.encode_device_value(&Value::Float(v.value)) {
-                if !e.contains("multiple of the scale") {
-                    c.at(v, &format!("{path}.{field}"), format!("does not fit the point's type: {e}"));
-                }
-            }
-        }
-    }
-    if let Some(list) = &p.allowed {
-        for a in &list.value {
-            if let Err(e) = point.encode_device_value(&Value::Float(*a)) {
-                c.at(list, &format!("{path}.allowed"), format!("{a}: {e}"));
+    // An allowed value outside min..max could never be written.
+    for a in p.allowed.iter().flat_map(|list| &list.value) {
+        if holds(c, a, "allowed") {
+            let n = number(a.value);
+            if let Some(lo) = min.filter(|lo| n < *lo) {
+                c.at(a, &format!("{path}.allowed"), format!("{n} is below the minimum {lo}, so it could never be written"));
+            } else if let Some(hi) = max.filter(|hi| n > *hi) {
+                c.at(a, &format!("{path}.allowed"), format!("{n} is above the maximum {hi}, so it could never be written"));
             }
         }
     }
@@ -1059,6 +1067,13 @@ fn check_limits(c: &mut Checker, p: &RawPoint, point: &Point, path: &str) {
         if !(d.value >= 0.0 && d.value.is_finite()) {
             c.at(d, &format!("{path}.deadband"), "must be zero or a positive number");
         }
+    }
+}
+
+fn number(n: RawNumber) -> Number {
+    match n {
+        RawNumber::Int(i) => Number::Int(i),
+        RawNumber::Float(f) => Number::Float(f),
     }
 }
 

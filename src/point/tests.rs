@@ -9,6 +9,8 @@
 use super::*;
 use proptest::prelude::*;
 
+mod exact;
+
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -174,6 +176,7 @@ fn any_point() -> impl Strategy<Value = Point> {
     )
         .prop_map(|(shape, bit, scale, offset, labels, (min, max))| {
             let (table, data_type, word_order, byte_order, access) = shape;
+            let (min, max) = (min.map(Number::Float), max.map(Number::Float));
             let mut p = Point { word_order, byte_order, scale, offset, access, min, max, ..point(table, data_type) };
             p.location.bit = bit;
             p.labels = labels.into_iter().map(|(name, raw)| Label { name, raw }).collect();
@@ -538,7 +541,7 @@ fn a_scaled_write_is_divided_back_to_the_raw_value() {
 #[test]
 fn a_write_between_two_steps_of_the_scale_is_refused() {
     let reason = refusal(&scaled(DataType::I16, 0.1, 0.0), Value::Float(21.55));
-    assert!(reason.contains("not a multiple of the scale 0.1"), "{reason}");
+    assert!(reason.contains("21.55 is between two steps of 0.1: nearest valid values 21.5 and 21.6"), "{reason}");
 }
 
 #[test]
@@ -579,7 +582,7 @@ fn a_large_scale_reads_whole_multiples() {
     let p = scaled(DataType::U16, 10.0, 0.0);
     assert_eq!(decoded(&p, &[123]), Value::Float(1230.0));
     assert_eq!(words_for(&p, Value::Int(1230)), vec![123]);
-    assert!(refusal(&p, Value::Int(1235)).contains("not a multiple"));
+    assert!(refusal(&p, Value::Int(1235)).contains("between two steps of 10: nearest valid values 1230 and 1240"));
 }
 
 #[test]
@@ -734,7 +737,7 @@ fn labels_are_matched_before_scaling() {
 // ---------------------------------------------------------------------------
 
 fn setpoint() -> Point {
-    Point { min: Some(10.0), max: Some(100.0), ..holding(DataType::U16) }
+    Point { min: Some(Number::Int(10)), max: Some(Number::Int(100)), ..holding(DataType::U16) }
 }
 
 #[test]
@@ -757,14 +760,14 @@ fn writes_at_the_limits_are_accepted() {
 
 #[test]
 fn limits_apply_to_the_engineering_value_not_the_raw_one() {
-    let p = Point { max: Some(50.0), ..scaled(DataType::U16, 0.1, 0.0) };
+    let p = Point { max: Some(Number::Int(50)), ..scaled(DataType::U16, 0.1, 0.0) };
     assert_eq!(words_for(&p, Value::Float(50.0)), vec![500]);
     assert!(refusal(&p, Value::Float(50.1)).contains("above the maximum 50"));
 }
 
 #[test]
 fn only_allowed_values_are_accepted_when_a_list_is_given() {
-    let p = Point { allowed: vec![1.0, 2.0, 4.0], ..holding(DataType::U16) };
+    let p = Point { allowed: vec![Number::Int(1), Number::Int(2), Number::Int(4)], ..holding(DataType::U16) };
     assert_eq!(words_for(&p, Value::Int(4)), vec![4]);
     assert_eq!(words_for(&p, Value::Float(2.0)), vec![2]);
     let reason = refusal(&p, Value::Int(3));
@@ -852,6 +855,68 @@ fn a_number_for_a_string_point_is_refused() {
 #[test]
 fn an_empty_string_is_written_as_nul_registers() {
     assert_eq!(words_for(&holding(DataType::String { len: 4 }), text("")), vec![0, 0]);
+}
+
+/// A limit as the configuration holds it once read: an integer when written
+/// as one, else a float.
+fn limit(text: &str) -> Number {
+    match text.parse::<i128>() {
+        Ok(i) => Number::Int(i),
+        Err(_) => Number::Float(text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))),
+    }
+}
+
+#[test]
+fn a_scaled_write_is_refused_between_steps_and_again_when_its_step_is_above_the_maximum() {
+    // The acceptance run's point: this max is refused by `twinbus check`, but the
+    // codec must not trust the configuration to have caught it.
+    let p = Point { max: Some(limit("10000.006")), ..scaled(DataType::U32, 0.01, 0.0) };
+    let reason = refusal(&p, Value::Float(10000.006));
+    assert!(reason.contains("between two steps of 0.01: nearest valid values 10000 and 10000.01"), "{reason}");
+    assert!(refusal(&p, Value::Float(10000.01)).contains("above the maximum 10000.006"));
+    assert_eq!(words_for(&p, Value::Int(10000)), vec![0x000F, 0x4240]);
+}
+
+#[test]
+fn a_value_within_noise_of_a_step_is_checked_against_the_limits_as_that_step() {
+    // One f64 below 0.3: as asked it is within the maximum, but the device
+    // would hold the step 0.3, which is above it.
+    let p = Point { max: Some(limit("0.29999999999999993")), ..scaled(DataType::U16, 0.1, 0.0) };
+    let reason = refusal(&p, Value::Float(0.299_999_999_999_999_93));
+    assert!(reason.contains("0.3") && reason.contains("above the maximum 0.29999999999999993"), "{reason}");
+}
+
+#[test]
+fn i64_limits_at_the_ends_of_the_type_are_compared_exactly() {
+    let p = Point {
+        min: Some(limit("-9223372036854775808")),
+        max: Some(limit("9223372036854775806")),
+        ..holding(DataType::I64)
+    };
+    assert_eq!(words_for(&p, Value::Int(i64::MIN)), vec![0x8000, 0, 0, 0]);
+    assert_eq!(words_for(&p, Value::Int(i64::MAX - 1)), vec![0x7FFF, 0xFFFF, 0xFFFF, 0xFFFE]);
+    assert!(refusal(&p, Value::Int(i64::MAX)).contains("above the maximum 9223372036854775806"));
+}
+
+#[test]
+fn a_u64_allowed_list_compares_integers_exactly() {
+    let p = Point { allowed: vec![limit("18446744073709551614")], ..holding(DataType::U64) };
+    assert_eq!(words_for(&p, Value::UInt(u64::MAX - 1)), vec![0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]);
+    assert!(refusal(&p, Value::UInt(u64::MAX)).contains("not an allowed value"));
+}
+
+#[test]
+fn a_whole_float_beyond_2_pow_53_on_an_integer_point_is_refused_in_favour_of_an_integer() {
+    // 9007199254740994.0 is also what JSON's 9007199254740993.0 becomes.
+    let reason = refusal(&holding(DataType::U64), Value::Float(9_007_199_254_740_994.0));
+    assert!(reason.contains("as an integer"), "{reason}");
+}
+
+#[test]
+fn a_string_with_a_nul_character_is_refused() {
+    // The device would hold it, but it would read back cut at the NUL.
+    let reason = refusal(&holding(DataType::String { len: 8 }), text("AB\0CD"));
+    assert!(reason.contains("NUL"), "{reason}");
 }
 
 // ---------------------------------------------------------------------------

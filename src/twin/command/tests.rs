@@ -544,3 +544,114 @@ fn an_answer_stays_small_whatever_the_command_held() {
     assert_eq!(cmd.id, None, "a huge id is not echoed");
     assert!(cmd.request.is_err());
 }
+
+// ---------------------------------------------------------------------------
+// Exact limits and scale steps, from JSON as a cloud sends it. These are the
+// cases a hostile acceptance run against a real slave found written wrongly.
+
+const METER: &str = "\
+buses:
+  b:
+    tcp: { host: 127.0.0.1, port: 5020 }
+devices:
+  meter-1:
+    bus: b
+    unit: 1
+    points:
+      big.counter:  { holding: 0, type: u64, max: 9007199254740992 }
+      big.offset:   { holding: 4, type: i64, min: -9007199254740992 }
+      big.choice:   { holding: 8, type: u64, allowed: [9007199254740992, 9007199254740995] }
+      energy.limit: { holding: 12, type: u32, scale: 0.01, max: 20000 }
+      level:        { holding: 14, type: u16, scale: 0.1 }
+";
+
+/// Limits at the very ends of the 64-bit types.
+const EXTREMES: &str = concat!(
+    "      big.lowest:   { holding: 20, type: i64, min: -9223372036854775808, max: -9223372036854775807 }\n",
+    "      big.highest:  { holding: 24, type: u64, min: 18446744073709551614 }\n",
+    "      big.top:      { holding: 28, type: u64, allowed: [0, 18446744073709551615] }\n",
+);
+
+fn meter(extra: &str) -> Vec<Point> {
+    let text = format!("{METER}{extra}");
+    let config = Config::parse(&text, Path::new("gw.yaml")).unwrap_or_else(|e| panic!("the meter profile is valid:\n{e}"));
+    config.devices[0].points.clone()
+}
+
+/// The registers that setting `path` to the JSON number `number` writes.
+fn meter_words(points: &[Point], path: &str, number: &str) -> Vec<u16> {
+    let leaves = vec![(path.to_string(), serde_json::from_str::<Json>(number).expect("a JSON number"))];
+    match check_set(points, &leaves) {
+        Ok(writes) => match &writes[..] {
+            [(_, Encoded::Words(words))] => words.clone(),
+            other => panic!("expected one register write, got {other:?}"),
+        },
+        Err(errors) => panic!("{path} = {number} was refused: {errors:?}"),
+    }
+}
+
+/// Why setting `path` to the JSON number `number` is refused.
+fn meter_refusal(points: &[Point], path: &str, number: &str) -> String {
+    let leaves = vec![(path.to_string(), serde_json::from_str::<Json>(number).expect("a JSON number"))];
+    match check_set(points, &leaves) {
+        Err(errors) => errors[path].clone(),
+        Ok(writes) => panic!("{path} = {number} was accepted: {writes:?}"),
+    }
+}
+
+#[test]
+fn a_u64_whose_maximum_is_2_pow_53_refuses_2_pow_53_plus_1() {
+    let pts = meter("");
+    let reason = meter_refusal(&pts, "big.counter", "9007199254740993");
+    assert_contains(&reason, &["9007199254740993 is above the maximum 9007199254740992"]);
+    assert_eq!(meter_words(&pts, "big.counter", "9007199254740992"), vec![0x0020, 0, 0, 0]);
+}
+
+#[test]
+fn an_i64_whose_minimum_is_minus_2_pow_53_refuses_one_below() {
+    let pts = meter("");
+    let reason = meter_refusal(&pts, "big.offset", "-9007199254740993");
+    assert_contains(&reason, &["-9007199254740993 is below the minimum -9007199254740992"]);
+    assert_eq!(meter_words(&pts, "big.offset", "-9007199254740992"), vec![0xFFE0, 0, 0, 0]);
+}
+
+#[test]
+fn a_u64_refuses_a_value_one_away_from_an_allowed_one_above_2_pow_53() {
+    let pts = meter("");
+    for asked in ["9007199254740993", "9007199254740994", "9007199254740996"] {
+        let reason = meter_refusal(&pts, "big.choice", asked);
+        assert_contains(&reason, &["not an allowed value", "9007199254740992, 9007199254740995"]);
+    }
+    assert_eq!(meter_words(&pts, "big.choice", "9007199254740995"), vec![0x0020, 0, 0, 3]);
+}
+
+#[test]
+fn the_extremes_of_i64_and_u64_are_limits_compared_exactly() {
+    let pts = meter(EXTREMES);
+    assert_eq!(meter_words(&pts, "big.lowest", "-9223372036854775808"), vec![0x8000, 0, 0, 0]);
+    assert_eq!(meter_words(&pts, "big.lowest", "-9223372036854775807"), vec![0x8000, 0, 0, 1]);
+    assert!(meter_refusal(&pts, "big.lowest", "-9223372036854775806").contains("above the maximum -9223372036854775807"));
+    assert_eq!(meter_words(&pts, "big.highest", "18446744073709551614"), vec![0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]);
+    assert!(meter_refusal(&pts, "big.highest", "18446744073709551613").contains("below the minimum 18446744073709551614"));
+    assert_eq!(meter_words(&pts, "big.top", "18446744073709551615"), vec![0xFFFF; 4]);
+    assert!(meter_refusal(&pts, "big.top", "18446744073709551614").contains("not an allowed value"));
+}
+
+#[test]
+fn a_scaled_value_between_two_steps_is_refused_with_the_nearest_valid_values() {
+    let pts = meter("");
+    let cases = [("5000.003", "5000 and 5000.01"), ("2000.0004", "2000 and 2000.01"), ("10000.006", "10000 and 10000.01")];
+    for (asked, around) in cases {
+        let reason = meter_refusal(&pts, "energy.limit", asked);
+        assert_contains(&reason, &[&format!("{asked} is between two steps of 0.01: nearest valid values {around}")]);
+    }
+    assert_eq!(meter_words(&pts, "energy.limit", "5000.01"), vec![0x0007, 0xA121]); // 500001
+}
+
+#[test]
+fn floating_point_noise_such_as_0_1_plus_0_2_counts_as_the_step_it_misses() {
+    let pts = meter("");
+    assert_eq!(meter_words(&pts, "level", &format!("{}", 0.1 + 0.2)), vec![3]);
+    assert_eq!(meter_words(&pts, "level", "0.3"), vec![3]);
+    assert!(meter_refusal(&pts, "level", "0.31").contains("nearest valid values 0.3 and 0.4"));
+}
