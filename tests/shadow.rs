@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value as Json};
 use support::shadow::ShadowService;
 use support::{free_port, PUMP_PROFILE};
 use twinbus::config::Config;
@@ -15,6 +15,7 @@ use twinbus::gateway::Gateway;
 use twinbus::mqtt::EmbeddedBroker;
 use twinbus::point::{Table, Value};
 use twinbus::sim::SimHandle;
+use twinbus::store::{CommandState, Op, Store};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -216,6 +217,39 @@ async fn shadow_commands_run_once_and_expired_ones_fail() {
     let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["r-2"]["state"] == "FAILURE").await;
     assert!(doc["state"]["reported"]["command"]["r-2"]["reason"].as_str().unwrap_or_default().starts_with("expired"), "{doc}");
     assert!(cloud.try_next_on(&format!("cmd/{relay}/response"), Duration::from_millis(300)).await.is_none(), "an expired command is not relayed");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_cut_off_by_a_crash_is_reported_as_an_interrupted_failure_and_not_run_again() {
+    let site = Site::new("interrupted");
+    // What a crash in the middle of command `s-1` leaves in the store.
+    {
+        let store = Store::open(&site.state_dir).expect("store");
+        let key = "aws|$aws/things/pump-1/shadow".to_string();
+        let op = Op::ShadowCommand { shadow: key, id: "s-1".into(), at_ms: 1, state: CommandState::Started };
+        store.apply(vec![op]).await.expect("write");
+        store.close().await;
+    }
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
+    let (gw, _sim) = gateway(&site).await;
+    let doc = svc.wait_for_reported("pump-1", None, WAIT, |r| r["command"]["s-1"]["state"] == "FAILURE").await;
+    let reason = doc["state"]["reported"]["command"]["s-1"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.starts_with("interrupted"), "{doc}");
+    gw.shutdown().await;
+
+    // Reported once: after another restart it is a finished command like any other.
+    let before = svc.updates_from_device("pump-1", None).len();
+    let (gw, _sim) = gateway(&site).await;
+    let synced = svc
+        .wait_until(WAIT, || {
+            let updates = svc.updates_from_device("pump-1", None);
+            updates.get(before..).is_some_and(|new| new.iter().any(|u| u["state"]["reported"]["connected"] == true)).then_some(())
+        })
+        .await;
+    assert!(synced.is_some(), "the restarted gateway synced");
+    let again: Vec<Json> = svc.updates_from_device("pump-1", None).split_off(before);
+    assert!(again.iter().all(|u| u["state"]["reported"]["command"]["s-1"].is_null()), "not reported a second time: {again:?}");
     gw.shutdown().await;
 }
 
