@@ -392,9 +392,9 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
-/// rumqttc's two event loops.
+/// rumqttc's two event loops (boxed: each is about a kilobyte).
 enum Events {
-    V311(rumqttc::EventLoop),
+    V311(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
@@ -422,7 +422,7 @@ fn build(port: u16, o: &Options) -> (Client, Events) {
             }
             let (client, mut events) = rumqttc::AsyncClient::new(mqtt, REQUESTS);
             events.set_network_options(network);
-            (Client::V311(client), Events::V311(events))
+            (Client::V311(client), Events::V311(Box::new(events)))
         }
         Version::V5 => {
             let mut mqtt = rumqttc::v5::MqttOptions::new(&o.client_id, "127.0.0.1", port);
