@@ -10,13 +10,22 @@
 //!
 //! Run: `cargo run --release --example latency [N]`. Figures on a shared
 //! machine vary; the counts do not.
+//!
+//! Its MQTT clients are the tests' own (`tests/support/mqtt.rs`), included by
+//! path: an example cannot use a test's modules, and that file depends on
+//! nothing else in `tests/support`. Both set TCP_NODELAY, or small answers
+//! would wait ≈ 40 ms in the kernel and the figures would measure that.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
+
+#[path = "../tests/support/mqtt.rs"]
+mod mqtt;
+
+use mqtt::{Mqtt, Options};
 
 const CONFIG: &str = r#"
 connections:
@@ -80,32 +89,8 @@ async fn main() -> anyhow::Result<()> {
     let gateway = Gateway::start(&config).await?;
     let sim = gateway.simulator("sim").ok_or_else(|| anyhow::anyhow!("no simulator"))?.clone();
 
-    let mut opts = MqttOptions::new("bench-cloud", "127.0.0.1", mqtt);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let sub = client.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = sub.try_subscribe("iot/v1/rsp", QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = tx.send(None);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(Some(p.payload));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?;
+    let options = Options::new("bench-cloud").keep_alive(Duration::from_secs(30)).nodelay().subscribe(["iot/v1/rsp"]).wait(Duration::from_secs(5));
+    let mut cloud = Mqtt::connect(mqtt, options).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut samples = Vec::with_capacity(n);
@@ -115,10 +100,10 @@ async fn main() -> anyhow::Result<()> {
         let value = if i % 2 == 0 { "on" } else { "off" };
         let cmd = format!(r#"{{"id":"{i}","set":{{"deviceAttrib":{{"motorStatus":"{value}"}}}}}}"#);
         let start = Instant::now();
-        client.publish("iot/v1/cmd", QoS::AtLeastOnce, false, cmd).await?;
-        let answer = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?.flatten();
+        cloud.publish("iot/v1/cmd", cmd).await?;
+        let answer = cloud.next(Duration::from_secs(5)).await.ok_or_else(|| anyhow::anyhow!("command {i}: no answer within 5 s"))?;
         samples.push(start.elapsed());
-        let ok = answer.is_some_and(|a| String::from_utf8_lossy(&a).contains("succeeded"));
+        let ok = answer.text().contains("succeeded");
         failed += usize::from(!ok);
     }
     let per_command = (sim.requests() - r0) as f64 / n as f64;
@@ -153,38 +138,20 @@ async fn shadow_round_trip(n: usize) -> anyhow::Result<()> {
 
     let prefix = "$aws/things/demo-pump/shadow";
     let gateway = Gateway::start(&config).await?;
-    let mut opts = MqttOptions::new("bench-shadow-service", "127.0.0.1", mqtt);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, bytes::Bytes)>();
-    let sub = client.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    for t in ["get", "update"] {
-                        let _ = sub.try_subscribe(format!("$aws/things/demo-pump/shadow/{t}"), QoS::AtLeastOnce);
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), p.payload));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
+    let options = Options::new("bench-shadow-service")
+        .keep_alive(Duration::from_secs(30))
+        .nodelay()
+        .subscribe([format!("{prefix}/get"), format!("{prefix}/update")])
+        .wait(Duration::from_secs(5));
+    let mut service = Mqtt::connect(mqtt, options).await?;
     // Answer the first get with 404 so the gateway creates the shadow; then measure.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            Ok(Some((topic, _))) if topic.ends_with("/get") => {
-                client.publish(format!("{prefix}/get/rejected"), QoS::AtLeastOnce, false, r#"{"code":404,"message":"No shadow exists"}"#).await?;
+        match service.next(Duration::from_millis(200)).await {
+            Some(m) if m.topic.ends_with("/get") => {
+                service.publish(&format!("{prefix}/get/rejected"), r#"{"code":404,"message":"No shadow exists"}"#).await?;
             }
-            Ok(Some((topic, _))) if topic.ends_with("/update") => break,
+            Some(m) if m.topic.ends_with("/update") => break,
             _ => {}
         }
     }
@@ -193,11 +160,11 @@ async fn shadow_round_trip(n: usize) -> anyhow::Result<()> {
         let value = if i % 2 == 0 { "on" } else { "off" };
         let delta = format!(r#"{{"state":{{"deviceAttrib":{{"motorStatus":"{value}"}}}},"version":{},"timestamp":1}}"#, i + 10);
         let start = Instant::now();
-        client.publish(format!("{prefix}/update/delta"), QoS::AtLeastOnce, false, delta).await?;
+        service.publish(&format!("{prefix}/update/delta"), delta).await?;
         let want = format!(r#""motorStatus":"{value}""#);
         loop {
-            let (topic, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?.ok_or_else(|| anyhow::anyhow!("closed"))?;
-            if topic.ends_with("/update") && String::from_utf8_lossy(&payload).contains(&want) {
+            let m = service.next(Duration::from_secs(5)).await.ok_or_else(|| anyhow::anyhow!("delta {i}: nothing within 5 s"))?;
+            if m.topic.ends_with("/update") && m.text().contains(&want) {
                 break;
             }
         }

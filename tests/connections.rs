@@ -8,10 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::json;
+use support::mqtt::{Mqtt, Options, PublishProperties};
 use support::{free_port, pump_config, start, Cloud, PUMP_PROFILE};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
@@ -24,26 +22,8 @@ async fn an_mqtt5_command_is_answered_on_its_response_topic_with_its_correlation
     let yaml = pump_config("").replace("  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" } }", "  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" }, mqtt_version: 5 }");
     let h = start(&yaml).await;
 
-    let mut opts = MqttOptions::new("cloud-v5", "127.0.0.1", h.mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = tx.send(None);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(Some(p));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    client.subscribe("app/replies/42", QoS::AtLeastOnce).await.expect("subscribe");
-    tokio::time::timeout(WAIT, rx.recv()).await.expect("SUBACK");
+    let options = Options::new("cloud-v5").mqtt5().keep_alive(Duration::from_secs(30)).subscribe(["app/replies/42"]).wait(WAIT);
+    let mut cloud = Mqtt::connect(h.mqtt_port, options).await.expect("SUBACK");
 
     let props = PublishProperties {
         response_topic: Some("app/replies/42".into()),
@@ -52,10 +32,10 @@ async fn an_mqtt5_command_is_answered_on_its_response_topic_with_its_correlation
         ..Default::default()
     };
     let cmd = json!({"id": "v5", "get": ["deviceAttrib.motorStatus"]}).to_string();
-    client.publish_with_properties("site/pump/cmd", QoS::AtLeastOnce, false, cmd, props).await.expect("publish");
+    cloud.publish_with("site/pump/cmd", cmd, props).await.expect("publish");
 
-    let answer = tokio::time::timeout(WAIT, rx.recv()).await.expect("an answer").flatten().expect("a publish");
-    assert_eq!(answer.topic.as_ref(), b"app/replies/42");
+    let answer = cloud.next(WAIT).await.expect("an answer");
+    assert_eq!(answer.topic, "app/replies/42");
     let p = answer.properties.expect("properties on the answer");
     assert_eq!(p.correlation_data.as_deref(), Some(&b"req-7"[..]));
     assert!(p.user_properties.contains(&("trace".into(), "abc".into())), "{:?}", p.user_properties);

@@ -3,15 +3,13 @@
 
 mod support;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value as Json};
 use support::free_port;
+use support::mqtt::{Message, Mqtt, Options};
 use support::shadow::{reply_topics, topic_prefix, ShadowService, MAX_STATE_BYTES};
-use tokio::sync::mpsc;
 use twinbus::mqtt::EmbeddedBroker;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -29,50 +27,21 @@ async fn setup(shadows: &[(&str, Option<&str>)]) -> (EmbeddedBroker, u16, Shadow
 /// A device-side MQTT client subscribed to every reply topic of one shadow. Keeps
 /// messages it was not asked for yet, so nothing is lost between two waits.
 struct Device {
-    client: AsyncClient,
+    mqtt: Mqtt,
     prefix: String,
-    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    pending: VecDeque<(String, Vec<u8>)>,
 }
 
 impl Device {
     async fn connect(port: u16, thing: &str, name: Option<&str>) -> Device {
-        let mut opts = MqttOptions::new(format!("device-{}", free_port()), "127.0.0.1", port);
-        opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        let topics = reply_topics(thing, name);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
-        let sub_client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let filters = topics.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                        let _ = sub_client.try_subscribe_many(filters);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = sub_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                        if tx.send((topic, p.payload.to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(WAIT, sub_rx.recv()).await.expect("device SUBACK in time");
-        Device { client, prefix: topic_prefix(thing, name), rx, pending: VecDeque::new() }
+        let options = Options::new(format!("device-{}", free_port())).max_packet(1024 * 1024).subscribe(reply_topics(thing, name)).wait(WAIT);
+        let mqtt = Mqtt::connect(port, options).await.unwrap_or_else(|e| panic!("the device's client: {e}"));
+        Device { mqtt, prefix: topic_prefix(thing, name) }
     }
 
     /// Publishes on `<prefix>/<op>`.
     async fn send(&self, op: &str, payload: impl Into<Vec<u8>>) {
         let topic = format!("{}/{op}", self.prefix);
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("publish");
+        self.mqtt.publish(&topic, payload.into()).await.expect("publish");
     }
 
     /// The next message on `<prefix>/<suffix>`, others kept for later.
@@ -82,19 +51,7 @@ impl Device {
 
     async fn try_next(&mut self, suffix: &str, wait: Duration) -> Option<Json> {
         let topic = format!("{}/{suffix}", self.prefix);
-        if let Some(i) = self.pending.iter().position(|(t, _)| *t == topic) {
-            let (_, p) = self.pending.remove(i).expect("index");
-            return Some(parse(&topic, &p));
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some((t, p))) if t == topic => return Some(parse(&t, &p)),
-                Ok(Some(other)) => self.pending.push_back(other),
-                Ok(None) | Err(_) => return None,
-            }
-        }
+        self.mqtt.next_matching(wait, |m| m.topic == topic).await.map(|m| m.json())
     }
 
     /// Asserts nothing arrives on `<prefix>/<suffix>` for a little while.
@@ -130,29 +87,15 @@ impl Device {
     async fn answer(&mut self, op: &str, token: Option<&str>) -> (String, Json) {
         let accepted = format!("{}/{op}/accepted", self.prefix);
         let rejected = format!("{}/{op}/rejected", self.prefix);
-        let prefix_len = self.prefix.len() + 1;
-        let matches = |t: &str, p: &[u8]| {
-            (t == accepted || t == rejected)
-                && token.is_none_or(|tok| serde_json::from_slice::<Json>(p).is_ok_and(|v| v["clientToken"] == tok))
+        let matches = |m: &Message| {
+            (m.topic == accepted || m.topic == rejected)
+                && token.is_none_or(|tok| serde_json::from_slice::<Json>(&m.payload).is_ok_and(|v| v["clientToken"] == tok))
         };
-        if let Some(i) = self.pending.iter().position(|(t, p)| matches(t, p)) {
-            let (t, p) = self.pending.remove(i).expect("index");
-            return (t[prefix_len..].to_string(), parse(&t, &p));
-        }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some((t, p))) if matches(&t, &p) => return (t[prefix_len..].to_string(), parse(&t, &p)),
-                Ok(Some(other)) => self.pending.push_back(other),
-                Ok(None) | Err(_) => panic!("no answer to {op} on {} within {WAIT:?}", self.prefix),
-            }
+        match self.mqtt.next_matching(WAIT, matches).await {
+            Some(m) => (m.topic[self.prefix.len() + 1..].to_string(), m.json()),
+            None => panic!("no answer to {op} on {} within {WAIT:?}", self.prefix),
         }
     }
-}
-
-fn parse(topic: &str, payload: &[u8]) -> Json {
-    serde_json::from_slice(payload).unwrap_or_else(|e| panic!("non-JSON on {topic}: {e}"))
 }
 
 fn is_epoch_seconds(v: &Json) -> bool {

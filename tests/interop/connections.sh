@@ -22,172 +22,37 @@
 #   INTEROP_SKIP_GATEWAY=1  test the harness alone (certs, brokers, proxies, cloud clients)
 #   INTEROP_KEEP=1          keep the work directory (configs, logs, certs) after the run
 # The gateway always runs with RUST_LOG=debug: its logs are searched for the secrets.
-# shellcheck disable=SC2317 # functions run from traps and through wait_until
+# shellcheck disable=SC2317 # failure_logs and its helper run from the EXIT trap
 # shellcheck disable=SC2016 # ${VAR} in single quotes is for the gateway's config, not bash
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-PY=${INTEROP_PYTHON:-$ROOT/target/interop-venv/bin/python}
+# shellcheck source=tests/interop/lib.sh
+source "$HERE/lib.sh"
+begin connections "interop connections"
 PPROXY=$(dirname "$PY")/pproxy
-TWINBUS=${TWINBUS:-$ROOT/target/release/twinbus}
-SKIP_GATEWAY=${INTEROP_SKIP_GATEWAY:-0}
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 MOSQUITTO_PASSWD=$(command -v mosquitto_passwd || echo /usr/bin/mosquitto_passwd)
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/twinbus-connections.XXXXXX")
-PIDDIR=$WORK/pids
-RESULTS=$WORK/results.txt
 CERTS=$WORK/certs
-mkdir -p "$PIDDIR"
-: >"$RESULTS"
 FAILED_LOGS=()  # gateway logs to show at the end
 
-# ---------------------------------------------------------------------------------------
-# Results and processes: the same shape as run.sh (see there for the reasons).
-
-record() {
-    if [[ $# -eq 1 ]]; then
-        echo "ok   $1" | tee -a "$RESULTS"
-    else
-        echo "FAIL $1: $2" | tee -a "$RESULTS"
-    fi
+# After a failure: the failed cases' gateway logs and the brokers', each as its WARN/ERROR
+# lines, then its last lines (without the checks' own clients).
+failure_logs() {
+    show_logs warnings_then_tail "${FAILED_LOGS[@]}" mosquitto.log mosquitto-r.log mosquitto-r2.log
 }
-detail() { echo "     $*"; }
-
-die() {
-    record "setup: $1" "${2:-failed}"
-    FINISHED=1
-    exit 1
-}
-FINISHED=0  # set when the script ends on purpose: anything else is an abort
-
-start_bg() { # start_bg NAME LOGFILE CMD...
-    local name=$1 logfile=$2
-    shift 2
-    setsid "$@" </dev/null >"$logfile" 2>&1 &
-    echo $! >"$PIDDIR/$name"
-}
-
-pid_of() { cat "$PIDDIR/$1" 2>/dev/null || true; }
-
-running() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    [[ $state != Z* ]]
-}
-
-alive() {
-    local pid
-    pid=$(pid_of "$1")
-    [[ -n $pid ]] && running "$pid"
-}
-
-# stop NAME [SIGNAL]: SIGNAL (default TERM), up to 5 s grace, then SIGKILL, to the process
-# group when it leads one. Returns the process's exit status when it is our child.
-stop() {
-    local name=$1 sig=${2:-TERM} pid target i
-    pid=$(pid_of "$name")
-    [[ -n $pid ]] || return 0
-    rm -f "$PIDDIR/$name"
-    target=$pid
-    if [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$pid" ]]; then
-        target=-$pid
-    fi
-    kill "-$sig" -- "$target" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        running "$pid" || break
-        sleep 0.1
-    done
-    if running "$pid"; then
-        echo "connections: $name (pid $pid) ignored SIG$sig for 5 s, killing it" >&2
-    fi
-    [[ $target == -* ]] && kill -KILL -- "$target" 2>/dev/null
-    kill -KILL "$pid" 2>/dev/null
-    # (braces: bash's own "Killed" notice goes to the redirected stderr too)
-    { wait "$pid"; } 2>/dev/null
+warnings_then_tail() {
+    plain_log "$1" | grep -E ' (WARN|ERROR) ' | tail -n 8
+    echo "  ... (above: WARN/ERROR lines; below: the last lines)"
+    plain_log "$1" | grep -v -e ' auto-' -e 'peers-' | tail -n 15
 }
 
 # The gateway's log without colours (tracing may write ANSI escapes into a file).
 plain_log() { sed -e 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null; }
 
-show_logs() {
-    local f
-    for f in "${FAILED_LOGS[@]}" mosquitto.log mosquitto-r.log mosquitto-r2.log; do
-        [[ $f == /* ]] || f=$WORK/$f
-        [[ -s $f ]] || continue
-        echo "----- tail of ${f#"$WORK"/} (WARN/ERROR lines, then the last lines) -----"
-        plain_log "$f" | grep -E ' (WARN|ERROR) ' | tail -n 8
-        echo "  ..."
-        plain_log "$f" | grep -v -e ' auto-' -e 'peers-' | tail -n 15
-    done
-    echo "----- end of logs (work dir: $WORK) -----"
-}
-
-cleanup() {
-    local rc=$? name passed failed
-    set +e
-    trap - EXIT INT TERM
-    # Gateways first, so they do not log a storm of errors about brokers going away.
-    for name in "$PIDDIR"/gw-* "$PIDDIR"/*; do
-        [[ -e $name ]] && stop "${name##*/}"
-    done
-    passed=$(grep -c '^ok ' "$RESULTS")
-    failed=$(grep -c '^FAIL ' "$RESULTS")
-    if ((rc != 0 && FINISHED == 0)); then
-        # Stopped by something other than a check (a signal, an unexpected command error).
-        record "connections run" "aborted with status $rc (checks after this point did not run)"
-        failed=$((failed + 1))
-    fi
-    ((failed == 0)) || show_logs
-    grep '^     MEASURED' "$WORK/measured.txt" 2>/dev/null | sed 's/^     MEASURED /connections: measured: /'
-    if [[ ${INTEROP_KEEP:-0} == 1 ]]; then
-        echo "connections: work dir kept: $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    echo "interop connections: $passed passed, $failed failed"
-    if ((failed > 0 && rc == 0)); then rc=1; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-wait_until() { # wait_until DESCRIPTION SECONDS PROCESS_NAME CMD...
-    local what=$1 secs=$2 proc=$3 i
-    shift 3
-    for ((i = 0; i < secs * 10; i++)); do
-        "$@" && return 0
-        if [[ -n $proc ]] && ! alive "$proc"; then
-            die "$what" "$proc exited early (see its log)"
-        fi
-        sleep 0.1
-    done
-    die "$what" "not within $secs s"
-}
-
-# counted NAME CMD...: a check program whose ok/FAIL lines count (see run.sh). Returns its
-# exit status. Lines starting with `     MEASURED` are also kept for the summary.
-counted() {
-    local name=$1 rc fails_before
-    shift
-    fails_before=$(grep -c '^FAIL ' "$RESULTS" || true)
-    # shellcheck disable=SC2016 # expanded by the inner shell
-    setsid bash -c 'trap : TERM; "${@:3}" | tee -a "$1" | tee -a "$2"; exit "${PIPESTATUS[0]}"' \
-        counted "$RESULTS" "$WORK/measured.txt" "$@" </dev/null &
-    echo $! >"$PIDDIR/$name"
-    wait $! && rc=0 || rc=$?
-    rm -f "$PIDDIR/$name"
-    if ((rc != 0)) && (($(grep -c '^FAIL ' "$RESULTS" || true) == fails_before)); then
-        record "$name" "exited with status $rc without reporting a failed check"
-    fi
-    return "$rc"
-}
+# Detail lines of a check are indented, so that they never count as one.
+detail() { echo "     $*"; }
 
 CLOUD=("$PY" "$HERE/cloud.py" --piddir "$PIDDIR")
-
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 now() { date +%s.%N; }
 
@@ -196,25 +61,12 @@ lines() { if [[ -e $1 ]]; then wc -l <"$1" | tr -d ' '; else echo 0; fi; }
 # ---------------------------------------------------------------------------------------
 # Preconditions
 
-[[ -x $PY ]] || die "python venv" "$PY missing (run .ci/run, or set INTEROP_PYTHON)"
+prerequisites "$MOSQUITTO" "$MOSQUITTO_PASSWD" mosquitto_sub mosquitto_pub openssl
 "$PY" -c 'import paho.mqtt.client' 2>/dev/null || die "python venv" "paho-mqtt missing in $PY's venv"
 [[ -x $PPROXY ]] || die "pproxy" "$PPROXY missing (pip install pproxy in the venv)"
-for bin in "$MOSQUITTO" "$MOSQUITTO_PASSWD" mosquitto_sub mosquitto_pub openssl; do
-    command -v "$bin" >/dev/null || die "tools" "$bin not found"
-done
-if [[ $SKIP_GATEWAY != 1 && ! -x $TWINBUS ]]; then
-    die "gateway binary" "$TWINBUS missing (cargo build --release)"
-fi
 
-# Free loopback ports, all taken while held so none is handed out twice.
-mapfile -t PORTS < <("$PY" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(48)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks), sep="\n")
-EOF
-)
+# Free loopback ports, handed out by take_port.
+mapfile -t PORTS < <(free_ports 48)
 NEXT_PORT=0
 take_port() { # take_port VAR
     printf -v "$1" '%s' "${PORTS[NEXT_PORT]}"
@@ -257,8 +109,7 @@ chmod 600 "$WORK/gw-password"
 
 # One instance, a listener per case. per_listener_settings: the password/ACL listeners
 # authenticate, the others are anonymous. The cloud's own clients use the plain listener
-# (messages cross listeners freely), except where a case says otherwise. `user root`: the
-# work dir is 0700 (see run.sh).
+# (messages cross listeners freely), except where a case says otherwise.
 tls_listener() { # tls_listener PORT CERT_NAME [require_certificate]
     echo "listener $1 127.0.0.1"
     echo "allow_anonymous true"
@@ -269,18 +120,10 @@ tls_listener() { # tls_listener PORT CERT_NAME [require_certificate]
     echo
 }
 {
+    echo "per_listener_settings true"  # before any security setting, or mosquitto refuses it
+    mosquitto_globals
     cat <<EOF
-per_listener_settings true
-set_tcp_nodelay true
 persistence false
-user root
-log_dest stderr
-log_type error
-log_type warning
-log_type notice
-log_type information
-connection_messages true
-log_timestamp_format %H:%M:%S
 
 # the cloud's clients, MQTT 5, the topology case
 listener $P_CLOUD 127.0.0.1
@@ -323,18 +166,16 @@ done
 # The instance that is restarted: persistence, so the recorder's persistent session (and
 # what is queued for it) survives the restart; full log, to tell a DISCONNECT from a drop.
 mkdir -p "$WORK/r-data"
-cat >"$WORK/mosquitto-r.conf" <<EOF
-listener $P_R 127.0.0.1
-allow_anonymous true
-set_tcp_nodelay true
+{
+    mosquitto_globals
+    cat <<EOF
+log_type all
 persistence true
 persistence_location $WORK/r-data/
-user root
-log_dest stderr
-log_type all
-connection_messages true
-log_timestamp_format %H:%M:%S
+listener $P_R 127.0.0.1
+allow_anonymous true
 EOF
+} >"$WORK/mosquitto-r.conf"
 
 # Proxies. --auth 0: pproxy otherwise lets an address through without credentials for 30
 # days once it has authenticated.
@@ -357,8 +198,7 @@ counted peers "${CLOUD[@]}" peers --cloud-port "$P_CLOUD" --ca "$CA" --tls "$P_T
 
 if [[ $SKIP_GATEWAY == 1 ]]; then
     echo "connections: INTEROP_SKIP_GATEWAY=1, no gateway cases"
-    FINISHED=1
-    exit 0
+    finish
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -776,6 +616,4 @@ else
     record "no password in any gateway log" "found in: ${leaks[*]}"
 fi
 
-FINISHED=1
-grep -q '^FAIL ' "$RESULTS" && exit 1
-exit 0
+finish

@@ -14,225 +14,45 @@
 #                           to both slaves instead and verifies their evidence files
 #   INTEROP_KEEP=1          keep the work directory (configs, logs) after the run
 #   RUST_LOG                passed to the gateway (default: info)
-# shellcheck disable=SC2317 # functions run from traps and through wait_until
+# shellcheck disable=SC2317 # failure_logs and its helper run from the EXIT trap
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-PY=${INTEROP_PYTHON:-$ROOT/target/interop-venv/bin/python}
-TWINBUS=${TWINBUS:-$ROOT/target/release/twinbus}
-SKIP_GATEWAY=${INTEROP_SKIP_GATEWAY:-0}
+# shellcheck source=tests/interop/lib.sh
+source "$HERE/lib.sh"
+begin interop interop
 BAUD=19200
 
-# mosquitto lives in /usr/sbin, which a non-login PATH may lack.
-MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/twinbus-interop.XXXXXX")
-PIDDIR=$WORK/pids          # one file per background process: name -> pid
-RESULTS=$WORK/results.txt  # every ok/FAIL line, counted at the end
-mkdir -p "$PIDDIR"
-: >"$RESULTS"
-
-# ---------------------------------------------------------------------------------------
-# Results
-
-# record NAME [WHY]: without WHY the check passed.
-record() {
-    if [[ $# -eq 1 ]]; then
-        echo "ok   $1" | tee -a "$RESULTS"
-    else
-        echo "FAIL $1: $2" | tee -a "$RESULTS"
-    fi
+# After a failure: the peers' logs and the evidence files, without the noise unless the
+# question is about framing or about the checks' own clients: pymodbus frame dumps (">>>>>")
+# and mosquitto_pub's one-shot "auto-..." sessions.
+failure_logs() {
+    show_logs without_noise gateway.log mosquitto.log slave-tcp.log slave-rtu.log socat.log \
+        writes-tcp.jsonl writes-rtu.jsonl probe-tcp.txt probe-rtu.txt
 }
-
-# A setup step failed: nothing after it can be meaningful. Counted as a failed check so the
-# summary never reads "0 failed" for a run that did not get to its checks.
-die() {
-    record "setup: $1" "${2:-failed}"
-    exit 1
-}
-
-# ---------------------------------------------------------------------------------------
-# Processes: every background process is started through start_bg and recorded in PIDDIR,
-# and the EXIT trap stops exactly those (plus any pid file checks.py leaves there).
-# start_bg runs each one in a session (and process group) of its own, so that stopping it
-# also reaches anything it spawned, without touching the process group CI runs us in.
-
-start_bg() { # start_bg NAME LOGFILE CMD...
-    local name=$1 logfile=$2
-    shift 2
-    # From a non-interactive shell the job is not a group leader, so setsid execs in place:
-    # $! is the command itself (its exit status stays ours to `wait` for).
-    setsid "$@" </dev/null >"$logfile" 2>&1 &
-    echo $! >"$PIDDIR/$name"
-}
-
-pid_of() { cat "$PIDDIR/$1" 2>/dev/null || true; }
-
-# running PID: exists and is not a zombie. (A process whose parent we killed is a zombie
-# until pid 1 reaps it, and some container inits never do.)
-running() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    [[ $state != Z* ]]
-}
-
-alive() { # alive NAME
-    local pid
-    pid=$(pid_of "$1")
-    [[ -n $pid ]] && running "$pid"
-}
-
-# stop NAME: SIGTERM, up to 5 s grace, then SIGKILL; then SIGKILL whatever is left of its
-# process group. Returns the process's exit status when it is our child.
-stop() {
-    local name=$1 pid target i
-    pid=$(pid_of "$name")
-    [[ -n $pid ]] || return 0
-    rm -f "$PIDDIR/$name"
-    # Our own start_bg processes lead their group; a pid file from checks.py does not.
-    target=$pid
-    if [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$pid" ]]; then
-        target=-$pid
-    fi
-    kill -TERM -- "$target" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        running "$pid" || break
-        sleep 0.1
-    done
-    if running "$pid"; then
-        echo "interop: $name (pid $pid) ignored SIGTERM for 5 s, killing it" >&2
-    fi
-    [[ $target == -* ]] && kill -KILL -- "$target" 2>/dev/null
-    kill -KILL "$pid" 2>/dev/null
-    # `wait` only knows our own children (not checks.py's mosquitto_sub).
-    wait "$pid" 2>/dev/null
-}
-
-show_logs() {
-    local f
-    for f in gateway.log mosquitto.log slave-tcp.log slave-rtu.log socat.log \
-        writes-tcp.jsonl writes-rtu.jsonl probe-tcp.txt probe-rtu.txt; do
-        [[ -s $WORK/$f ]] || continue
-        echo "----- tail of $f -----"
-        # Noise unless the question is about framing or about the checks' own clients:
-        # pymodbus frame dumps (">>>>>") and mosquitto_pub's one-shot "auto-..." sessions.
-        grep -v -e '^>>>>>' -e ' auto-' -e 'New connection from' "$WORK/$f" | tail -n 40
-    done
-    echo "----- end of logs (work dir: $WORK) -----"
-}
-
-cleanup() {
-    local rc=$? name passed failed
-    set +e
-    trap - EXIT INT TERM
-    # The gateway first, so it does not log a storm of errors about peers going away.
-    for name in gateway $(ls "$PIDDIR" 2>/dev/null); do
-        stop "$name"
-    done
-    passed=$(grep -c '^ok ' "$RESULTS")
-    failed=$(grep -c '^FAIL ' "$RESULTS")
-    if ((rc != 0 && failed == 0)); then
-        # Stopped by something other than a check (a signal, an unexpected command error).
-        record "interop run" "aborted with status $rc"
-        failed=$((failed + 1))
-    fi
-    ((failed == 0)) || show_logs
-    if [[ ${INTEROP_KEEP:-0} == 1 ]]; then
-        echo "interop: work dir kept: $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    echo "interop: $passed passed, $failed failed"
-    if ((failed > 0 && rc == 0)); then rc=1; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-# Turn signals into a normal exit so the EXIT trap cleans up.
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# wait_until DESCRIPTION SECONDS PROCESS_NAME CMD...: poll CMD every 0.1 s; give up early if
-# the process that should make it true has died.
-wait_until() {
-    local what=$1 secs=$2 proc=$3 i
-    shift 3
-    for ((i = 0; i < secs * 10; i++)); do
-        "$@" && return 0
-        if [[ -n $proc ]] && ! alive "$proc"; then
-            die "$what" "$proc exited early (see its log)"
-        fi
-        sleep 0.1
-    done
-    die "$what" "not within $secs s"
-}
-
-# counted NAME CMD...: run a check program whose ok/FAIL lines count. It runs in the
-# background and we `wait` for it, because bash runs the signal traps only once a
-# foreground command has finished: this way a SIGTERM/SIGINT stops everything at once.
-# Its own process group (setsid) lets stop() end the program, its tee and its children
-# together; waiting for the whole pipeline means every line is in RESULTS when we go on.
-counted() {
-    local name=$1 rc fails_before
-    shift
-    fails_before=$(grep -c '^FAIL ' "$RESULTS" || true)
-    # The wrapper shell traps TERM (rather than dying of it) so that it outlives and reaps
-    # the pipeline; orphans would stay zombies where pid 1 does not reap.
-    # shellcheck disable=SC2016 # expanded by the inner shell
-    setsid bash -c 'trap : TERM; "${@:2}" | tee -a "$1"; exit "${PIPESTATUS[0]}"' \
-        counted "$RESULTS" "$@" </dev/null &
-    echo $! >"$PIDDIR/$name"
-    wait $! && rc=0 || rc=$?
-    rm -f "$PIDDIR/$name"
-    # A crash (a traceback instead of FAIL lines) must not pass for success.
-    if ((rc != 0)) && (($(grep -c '^FAIL ' "$RESULTS" || true) == fails_before)); then
-        record "$name" "exited with status $rc without reporting a failed check"
-    fi
-}
-
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+without_noise() { grep -v -e '^>>>>>' -e ' auto-' -e 'New connection from' "$1" | tail -n 40; }
 
 # ---------------------------------------------------------------------------------------
 # Preconditions
 
-[[ -x $PY ]] || die "python venv" "$PY missing (run .ci/run, or set INTEROP_PYTHON)"
-for bin in "$MOSQUITTO" mosquitto_sub mosquitto_pub socat; do
-    command -v "$bin" >/dev/null || die "tools" "$bin not found"
-done
-if [[ $SKIP_GATEWAY != 1 && ! -x $TWINBUS ]]; then
-    die "gateway binary" "$TWINBUS missing (cargo build --release)"
-fi
+prerequisites "$MOSQUITTO" mosquitto_sub mosquitto_pub socat
 
-# Two free loopback ports, taken while both are held so they cannot be the same one.
-read -r MQTT_PORT MODBUS_PORT < <("$PY" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-EOF
-)
+# Two free loopback ports.
+{ read -r MQTT_PORT && read -r MODBUS_PORT; } < <(free_ports 2)
 echo "interop: work dir $WORK, mqtt port $MQTT_PORT, modbus tcp port $MODBUS_PORT"
 
 # ---------------------------------------------------------------------------------------
 # Peers
 
-# Mosquitto: its own config, loopback only. `user root` avoids the drop to the mosquitto
-# user, which could not read this 0700 work dir (and may not exist on a bare machine).
-cat >"$WORK/mosquitto.conf" <<EOF
+# Mosquitto: its own config, loopback only.
+{
+    mosquitto_globals
+    cat <<EOF
+persistence false
 listener $MQTT_PORT 127.0.0.1
 allow_anonymous true
-set_tcp_nodelay true
-persistence false
-user root
-log_dest stderr
-log_type error
-log_type warning
-log_type notice
-log_type information
-connection_messages true
-log_timestamp_format %H:%M:%S
 EOF
+} >"$WORK/mosquitto.conf"
 start_bg mosquitto "$WORK/mosquitto.log" "$MOSQUITTO" -c "$WORK/mosquitto.conf"
 wait_until "mosquitto listening on $MQTT_PORT" 10 mosquitto tcp_open "$MQTT_PORT"
 
@@ -254,12 +74,12 @@ if [[ $SKIP_GATEWAY == 1 ]]; then
     # Harness self-test: pymodbus's client plays the gateway's part, writes included.
     echo "interop: INTEROP_SKIP_GATEWAY=1, testing the peers with a pymodbus client instead of twinbus"
     counted probe-tcp "$PY" "$HERE/probe.py" --tcp "127.0.0.1:$MODBUS_PORT" --name tcp-slave \
-        --writes "$WORK/writes-tcp.jsonl" --state "$WORK/state-tcp.json"
+        --writes "$WORK/writes-tcp.jsonl" --state "$WORK/state-tcp.json" || true
     counted probe-rtu "$PY" "$HERE/probe.py" --rtu "$WORK/ttyGW" --baud "$BAUD" --name rtu-slave \
-        --writes "$WORK/writes-rtu.jsonl" --state "$WORK/state-rtu.json"
+        --writes "$WORK/writes-rtu.jsonl" --state "$WORK/state-rtu.json" || true
     # The broker half of the harness: subscribe, publish, match an answer by id.
-    counted checks "$PY" "$HERE/checks.py" --mqtt-port "$MQTT_PORT" --piddir "$PIDDIR" --selftest
-    exit 0
+    counted checks "$PY" "$HERE/checks.py" --mqtt-port "$MQTT_PORT" --piddir "$PIDDIR" --selftest || true
+    finish
 fi
 
 # Before the gateway: make sure the peers answer a client that is not twinbus (reads only,
@@ -370,7 +190,7 @@ alive gateway || die "gateway start" "exited at once (see gateway.log)"
 
 counted checks "$PY" "$HERE/checks.py" --mqtt-port "$MQTT_PORT" --piddir "$PIDDIR" \
     --device "tcp-pump:$WORK/writes-tcp.jsonl:$WORK/state-tcp.json" \
-    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json" --mask-write tcp-pump
+    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json" --mask-write tcp-pump || true
 
 # Graceful stop: SIGTERM must end the gateway with status 0, promptly.
 if alive gateway; then
@@ -386,5 +206,4 @@ else
     record "gateway still running after the checks" "it exited with status $rc"
 fi
 
-grep -q '^FAIL ' "$RESULTS" && exit 1
-exit 0
+finish

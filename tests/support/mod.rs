@@ -1,16 +1,17 @@
 //! Shared test doubles: a gateway on free loopback ports with its embedded
-//! broker and simulator, and an MQTT probe that plays the cloud.
+//! broker and simulator, the cloud's side of raw commands and telemetry
+//! ([`Cloud`]), and the AWS shadow service (`shadow`), both over the one test
+//! MQTT client (`mqtt`).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod mqtt;
 pub mod shadow;
-
 
 use std::path::Path;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use mqtt::{Mqtt, Options};
 use serde_json::Value as Json;
-use tokio::sync::mpsc;
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
 use twinbus::sim::SimHandle;
@@ -99,50 +100,25 @@ simulators:
     )
 }
 
-/// An MQTT client playing the cloud.
+/// An MQTT client playing the cloud: it reads each topic from now on (messages on
+/// other topics that arrive while it waits are dropped).
 pub struct Cloud {
-    pub client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    mqtt: Mqtt,
 }
 
 impl Cloud {
     /// Connects to the broker and subscribes to `topics` (waits for SUBACK).
     pub async fn connect(port: u16, topics: &[&str]) -> Cloud {
-        let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
-        opts.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
-        opts.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
-        let filters: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-        let sub_client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let many = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                        let _ = sub_client.try_subscribe_many(many);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = subscribed_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                        if tx.send((topic, p.payload.to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), subscribed.recv()).await.expect("SUBACK in time");
-        Cloud { client, rx }
+        let options = Options::new(format!("cloud-{}", free_port()))
+            .max_packet(2 * 1024 * 1024)
+            .keep_alive(Duration::from_secs(30))
+            .subscribe(topics.iter().copied());
+        let mqtt = Mqtt::connect(port, options).await.unwrap_or_else(|e| panic!("the cloud's client: {e}"));
+        Cloud { mqtt }
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("publish");
+        self.mqtt.publish(topic, payload.into()).await.expect("publish");
     }
 
     /// The next JSON message on `topic` within `wait`.
@@ -155,32 +131,14 @@ impl Cloud {
 
     /// The next JSON message on `topic` within `wait`, if any.
     pub async fn try_next_on(&mut self, topic: &str, wait: Duration) -> Option<Json> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let got = tokio::time::timeout(left, self.rx.recv()).await;
-            match got {
-                Ok(Some((t, payload))) if t == topic => {
-                    return Some(serde_json::from_slice(&payload).unwrap_or_else(|e| panic!("non-JSON on {t}: {e}")));
-                }
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("probe closed"),
-                Err(_) => return None,
-            }
-        }
+        self.mqtt.next_skipping(wait, |m| m.topic == topic).await.map(|m| m.json())
     }
 
     /// The next payload on `topic` within `wait`, as bytes.
     pub async fn next_raw(&mut self, topic: &str, wait: Duration) -> Vec<u8> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some((t, payload))) if t == topic => return payload,
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("probe closed"),
-                Err(_) => panic!("nothing on {topic} within {wait:?}"),
-            }
+        match self.mqtt.next_skipping(wait, |m| m.topic == topic).await {
+            Some(m) => m.payload.to_vec(),
+            None => panic!("nothing on {topic} within {wait:?}"),
         }
     }
 

@@ -32,14 +32,15 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+use super::mqtt::{Mqtt, Options};
 
 /// Desired + reported state, serialized compactly, may not exceed this (metadata does
 /// not count).
@@ -144,14 +145,12 @@ struct Inner {
     out: mpsc::UnboundedSender<Outgoing>,
     /// Bumped after every request handled or API change.
     changed: watch::Sender<u64>,
-    /// Publishes handed to the publisher task, and PUBACKs received.
+    /// Publishes handed to the publisher task.
     queued: AtomicU64,
-    acked: watch::Sender<u64>,
-    connected: AtomicBool,
-    /// Connected and the request topics subscribed (SUBACK received).
-    ready: AtomicBool,
-    /// SUBACKs received since start.
-    subacks: watch::Sender<u64>,
+    /// Publishes that will get no PUBACK (dropped offline, or refused by the
+    /// client): with the client's PUBACK count, what [`ShadowService::wait_acked`]
+    /// compares with `queued`.
+    dropped: watch::Sender<u64>,
 }
 
 /// A rejection: `code`, `message`, and the client token to echo.
@@ -186,11 +185,12 @@ struct Accepted {
     documents: Json,
 }
 
-/// The emulator. Dropping it stops its tasks.
+/// The emulator. Dropping it stops its client and its publisher task.
 pub struct ShadowService {
     inner: Arc<Inner>,
-    client: AsyncClient,
-    tasks: Vec<JoinHandle<()>>,
+    /// Requests reach [`Inner::handle`] on the client's own task, in order.
+    mqtt: Mqtt,
+    publisher: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for ShadowService {
@@ -219,11 +219,6 @@ impl ShadowService {
     pub async fn start_with_clock(mqtt_port: u16, things: &[(&str, Option<&str>)], clock: Clock) -> ShadowService {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let id = format!("shadow-service-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
-        let mut opts = MqttOptions::new(id, "127.0.0.1", mqtt_port);
-        opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_session(true);
-        let (client, mut eventloop) = AsyncClient::new(opts, 256);
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
@@ -232,102 +227,58 @@ impl ShadowService {
             out: out_tx,
             changed: watch::channel(0).0,
             queued: AtomicU64::new(0),
-            acked: watch::channel(0).0,
-            connected: AtomicBool::new(false),
-            ready: AtomicBool::new(false),
-            subacks: watch::channel(0).0,
+            dropped: watch::channel(0).0,
         });
-        {
+        let topics: Vec<String> = {
             let mut st = inner.lock();
-            for (thing, name) in things {
-                add_routes(&mut st, thing, *name);
-            }
-        }
-        let mut subacks = inner.subacks.subscribe();
+            things.iter().flat_map(|(thing, name)| add_routes(&mut st, thing, *name)).collect()
+        };
+        let options = Options::new(id)
+            .max_packet(1024 * 1024)
+            .keep_alive(Duration::from_secs(30))
+            .clean_session(true)
+            .subscribe(topics)
+            .wait(BROKER_WAIT);
+        let handler = inner.clone();
+        let mqtt = Mqtt::connect_handling(mqtt_port, options, move |m| handler.handle(&m.topic, &m.payload))
+            .await
+            .unwrap_or_else(|e| panic!("the shadow service got {e}"));
 
-        let el_inner = inner.clone();
-        let el_client = client.clone();
-        let event_loop = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        el_inner.connected.store(true, Ordering::SeqCst);
-                        let filters: Vec<SubscribeFilter> = el_inner
-                            .lock()
-                            .routes
-                            .keys()
-                            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-                            .collect();
-                        if filters.is_empty() {
-                            el_inner.ready.store(true, Ordering::SeqCst);
-                        } else {
-                            el_inner.ready.store(false, Ordering::SeqCst);
-                            let _ = el_client.try_subscribe_many(filters);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        el_inner.ready.store(true, Ordering::SeqCst);
-                        el_inner.subacks.send_modify(|n| *n += 1);
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => el_inner.acked.send_modify(|n| *n += 1),
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                        el_inner.handle(&topic, &p.payload);
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        el_inner.connected.store(false, Ordering::SeqCst);
-                        el_inner.ready.store(false, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
         let pub_inner = inner.clone();
-        let pub_client = client.clone();
+        let client = mqtt.publisher();
+        let status = mqtt.watch();
         let publisher = tokio::spawn(async move {
             while let Some(o) = out_rx.recv().await {
                 // Offline: dropped, as AWS drops messages for a disconnected clean session.
-                if !pub_inner.connected.load(Ordering::SeqCst)
-                    || pub_client.publish(o.topic, QoS::AtLeastOnce, false, o.payload).await.is_err()
-                {
+                let online = status.borrow().connected;
+                if !online || client.publish(&o.topic, o.payload).await.is_err() {
                     // Count it as settled so that nobody waits for its PUBACK.
-                    pub_inner.acked.send_modify(|n| *n += 1);
+                    pub_inner.dropped.send_modify(|n| *n += 1);
                 }
             }
         });
-        let svc = ShadowService { inner, client, tasks: vec![event_loop, publisher] };
-        if !things.is_empty() {
-            let waited = tokio::time::timeout(BROKER_WAIT, subacks.wait_for(|n| *n > 0)).await;
-            assert!(waited.is_ok(), "the shadow service got no SUBACK from 127.0.0.1:{mqtt_port} within {BROKER_WAIT:?}");
-        }
-        svc
+        ShadowService { inner, mqtt, publisher }
     }
 
     /// Serves one more shadow (waits for the SUBACK).
     pub async fn serve(&self, thing: &str, name: Option<&str>) {
         let topics = add_routes(&mut self.inner.lock(), thing, name);
-        let before = *self.inner.subacks.borrow();
-        let filters: Vec<SubscribeFilter> = topics.into_iter().map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce)).collect();
-        self.client.subscribe_many(filters).await.expect("subscribe request");
-        let mut rx = self.inner.subacks.subscribe();
-        let waited = tokio::time::timeout(BROKER_WAIT, rx.wait_for(|n| *n > before)).await;
-        assert!(waited.is_ok(), "no SUBACK for {} within {BROKER_WAIT:?}", topic_prefix(thing, name));
+        if let Err(e) = self.mqtt.subscribe(topics).await {
+            panic!("{}: {e}", topic_prefix(thing, name));
+        }
     }
 
     /// Waits until the service is connected and subscribed again (after the broker
     /// restarted, for instance). Panics after `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.inner.ready.load(Ordering::SeqCst) {
-            assert!(tokio::time::Instant::now() < deadline, "the shadow service did not reconnect within {timeout:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = self.mqtt.wait_status(timeout, |s| s.subscribed).await {
+            panic!("the shadow service did not reconnect: no SUBACK {e}");
         }
     }
 
     /// Whether the service is connected to the broker now.
     pub fn is_connected(&self) -> bool {
-        self.inner.connected.load(Ordering::SeqCst)
+        self.mqtt.status().connected
     }
 
     // ---- The cloud application's side --------------------------------------------
@@ -535,21 +486,34 @@ impl ShadowService {
 
     /// Disconnects from the broker and stops.
     pub async fn stop(self) {
-        let _ = self.client.disconnect().await;
+        let _ = self.mqtt.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    /// Waits (at most [`BROKER_WAIT`]) until publish number `seq` is settled: the
+    /// broker acknowledged it, or it was dropped, or the service is offline.
     async fn wait_acked(&self, seq: u64) {
-        let mut rx = self.inner.acked.subscribe();
-        let _ = tokio::time::timeout(BROKER_WAIT, rx.wait_for(|n| *n >= seq || !self.inner.connected.load(Ordering::SeqCst))).await;
+        let mut status = self.mqtt.watch();
+        let mut dropped = self.inner.dropped.subscribe();
+        let settled = async {
+            loop {
+                let s = status.borrow_and_update().clone();
+                if s.pubacks + *dropped.borrow_and_update() >= seq || !s.connected {
+                    return;
+                }
+                tokio::select! {
+                    r = status.changed() => if r.is_err() { return },
+                    r = dropped.changed() => if r.is_err() { return },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(BROKER_WAIT, settled).await;
     }
 }
 
 impl Drop for ShadowService {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.publisher.abort();
     }
 }
 
@@ -589,7 +553,7 @@ impl Inner {
     fn send(&self, topic: &str, payload: &Json) -> u64 {
         let seq = self.queued.fetch_add(1, Ordering::SeqCst) + 1;
         if self.out.send(Outgoing { topic: topic.to_string(), payload: payload.to_string().into_bytes() }).is_err() {
-            self.acked.send_modify(|n| *n += 1);
+            self.dropped.send_modify(|n| *n += 1);
         }
         seq
     }
