@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Broker, Config};
 use crate::device::spawn_device;
+use crate::http::Readiness;
 use crate::lifecycle::Tasks;
 use crate::modbus::spawn_bus;
 use crate::mqtt::{spawn_connection, ConnectionHandle, Inbox, Routes};
@@ -56,6 +57,7 @@ pub struct Gateway {
     #[cfg(feature = "embedded-broker")]
     brokers: Vec<crate::mqtt::EmbeddedBroker>,
     store: Option<Store>,
+    http: Option<std::net::SocketAddr>,
     stop_adapters: CancellationToken,
     stop_devices: CancellationToken,
     stop_connections: CancellationToken,
@@ -87,6 +89,7 @@ impl Gateway {
             #[cfg(feature = "embedded-broker")]
             brokers: Vec::new(),
             store: None,
+            http: None,
             stop_adapters: CancellationToken::new(),
             stop_devices: CancellationToken::new(),
             stop_connections: CancellationToken::new(),
@@ -113,6 +116,10 @@ impl Gateway {
     }
 
     async fn build(&mut self, config: &Config) -> anyhow::Result<()> {
+        if config.http.is_some() {
+            // Before anything counts: what is counted before the recorder exists is lost.
+            crate::http::metrics();
+        }
         let store = Store::open(&config.state_dir)?;
         self.store = Some(store.clone());
         // The writer is a thread, not a task: this one stands for it, and
@@ -192,7 +199,23 @@ impl Gateway {
                 self.adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, self.stop_adapters.clone()));
             }
         }
+
+        if let Some(http) = &config.http {
+            let readiness = Readiness {
+                connections: self.connections.iter().map(|c| (c.name.clone(), c.sessions())).collect(),
+                connected: self.connections.iter().map(|c| (c.name.clone(), c.connected())).collect(),
+                devices: devices.iter().map(|d| (d.name.clone(), d.watch())).collect(),
+            };
+            let addr = crate::http::start(http, readiness, &self.rest, self.stop_connections.clone()).await?;
+            tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
+            self.http = Some(addr);
+        }
         Ok(())
+    }
+
+    /// Where the HTTP listener (metrics, health) listens, if configured.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http
     }
 
     /// Waits until every connection is up with its subscriptions acknowledged

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod device;
 pub mod gateway;
+pub mod http;
 pub mod lifecycle;
 pub mod modbus;
 pub mod mqtt;

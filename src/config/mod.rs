@@ -43,6 +43,17 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How long a graceful stop may take before what is left is aborted.
     pub shutdown_timeout: Duration,
+    /// The HTTP listener for metrics and health, if any.
+    pub http: Option<HttpSettings>,
+}
+
+/// The HTTP listener (metrics, health).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Address to listen on (loopback unless a login is set).
+    pub listen: SocketAddr,
+    /// Basic authentication asked of every request, if set.
+    pub credentials: Option<Credentials>,
 }
 
 /// One MQTT session.

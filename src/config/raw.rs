@@ -58,6 +58,16 @@ pub(crate) struct RawConfig {
     pub(crate) simulators: Map<RawSimulator>,
     pub(crate) state_dir: Option<S<String>>,
     pub(crate) shutdown_timeout: Option<S<String>>,
+    pub(crate) http: Option<S<RawHttp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHttp {
+    pub(crate) listen: S<String>,
+    pub(crate) username: Option<S<String>>,
+    pub(crate) password: Option<S<String>>,
+    pub(crate) password_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

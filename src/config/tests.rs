@@ -1330,3 +1330,35 @@ fn mask_write_comes_from_the_profile_unless_the_device_says_otherwise() {
     assert_eq!((mask("a"), mask("b"), mask("c")), (Some(true), Some(false), Some(true)));
     assert!(!valid(&base()).devices[0].mask_write, "off unless asked");
 }
+
+// ---------------------------------------------------------------------------
+// Outbox bounds, shutdown, the HTTP listener
+
+#[test]
+fn outbox_bounds_have_defaults_and_take_sizes_with_units() {
+    let c = valid(&base());
+    assert_eq!(c.connections[0].outbox, OutboxSettings { max_messages: 100_000, max_bytes: 64 << 20, max_age: Duration::from_secs(86_400) });
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+    let text = insert_after(&base(), "      listen: 127.0.0.1:1883\n", "    outbox: { max_messages: 500, max_size: 512KiB, max_age: 2h }\n") + "shutdown_timeout: 4s\n";
+    let c = valid(&text);
+    assert_eq!(c.connections[0].outbox, OutboxSettings { max_messages: 500, max_bytes: 512 << 10, max_age: Duration::from_secs(7200) });
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
+}
+
+#[test]
+fn an_outbox_size_that_is_not_a_size_names_the_units() {
+    let text = insert_after(&base(), "      listen: 127.0.0.1:1883\n", "    outbox: { max_size: 12 parsecs }\n");
+    only_problem(&text, line_of(&text, "parsecs"), "connections.cloud.outbox.max_size", &["not a size", "MiB"]);
+    let text = insert_after(&base(), "      listen: 127.0.0.1:1883\n", "    outbox: { max_size: 10 }\n");
+    only_problem(&text, line_of(&text, "max_size: 10 "), "connections.cloud.outbox.max_size", &["out of range", "64 KiB"]);
+}
+
+#[test]
+fn an_http_listener_beyond_loopback_needs_a_login() {
+    let text = base() + "http: { listen: 0.0.0.0:9180 }\n";
+    only_problem(&text, line_of(&text, "0.0.0.0:9180"), "http.listen", &["reachable from other machines", "username", "127.0.0.1"]);
+    let c = valid(&(base() + "http: { listen: 127.0.0.1:9180 }\n"));
+    assert_eq!(c.http.as_ref().map(|h| h.listen.port()), Some(9180));
+    let c = valid(&(base() + "http: { listen: 0.0.0.0:9180, username: prom, password: \"${HOME}\" }\n"));
+    assert!(c.http.as_ref().is_some_and(|h| h.credentials.is_some()));
+}

@@ -161,11 +161,12 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     };
     check_shadow_conflicts(&mut c, &raw.devices, &devices);
 
+    let http = raw.http.as_ref().and_then(|h| http(&mut c, h, &base));
     let shutdown_timeout = c.duration_within(raw.shutdown_timeout.as_ref(), "shutdown_timeout", Duration::from_secs(10), Duration::from_secs(1), Duration::from_secs(600));
     if !c.problems.is_empty() {
         return Err(ConfigError::Invalid { problems: c.problems });
     }
-    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings, state_dir, shutdown_timeout })
+    Ok(Config { source: file.to_path_buf(), connections, buses, devices, simulators, warnings: c.warnings, state_dir, shutdown_timeout, http })
 }
 
 fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> Option<Connection> {
@@ -286,6 +287,19 @@ fn outbox(c: &mut Checker, raw: Option<&RawOutbox>, path: &str) -> OutboxSetting
         Duration::from_secs(30 * 86_400),
     );
     OutboxSettings { max_messages, max_bytes, max_age }
+}
+
+/// The HTTP listener: beyond loopback only with a login, since metrics name
+/// every device and topic of the site.
+fn http(c: &mut Checker, raw: &Spanned<RawHttp>, base: &Path) -> Option<HttpSettings> {
+    let h = &raw.value;
+    let listen = socket_addr(c, &h.listen, "http.listen")?;
+    let credentials = credentials(c, &h.username, &h.password, &h.password_file, &h.listen, "http", base);
+    if !listen.ip().is_loopback() && credentials.as_ref().is_none_or(|c| c.password.expose().is_empty()) {
+        c.at(&h.listen, "http.listen", format!("{listen} is reachable from other machines: set `username` and `password_file` (or `password`), or listen on 127.0.0.1"));
+        return None;
+    }
+    Some(HttpSettings { listen, credentials })
 }
 
 /// `username` with `password` or `password_file`, for a broker or a proxy.

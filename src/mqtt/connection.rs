@@ -112,6 +112,7 @@ pub struct ConnectionHandle {
     pub name: String,
     tx: mpsc::Sender<Cmd>,
     sessions: watch::Receiver<u64>,
+    connected: watch::Receiver<bool>,
 }
 
 impl ConnectionHandle {
@@ -131,6 +132,11 @@ impl ConnectionHandle {
     /// changes after every (re)connect's SUBACK. A shadow syncs on each change.
     pub fn sessions(&self) -> watch::Receiver<u64> {
         self.sessions.clone()
+    }
+
+    /// Whether the connection is up right now.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
     }
 
     /// Graceful close: publishes `offline` presence, waits until every queued
@@ -201,6 +207,7 @@ pub async fn spawn_connection(
 
     let (tx, rx) = mpsc::channel(1024);
     let (sessions_tx, sessions) = watch::channel(0u64);
+    let (connected_tx, connected) = watch::channel(false);
     let actor = Actor {
         conn: conn.clone(),
         target,
@@ -211,14 +218,14 @@ pub async fn spawn_connection(
         store,
         removals: Vec::new(),
         warned: HashMap::new(),
-        connected: false,
+        connected: connected_tx,
         link_up,
         sessions: sessions_tx,
         last_error: None,
         tunnel_errors,
     };
     tasks.spawn(&format!("connection {}", conn.name), actor.run(rx, events, cancel, poll_cancel));
-    Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions })
+    Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions, connected })
 }
 
 /// Loads the messages a previous run left in the store. Only the first
@@ -311,7 +318,8 @@ struct Actor {
     /// Drop reasons already warned about in this episode (reset on connect),
     /// so an outage logs one line per reason, not one per message.
     warned: HashMap<(DropReason, Class), u64>,
-    connected: bool,
+    /// Whether the session is up (CONNACK seen, no error since).
+    connected: watch::Sender<bool>,
     /// Set by the poll task: false as soon as it sees the link fail.
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
@@ -383,7 +391,7 @@ impl Actor {
         if unsent > 0 {
             tracing::info!(connection = %self.conn.name, unsent, "closing with messages the broker has not acknowledged: they stay in the store and go out after the restart");
         }
-        if self.connected {
+        if *self.connected.borrow() {
             self.client.try_disconnect();
             // Let the poll task put DISCONNECT on the wire.
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
@@ -472,6 +480,14 @@ impl Actor {
         }
     }
 
+    fn set_connected(&self, up: bool) {
+        self.connected.send_replace(up);
+        metrics::gauge!("twinbus_mqtt_connected", "connection" => self.conn.name.clone()).set(f64::from(u8::from(up)));
+        if up {
+            metrics::counter!("twinbus_mqtt_connects_total", "connection" => self.conn.name.clone()).increment(1);
+        }
+    }
+
     fn gauge(&self) {
         metrics::gauge!("twinbus_mqtt_outbox_messages", "connection" => self.conn.name.clone()).set(self.outbox.len() as f64);
         metrics::gauge!("twinbus_mqtt_outbox_bytes", "connection" => self.conn.name.clone()).set(self.outbox.bytes() as f64);
@@ -479,7 +495,7 @@ impl Actor {
 
     /// Hands waiting messages to rumqttc while connected and the window allows.
     fn feed(&mut self) {
-        if !self.connected || !self.link_up.load(Ordering::SeqCst) {
+        if !*self.connected.borrow() || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
         loop {
@@ -511,7 +527,7 @@ impl Actor {
     fn on_event(&mut self, ev: Ev, persisting: &mut Persisting) {
         match ev {
             Ev::ConnAck { session_present } => {
-                self.connected = true;
+                self.set_connected(true);
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
                 self.warned.clear();
@@ -563,7 +579,8 @@ impl Actor {
     }
 
     fn on_error(&mut self, error: String) {
-        let was_connected = std::mem::replace(&mut self.connected, false);
+        let was_connected = *self.connected.borrow();
+        self.set_connected(false);
         // A tunnel knows the real cause; rumqttc only saw the socket close.
         let mut cause = error;
         while let Ok(e) = self.tunnel_errors.try_recv() {
