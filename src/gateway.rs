@@ -132,12 +132,22 @@ impl Gateway {
             }
         });
 
-        for c in &config.connections {
-            if let Broker::Embedded { listen } = &c.broker {
+        let mut connections = config.connections.clone();
+        for (index, c) in connections.iter_mut().enumerate() {
+            if let Broker::Embedded { listen, access } = &c.broker {
                 #[cfg(feature = "embedded-broker")]
                 {
-                    self.brokers.push(crate::mqtt::EmbeddedBroker::start(*listen)?);
-                    tracing::info!(connection = %c.name, %listen, "embedded MQTT broker listening");
+                    // The gateway's own login, so that nobody else can use its client id.
+                    let login = crate::config::Credentials { username: "twinbus-gateway".to_string(), password: crate::config::Secret::new(fresh_secret()) };
+                    let policy = crate::mqtt::Access {
+                        gateway: Some((c.client_id.clone(), login.username.clone(), login.password.clone())),
+                        users: access.users.clone(),
+                        defaults: twin_permissions(config, index),
+                        max_connections: access.max_connections,
+                    };
+                    self.brokers.push(crate::mqtt::EmbeddedBroker::start(*listen, policy)?);
+                    tracing::info!(connection = %c.name, %listen, users = access.users.len(), "embedded MQTT broker listening");
+                    c.credentials = Some(login);
                 }
                 #[cfg(not(feature = "embedded-broker"))]
                 anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
@@ -177,7 +187,7 @@ impl Gateway {
                 shadow_inboxes.insert(d.name.clone(), inbox);
             }
         }
-        for (c, r) in config.connections.iter().zip(routes) {
+        for (c, r) in connections.iter().zip(routes) {
             let handle = spawn_connection(c, r, store.clone(), &self.connections_tasks, self.stop_connections.clone())
                 .await
                 .with_context(|| format!("connection `{}`", c.name))?;
@@ -295,4 +305,43 @@ impl Gateway {
             false
         }
     }
+}
+
+/// What clients of an embedded broker may do by default: publish the
+/// commands and shadow documents of the twins on connection `index`, and
+/// subscribe to their answers, telemetry, presence and shadows.
+#[cfg(feature = "embedded-broker")]
+fn twin_permissions(config: &Config, index: usize) -> crate::mqtt::Permissions {
+    let mut p = crate::mqtt::Permissions::default();
+    if let Some(presence) = &config.connections[index].presence {
+        p.subscribe.push(presence.topic.clone());
+    }
+    for twin in config.devices.iter().filter_map(|d| d.twin.as_ref()).filter(|t| t.connection == index) {
+        p.publish.extend(twin.commands.iter().cloned());
+        p.subscribe.extend(twin.responses.iter().chain(&twin.telemetry).chain(&twin.response_topics).cloned());
+        if let Some(s) = &twin.shadow {
+            let all = format!("{}/#", s.prefix());
+            p.publish.push(all.clone());
+            p.subscribe.push(all);
+        }
+    }
+    p
+}
+
+/// 128 random bits as hex, from the kernel.
+#[cfg(feature = "embedded-broker")]
+fn fresh_secret() -> String {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // No /dev/urandom (not Linux): the hasher's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -13,14 +13,13 @@ use support::mqtt::{Mqtt, Options, PublishProperties};
 use support::{free_port, pump_config, start, Cloud, PUMP_PROFILE};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
-use twinbus::mqtt::EmbeddedBroker;
+use twinbus::mqtt::{Access, EmbeddedBroker};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt5_command_is_answered_on_its_response_topic_with_its_correlation_data() {
-    let yaml = pump_config("").replace("  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" } }", "  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" }, mqtt_version: 5 }");
-    let h = start(&yaml).await;
+    let h = start(&mqtt5_pump()).await;
 
     let options = Options::new("cloud-v5").mqtt5().keep_alive(Duration::from_secs(30)).subscribe(["app/replies/42"]).wait(WAIT);
     let mut cloud = Mqtt::connect(h.mqtt_port, options).await.expect("SUBACK");
@@ -44,10 +43,41 @@ async fn an_mqtt5_command_is_answered_on_its_response_topic_with_its_correlation
     h.gateway.shutdown().await;
 }
 
+/// The pump on MQTT 5, answering on `app/replies/...` response topics too.
+fn mqtt5_pump() -> String {
+    pump_config("      response_topics: [site/pump/rsp, \"app/replies/+\"]")
+        .replace("  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" } }", "  local: { embedded: { listen: \"127.0.0.1:{MQTT}\" }, mqtt_version: 5 }")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_topic_the_twin_does_not_allow_is_refused_and_nothing_runs() {
+    let h = start(&mqtt5_pump()).await;
+    let options = Options::new("cloud-v5-bad").mqtt5().keep_alive(Duration::from_secs(30)).subscribe(["site/pump/rsp"]).wait(WAIT);
+    let mut cloud = Mqtt::connect(h.mqtt_port, options).await.expect("SUBACK");
+
+    // Another device's command topic: the gateway must not publish there.
+    let props = PublishProperties {
+        response_topic: Some("site/boiler/cmd".into()),
+        correlation_data: Some(Bytes::from_static(b"req-8")),
+        ..Default::default()
+    };
+    let cmd = json!({"id": "evil", "set": {"deviceAttrib": {"motorStatus": "on"}}}).to_string();
+    cloud.publish_with("site/pump/cmd", cmd, props).await.expect("publish");
+
+    let answer = cloud.next(WAIT).await.expect("an answer");
+    assert_eq!(answer.topic, "site/pump/rsp", "answered on the twin's own topic");
+    assert_eq!(answer.properties.and_then(|p| p.correlation_data).as_deref(), Some(&b"req-8"[..]));
+    let doc: serde_json::Value = serde_json::from_slice(&answer.payload).expect("JSON");
+    assert_eq!(doc["status"], "rejected", "{doc}");
+    assert!(doc["error"].as_str().is_some_and(|e| e.contains("site/boiler/cmd") && e.contains("response_topics")), "{doc}");
+    assert!(h.sim.writes().is_empty(), "nothing written");
+    h.gateway.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_says_online_after_connect_and_offline_after_a_graceful_stop() {
     let broker_port = free_port();
-    let _broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr")).expect("broker");
+    let _broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr"), Access::anyone()).expect("broker");
     let mut cloud = Cloud::connect(broker_port, &["site/gw/status"]).await;
     let gateway = Gateway::start(&remote_config(broker_port, "presence: { topic: site/gw/status, online: up, offline: down }")).await.expect("start");
 
@@ -94,7 +124,7 @@ simulators:
 async fn telemetry_produced_while_the_broker_is_down_arrives_after_it_in_order() {
     let broker_port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{broker_port}").parse().expect("addr");
-    let broker = EmbeddedBroker::start(addr).expect("broker");
+    let broker = EmbeddedBroker::start(addr, Access::anyone()).expect("broker");
     let gateway = Gateway::start(&remote_config(broker_port, "")).await.expect("start");
     let mut cloud = Cloud::connect(broker_port, &["site/pump/telemetry"]).await;
     let first = cloud.next_on("site/pump/telemetry", WAIT).await;
@@ -104,7 +134,7 @@ async fn telemetry_produced_while_the_broker_is_down_arrives_after_it_in_order()
     let outage_started = now_ms();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let outage_ended = now_ms();
-    let _broker = EmbeddedBroker::start(addr).expect("broker restarts on the same port");
+    let _broker = EmbeddedBroker::start(addr, Access::anyone()).expect("broker restarts on the same port");
     let mut cloud = Cloud::connect(broker_port, &["site/pump/telemetry"]).await;
 
     // Collect what arrives after the restart until a document newer than the outage shows up.
@@ -133,7 +163,7 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_per_twin_connections_work_side_by_side() {
     let broker_port = free_port();
-    let _broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr")).expect("broker");
+    let _broker = EmbeddedBroker::start(format!("127.0.0.1:{broker_port}").parse().expect("addr"), Access::anyone()).expect("broker");
     let modbus = free_port();
     let mut yaml = String::from("connections:\n");
     for n in 1..=100 {

@@ -14,7 +14,7 @@ use serde_json::{json, Value as Json};
 use support::{free_port, fresh_state_dir, pump_config, Cloud, PUMP_PROFILE};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
-use twinbus::mqtt::{encode_publish, Class, EmbeddedBroker, Publish};
+use twinbus::mqtt::{encode_publish, Access, Class, EmbeddedBroker, Publish};
 use twinbus::store::{CommandState, Op, Store};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -48,7 +48,7 @@ shutdown_timeout: 3s
 
 fn broker(port: u16) -> EmbeddedBroker {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    EmbeddedBroker::start(addr).expect("broker")
+    EmbeddedBroker::start(addr, Access::anyone()).expect("broker")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

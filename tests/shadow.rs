@@ -12,7 +12,7 @@ use support::shadow::ShadowService;
 use support::{free_port, PUMP_PROFILE};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
-use twinbus::mqtt::EmbeddedBroker;
+use twinbus::mqtt::{Access, EmbeddedBroker};
 use twinbus::point::{Table, Value};
 use twinbus::sim::SimHandle;
 use twinbus::store::{CommandState, Op, Store};
@@ -28,7 +28,7 @@ enum Broker {
 
 fn start_broker(port: u16, dir: &Path) -> Broker {
     if std::env::var("TWINBUS_TEST_BROKER").as_deref() != Ok("mosquitto") {
-        return Broker::Embedded(EmbeddedBroker::start(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker"));
+        return Broker::Embedded(EmbeddedBroker::start(format!("127.0.0.1:{port}").parse().expect("addr"), Access::anyone()).expect("broker"));
     }
     std::fs::create_dir_all(dir).expect("state dir");
     let conf = dir.join("mosquitto.conf");

@@ -10,7 +10,7 @@ use serde_json::{json, Value as Json};
 use support::free_port;
 use support::mqtt::{Message, Mqtt, Options};
 use support::shadow::{reply_topics, topic_prefix, ShadowService, MAX_STATE_BYTES};
-use twinbus::mqtt::EmbeddedBroker;
+use twinbus::mqtt::{Access, EmbeddedBroker};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(400);
@@ -19,7 +19,7 @@ const QUIET: Duration = Duration::from_millis(400);
 async fn setup(shadows: &[(&str, Option<&str>)]) -> (EmbeddedBroker, u16, ShadowService) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let broker = EmbeddedBroker::start(addr).expect("embedded broker starts");
+    let broker = EmbeddedBroker::start(addr, Access::anyone()).expect("embedded broker starts");
     let svc = ShadowService::start(port, shadows).await;
     (broker, port, svc)
 }

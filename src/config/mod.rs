@@ -148,6 +148,8 @@ pub enum Broker {
     Embedded {
         /// Address the embedded broker listens on (loopback unless configured).
         listen: SocketAddr,
+        /// Who may connect, and to which topics.
+        access: BrokerAccess,
     },
     /// A remote broker.
     Remote {
@@ -160,6 +162,32 @@ pub enum Broker {
         /// For `ws://` and `wss://`: the HTTP path (default `/mqtt`).
         websocket_path: Option<String>,
     },
+}
+
+/// Who may use the embedded broker. The gateway's own session always may
+/// (with a secret made at start, so nobody else can take its client id).
+#[derive(Debug, Clone, Default)]
+pub struct BrokerAccess {
+    /// Named logins. Empty: clients connect without one, on loopback only,
+    /// with the twins' permissions.
+    pub users: Vec<BrokerUser>,
+    /// Most client connections at once.
+    pub max_connections: usize,
+}
+
+/// A login on the embedded broker.
+#[derive(Debug, Clone)]
+pub struct BrokerUser {
+    /// User name.
+    pub name: String,
+    /// Its password.
+    pub password: Secret,
+    /// Topic filters it may publish to; `None`: the twins' command and
+    /// shadow topics.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters it may subscribe to; `None`: the twins' answers,
+    /// telemetry, presence and shadow topics.
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// TLS settings of a remote connection.
@@ -195,6 +223,11 @@ impl fmt::Debug for Credentials {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret (one the gateway made, e.g. its login to its own broker).
+    pub fn new(secret: impl Into<String>) -> Secret {
+        Secret(secret.into())
+    }
+
     /// The secret itself, for the one place that must hand it to a library.
     pub fn expose(&self) -> &str {
         &self.0
@@ -378,6 +411,10 @@ pub struct Twin {
     pub acknowledge: bool,
     /// Whether `{"shutdown": true}` may stop the gateway.
     pub allow_shutdown: bool,
+    /// Topic filters an MQTT 5 Response Topic may name; others are refused,
+    /// so that a command cannot make the gateway publish anywhere it may.
+    /// Default: only `responses`.
+    pub response_topics: Vec<String>,
     /// The AWS IoT device shadow this device is the twin of.
     pub shadow: Option<ShadowBinding>,
 }

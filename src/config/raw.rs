@@ -135,6 +135,18 @@ pub(crate) struct RawOutbox {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEmbedded {
     pub(crate) listen: S<String>,
+    #[serde(default)]
+    pub(crate) users: Map<RawBrokerUser>,
+    pub(crate) max_connections: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBrokerUser {
+    pub(crate) password: Option<S<String>>,
+    pub(crate) password_file: Option<S<String>>,
+    pub(crate) publish: Option<Vec<S<String>>>,
+    pub(crate) subscribe: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +275,7 @@ pub(crate) struct RawTwin {
     pub(crate) report_on_change: Option<bool>,
     pub(crate) acknowledge: Option<bool>,
     pub(crate) allow_shutdown: Option<bool>,
+    pub(crate) response_topics: Option<Vec<S<String>>>,
     pub(crate) shadow: Option<S<RawShadow>>,
 }
 

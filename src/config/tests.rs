@@ -156,7 +156,7 @@ fn the_shipped_gateway_yaml_is_valid_and_describes_the_demo() {
     let local = &config.connections[0];
     assert_eq!(local.name, "local");
     match &local.broker {
-        Broker::Embedded { listen } => assert_eq!(listen.to_string(), "127.0.0.1:1883"),
+        Broker::Embedded { listen, .. } => assert_eq!(listen.to_string(), "127.0.0.1:1883"),
         other => panic!("the demo runs its own broker, got {other:?}"),
     }
     assert!(local.credentials.is_none());
@@ -1361,4 +1361,28 @@ fn an_http_listener_beyond_loopback_needs_a_login() {
     assert_eq!(c.http.as_ref().map(|h| h.listen.port()), Some(9180));
     let c = valid(&(base() + "http: { listen: 0.0.0.0:9180, username: prom, password: \"${HOME}\" }\n"));
     assert!(c.http.as_ref().is_some_and(|h| h.credentials.is_some()));
+}
+
+#[test]
+fn an_embedded_broker_beyond_loopback_needs_users_and_their_filters_are_checked() {
+    let open = base().replace("listen: 127.0.0.1:1883", "listen: 0.0.0.0:1883");
+    only_problem(&open, line_of(&open, "0.0.0.0:1883"), "connections.cloud.embedded.listen", &["reachable from other machines", "users"]);
+    let with_users = base().replace(
+        "      listen: 127.0.0.1:1883\n",
+        "      listen: 0.0.0.0:1883\n      users:\n        app: { password: \"${HOME}\", publish: [\"pump/cmd\"], subscribe: [\"pump/#\"] }\n      max_connections: 10\n",
+    );
+    let c = valid(&with_users);
+    let Broker::Embedded { access, .. } = &c.connections[0].broker else { panic!("embedded") };
+    assert_eq!((access.users.len(), access.max_connections), (1, 10));
+    assert_eq!(access.users[0].subscribe.as_deref(), Some(&["pump/#".to_string()][..]));
+    let bad = with_users.replace("subscribe: [\"pump/#\"]", "subscribe: [\"pump/#/x\"]");
+    only_problem(&bad, line_of(&bad, "pump/#/x"), "connections.cloud.embedded.users.app.subscribe", &["not a topic filter", "last"]);
+}
+
+#[test]
+fn response_topics_default_to_the_twins_own_and_must_be_filters() {
+    let c = valid(&base());
+    assert_eq!(c.devices[0].twin.as_ref().map(|t| t.response_topics.clone()), Some(vec!["pump/rsp".to_string()]));
+    let text = insert_after(&base(), "      responses: pump/rsp\n", "      response_topics: [\"app/+/replies\", \"bad#\"]\n");
+    only_problem(&text, line_of(&text, "bad#"), "devices.pump-1.twin.response_topics", &["not a topic filter"]);
 }

@@ -174,7 +174,11 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
     let broker = match (&raw.embedded, &raw.url) {
         (Some(e), None) => {
             let listen = socket_addr(c, &e.value.listen, &format!("{path}.embedded.listen"))?;
-            Some(Broker::Embedded { listen })
+            let access = broker_access(c, &e.value, &format!("{path}.embedded"), base);
+            if !listen.ip().is_loopback() && access.users.is_empty() {
+                c.at(&e.value.listen, &format!("{path}.embedded.listen"), format!("{listen} is reachable from other machines: add `users:` (each with `password_file`), or listen on 127.0.0.1"));
+            }
+            Some(Broker::Embedded { listen, access })
         }
         (None, Some(url)) => remote(c, url, raw.tls.as_ref(), &format!("{path}.url"), base),
         (Some(_), Some(_)) => {
@@ -287,6 +291,42 @@ fn outbox(c: &mut Checker, raw: Option<&RawOutbox>, path: &str) -> OutboxSetting
         Duration::from_secs(30 * 86_400),
     );
     OutboxSettings { max_messages, max_bytes, max_age }
+}
+
+/// Logins and limits of the embedded broker.
+fn broker_access(c: &mut Checker, raw: &RawEmbedded, path: &str, base: &Path) -> BrokerAccess {
+    let mut users = Vec::new();
+    for (k, u) in &raw.users {
+        let upath = format!("{path}.users.{}", k.name());
+        let name = Spanned { value: k.name().to_string(), ..k.0.clone() };
+        let Some(login) = credentials(c, &Some(name), &u.password, &u.password_file, &k.0, &upath, base) else { continue };
+        if login.password.expose().is_empty() {
+            c.key(k, &upath, "needs `password_file` (or `password`)");
+            continue;
+        }
+        let mut filters = |list: &Option<Vec<Spanned<String>>>, what: &str| {
+            list.as_ref().map(|l| {
+                l.iter()
+                    .filter_map(|f| match crate::mqtt::valid_filter(&f.value) {
+                        Ok(()) => Some(f.value.clone()),
+                        Err(why) => {
+                            c.at(f, &format!("{upath}.{what}"), format!("{:?} is not a topic filter: {why}", f.value));
+                            None
+                        }
+                    })
+                    .collect()
+            })
+        };
+        let publish = filters(&u.publish, "publish");
+        let subscribe = filters(&u.subscribe, "subscribe");
+        users.push(BrokerUser { name: login.username, password: login.password, publish, subscribe });
+    }
+    let max_connections = raw
+        .max_connections
+        .as_ref()
+        .map_or(Some(64), |m| c.int(m, &format!("{path}.max_connections"), 2, 100_000, "a connection count"))
+        .unwrap_or(64);
+    BrokerAccess { users, max_connections }
 }
 
 /// The HTTP listener: beyond loopback only with a login, since metrics name
@@ -812,6 +852,19 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
     let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    let response_topics = match &raw.response_topics {
+        None => responses.iter().cloned().collect(),
+        Some(list) => list
+            .iter()
+            .filter_map(|f| match crate::mqtt::valid_filter(&f.value) {
+                Ok(()) => Some(f.value.clone()),
+                Err(why) => {
+                    c.at(f, &format!("{path}.response_topics"), format!("{:?} is not a topic filter: {why}", f.value));
+                    None
+                }
+            })
+            .collect(),
+    };
     let shadow = raw.shadow.as_ref().map(|s| shadow(c, s, &format!("{path}.shadow")));
     if raw.commands.is_none() && raw.telemetry.is_none() && raw.shadow.is_none() {
         c.at(t, path, "binds nothing: give it `commands`/`responses`, `telemetry` or `shadow`");
@@ -825,6 +878,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         report_on_change: raw.report_on_change.unwrap_or(true),
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),
+        response_topics,
         shadow,
     })
 }

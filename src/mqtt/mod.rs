@@ -12,12 +12,14 @@ mod outbox;
 mod session;
 mod socks;
 mod tls;
+mod topic;
 
 #[cfg(feature = "embedded-broker")]
-pub use broker::EmbeddedBroker;
+pub use broker::{Access, EmbeddedBroker, Permissions};
 pub use connection::{spawn_connection, ConnectionHandle, Inbox, Message, Publish, Routes};
 pub use outbox::Class;
 pub use session::Properties;
+pub use topic::{allowed_by, matches as topic_matches, valid_filter, valid_topic};
 
 /// A publish as bytes for the store (topic, properties, payload): how a raw
 /// command's reply route and answer are kept with its id.

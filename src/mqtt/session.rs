@@ -319,7 +319,7 @@ pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> (String, 
 /// The endpoint of a connection without a tunnel.
 pub(crate) fn direct_endpoint(conn: &Connection, tls: Option<Arc<rustls::ClientConfig>>) -> Endpoint {
     match &conn.broker {
-        Broker::Embedded { listen } => {
+        Broker::Embedded { listen, .. } => {
             let ip = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
             Endpoint { host: ip, port: listen.port(), tls: None, websocket_path: None, ws_host_header: None }
         }

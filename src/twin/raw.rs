@@ -26,7 +26,7 @@ use super::command::{answer, check_get, check_set, parse, render, summary, Comma
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
-use crate::mqtt::{decode_publish, encode_publish, Class, ConnectionHandle, Inbox, Message, Properties, Publish};
+use crate::mqtt::{decode_publish, encode_publish, topic_matches, valid_topic, Class, ConnectionHandle, Inbox, Message, Properties, Publish};
 use crate::store::{CommandState, Op, Store};
 
 /// Commands that may wait for one device. Past that a command is answered
@@ -66,6 +66,8 @@ pub struct RawWorker {
 struct Shared {
     device: String,
     responses: String,
+    /// Filters an MQTT 5 Response Topic must fall under.
+    response_topics: Vec<String>,
     store: Store,
     ids: Mutex<Ids>,
 }
@@ -133,7 +135,7 @@ fn unwait(waiting: &mut HashMap<String, usize>, id: &str) {
 /// repeat of one is answered "interrupted" too.
 pub fn raw_adapter(twin: &Twin, device: &str, store: Store) -> Option<(Arc<RawInbox>, RawWorker)> {
     let responses = twin.responses.clone()?;
-    let shared = Arc::new(Shared { device: device.to_string(), responses, store, ids: Mutex::new(Ids::default()) });
+    let shared = Arc::new(Shared { device: device.to_string(), responses, response_topics: twin.response_topics.clone(), store, ids: Mutex::new(Ids::default()) });
     let interrupted = recover(&shared);
     let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
     Some((Arc::new(RawInbox { shared: shared.clone(), queue: queue_tx }), RawWorker { shared, queue, interrupted }))
@@ -176,8 +178,15 @@ fn done(shared: &Shared, id: &str, reply: &ReplyTo, bytes: &[u8]) -> Op {
 impl Inbox for RawInbox {
     fn offer(&self, msg: Message) -> Vec<Publish> {
         let cmd = parse(&msg.payload);
-        let reply = ReplyTo::of(&msg, &self.shared.responses);
         let device = &self.shared.device;
+        let reply = match ReplyTo::of(&msg, &self.shared.responses, &self.shared.response_topics) {
+            Ok(reply) => reply,
+            Err((fallback, why)) => {
+                tracing::warn!(%device, "command refused: {why}");
+                metrics::counter!("twinbus_commands_total", "device" => device.clone(), "outcome" => "rejected").increment(1);
+                return vec![refusal(&cmd, &fallback, why)];
+            }
+        };
         if let Some(id) = &cmd.id_text {
             if let Some(previous) = self.shared.answer_of(id) {
                 tracing::info!(%device, %id, "repeated command id: answering again, not executing");
@@ -364,9 +373,10 @@ fn outcome_answer(device: &DeviceHandle, outcome: &Outcome, id: Option<&Json>) -
     answer(id, &status, &values, &BTreeMap::new(), now_ms())
 }
 
-/// Where an answer goes: the MQTT 5 response topic when the command named
-/// one (with its correlation data and user properties echoed), else the
-/// twin's responses topic.
+/// Where an answer goes: the MQTT 5 Response Topic when the command named
+/// one that the twin's `response_topics` allow (with its correlation data and
+/// user properties echoed), else the twin's responses topic. A Response Topic
+/// outside the list is refused: it could name another device's command topic.
 #[derive(Clone, Debug)]
 struct ReplyTo {
     topic: String,
@@ -374,13 +384,22 @@ struct ReplyTo {
 }
 
 impl ReplyTo {
-    fn of(msg: &Message, responses: &str) -> ReplyTo {
-        match &msg.properties {
-            Some(p) => ReplyTo {
-                topic: p.response_topic.clone().filter(|t| !t.is_empty() && !t.contains(['+', '#'])).unwrap_or_else(|| responses.to_string()),
-                properties: Some(Properties { response_topic: None, ..p.clone() }),
-            },
-            None => ReplyTo { topic: responses.to_string(), properties: None },
+    fn of(msg: &Message, responses: &str, allowed: &[String]) -> Result<ReplyTo, (ReplyTo, String)> {
+        let Some(p) = &msg.properties else {
+            return Ok(ReplyTo { topic: responses.to_string(), properties: None });
+        };
+        let properties = Some(Properties { response_topic: None, ..p.clone() });
+        match p.response_topic.as_deref() {
+            None | Some("") => Ok(ReplyTo { topic: responses.to_string(), properties }),
+            Some(t) if valid_topic(t) && allowed.iter().any(|f| topic_matches(f, t)) => Ok(ReplyTo { topic: t.to_string(), properties }),
+            Some(t) => {
+                let shown: String = t.chars().flat_map(char::escape_debug).take(200).collect();
+                let why = format!(
+                    "the MQTT 5 response topic \"{shown}\" is not one this twin answers on (allowed: {}; set `response_topics` in gateway.yaml); nothing was executed",
+                    allowed.join(", ")
+                );
+                Err((ReplyTo { topic: responses.to_string(), properties }, why))
+            }
         }
     }
 

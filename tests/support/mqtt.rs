@@ -55,6 +55,7 @@ pub struct Options {
     subscriptions: Vec<String>,
     nodelay: bool,
     wait: Duration,
+    login: Option<(String, String)>,
 }
 
 impl Options {
@@ -69,7 +70,14 @@ impl Options {
             subscriptions: Vec::new(),
             nodelay: false,
             wait: WAIT,
+            login: None,
         }
+    }
+
+    /// Log in with a user name and password.
+    pub fn login(mut self, user: &str, password: &str) -> Options {
+        self.login = Some((user.to_string(), password.to_string()));
+        self
     }
 
     /// Speak MQTT 5 (needed for publish properties).
@@ -148,6 +156,8 @@ pub struct Status {
     pub subscribed: bool,
     /// SUBACKs received since the start, all sessions together.
     pub subacks: u64,
+    /// Filters the broker refused in those SUBACKs (a failure return code).
+    pub refused: u64,
     /// PUBACKs received since the start, all sessions together.
     pub pubacks: u64,
     /// The last connection error, cleared by the next CONNACK.
@@ -362,9 +372,10 @@ async fn run(mut events: Events, client: Client, shared: Arc<Shared>, sink: Sink
                     }
                 }
             }
-            Ok(Seen::SubAck) => shared.status.send_modify(|s| {
+            Ok(Seen::SubAck(refused)) => shared.status.send_modify(|s| {
                 s.subscribed = s.connected;
                 s.subacks += 1;
+                s.refused += refused;
             }),
             Ok(Seen::PubAck) => shared.status.send_modify(|s| s.pubacks += 1),
             Ok(Seen::Publish(m)) => match &sink {
@@ -401,7 +412,8 @@ enum Events {
 /// The events [`run`] reacts to, from either version.
 enum Seen {
     ConnAck,
-    SubAck,
+    /// With how many filters it refused.
+    SubAck(u64),
     PubAck,
     Publish(Message),
     Other,
@@ -420,6 +432,9 @@ fn build(port: u16, o: &Options) -> (Client, Events) {
             if let Some(n) = o.max_packet {
                 mqtt.set_max_packet_size(n, n);
             }
+            if let Some((user, password)) = &o.login {
+                mqtt.set_credentials(user, password);
+            }
             let (client, mut events) = rumqttc::AsyncClient::new(mqtt, REQUESTS);
             events.set_network_options(network);
             (Client::V311(client), Events::V311(Box::new(events)))
@@ -432,6 +447,9 @@ fn build(port: u16, o: &Options) -> (Client, Events) {
             }
             if let Some(n) = o.max_packet {
                 mqtt.set_max_packet_size(Some(u32::try_from(n).unwrap_or(u32::MAX)));
+            }
+            if let Some((user, password)) = &o.login {
+                mqtt.set_credentials(user, password);
             }
             mqtt.set_network_options(network);
             let (client, events) = rumqttc::v5::AsyncClient::new(mqtt, REQUESTS);
@@ -492,7 +510,9 @@ impl Events {
         match self {
             Events::V311(events) => match events.poll().await.map_err(|e| e.to_string())? {
                 E::Incoming(P::ConnAck(_)) => Ok(Seen::ConnAck),
-                E::Incoming(P::SubAck(_)) => Ok(Seen::SubAck),
+                E::Incoming(P::SubAck(a)) => {
+                    Ok(Seen::SubAck(a.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count() as u64))
+                }
                 E::Incoming(P::PubAck(_)) => Ok(Seen::PubAck),
                 E::Incoming(P::Publish(p)) => {
                     Ok(Seen::Publish(Message { topic: p.topic, payload: p.payload, properties: None }))
@@ -501,7 +521,9 @@ impl Events {
             },
             Events::V5(events) => match events.poll().await.map_err(|e| e.to_string())? {
                 E5::Incoming(p5::Packet::ConnAck(_)) => Ok(Seen::ConnAck),
-                E5::Incoming(p5::Packet::SubAck(_)) => Ok(Seen::SubAck),
+                E5::Incoming(p5::Packet::SubAck(a)) => {
+                    Ok(Seen::SubAck(a.return_codes.iter().filter(|c| !matches!(c, p5::SubscribeReasonCode::Success(_))).count() as u64))
+                }
                 E5::Incoming(p5::Packet::PubAck(_)) => Ok(Seen::PubAck),
                 E5::Incoming(p5::Packet::Publish(p)) => Ok(Seen::Publish(Message {
                     topic: String::from_utf8_lossy(&p.topic).into_owned(),
