@@ -11,6 +11,7 @@ pub mod device;
 pub mod gateway;
 pub mod http;
 pub mod lifecycle;
+pub mod logs;
 pub mod modbus;
 pub mod mqtt;
 pub mod point;

@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
+use twinbus::logs::LogFormat;
 
 /// twinbus: cloud digital twins for Modbus RTU and TCP devices, over MQTT.
 #[derive(Debug, Parser)]
@@ -24,9 +25,12 @@ use twinbus::gateway::Gateway;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Configuration file (used when no subcommand is given).
+    /// Configuration file.
     #[arg(short, long, global = true, env = "TWINBUS_CONFIG", default_value = "gateway.yaml")]
     config: PathBuf,
+    /// Log lines as readable text or as JSON objects (one per line, for a log shipper).
+    #[arg(long, global = true, env = "TWINBUS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,7 +45,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    twinbus::logs::init(cli.log_format);
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -83,15 +87,6 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-fn init_logging() {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn,rumqttc=warn"));
-    // Colour only on a terminal: journald and `docker logs` show escapes as is.
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 /// Exit status after a second stop signal: the drain was cut short.

@@ -1386,3 +1386,24 @@ fn response_topics_default_to_the_twins_own_and_must_be_filters() {
     let text = insert_after(&base(), "      responses: pump/rsp\n", "      response_topics: [\"app/+/replies\", \"bad#\"]\n");
     only_problem(&text, line_of(&text, "bad#"), "devices.pump-1.twin.response_topics", &["not a topic filter"]);
 }
+
+#[test]
+fn a_password_inside_a_url_is_never_echoed() {
+    let text = base().replace("    embedded:\n      listen: 127.0.0.1:1883\n", "    url: \"mqtts://gw:hunter2@broker.example.com:port\"\n");
+    let ps = problems(&text);
+    assert!(ps.iter().all(|p| !p.contains("hunter2")), "{ps:?}");
+    assert!(ps.iter().any(|p| p.contains("gw:***@")), "{ps:?}");
+}
+
+#[test]
+fn a_password_file_must_be_a_small_regular_file() {
+    let dir = std::env::temp_dir().join(format!("twinbus-config-pwfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let big = dir.join("big");
+    std::fs::write(&big, vec![b'x'; 70_000]).expect("write");
+    for (file, words) in [("/dev/zero", &["not a regular file"][..]), (big.to_str().expect("utf-8"), &["at most 65536 bytes"][..]), ("/nonexistent/pw", &["cannot read"][..])] {
+        let text = base().replace("      listen: 127.0.0.1:1883\n", &format!("      listen: 127.0.0.1:1883\n    username: u\n    password_file: {file}\n"));
+        only_problem(&text, line_of(&text, "password_file"), "connections.cloud.password_file", words);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

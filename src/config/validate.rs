@@ -365,8 +365,8 @@ fn credentials(
         }
         (None, Some(f)) => {
             let file = base.join(c.interpolate(f, &format!("{path}.password_file")));
-            match std::fs::read_to_string(&file) {
-                Ok(s) => Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())),
+            match read_secret_file(&file) {
+                Ok(s) => Some(Secret(s)),
                 Err(e) => {
                     c.at(f, &format!("{path}.password_file"), format!("cannot read {}: {e}", file.display()));
                     None
@@ -404,18 +404,49 @@ fn proxy(c: &mut Checker, p: &Spanned<RawProxy>, path: &str, base: &Path, embedd
     } else if let Some(r) = text.strip_prefix("socks5://") {
         (ProxyKind::Socks5, r, 1080)
     } else {
-        c.at(&raw.url, &format!("{path}.url"), format!("{:?}: write http://host:port or socks5://host:port", raw.url.value));
+        c.at(&raw.url, &format!("{path}.url"), format!("{:?}: write http://host:port or socks5://host:port", redact_url(&raw.url.value)));
         return None;
     };
     let (host, port) = match split_authority(rest, default_port) {
         Ok(hp) => hp,
         Err(why) => {
-            c.at(&raw.url, &format!("{path}.url"), format!("{:?}: {why}", raw.url.value));
+            c.at(&raw.url, &format!("{path}.url"), format!("{:?}: {why}", redact_url(&raw.url.value)));
             return None;
         }
     };
     let credentials = credentials(c, &raw.username, &raw.password, &raw.password_file, &raw.url, path, base);
     Some(Proxy { kind, host, port, credentials })
+}
+
+/// A password file: a regular file (not a FIFO that would hang `check`, nor
+/// a device like /dev/zero that would fill memory) of at most 64 KiB, read
+/// without its trailing line break.
+fn read_secret_file(file: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    const MAX: u64 = 64 * 1024;
+    let meta = std::fs::metadata(file).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file (a password file must be a plain file)".to_string());
+    }
+    if meta.len() > MAX {
+        return Err(format!("{} bytes; a password file holds at most {MAX} bytes", meta.len()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(file).and_then(|f| f.take(MAX).read_to_string(&mut text)).map_err(|e| e.to_string())?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// A URL as it may be shown: a password in it becomes `***`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
 }
 
 /// `64MiB`, `512 KiB`, `1GB`, `100000`: bytes. Binary and decimal units both
@@ -452,7 +483,7 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
     let (scheme, rest) = match text.split_once("://") {
         Some(parts) => parts,
         None => {
-            c.at(url, path, format!("{:?} is not a URL (write mqtt://host:1883 or mqtts://host:8883)", url.value));
+            c.at(url, path, format!("{:?} is not a URL (write mqtt://host:1883 or mqtts://host:8883)", redact_url(&url.value)));
             return None;
         }
     };
@@ -474,8 +505,8 @@ fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>,
         Ok(hp) => hp,
         Err(why) => {
             // The message quotes what the user wrote, not the interpolated
-            // text, which may hold a secret.
-            c.at(url, path, format!("{:?}: {why}", url.value));
+            // text, which may hold a secret; and never a password in the URL.
+            c.at(url, path, format!("{:?}: {why}", redact_url(&url.value)));
             return None;
         }
     };

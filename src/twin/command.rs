@@ -83,6 +83,12 @@ pub fn parse(payload: &[u8]) -> Command {
         Ok(doc) => doc,
         Err(e) => return reject(format!("the payload is not valid JSON: {e}")),
     };
+    // serde_json keeps the last of two equal keys; a command that says two
+    // things about one point must not have one of them chosen silently.
+    if let Some(key) = duplicate_key(text) {
+        let shown: String = key.chars().flat_map(char::escape_debug).take(100).collect();
+        return reject(format!("the key \"{shown}\" appears twice in one object; send each key once"));
+    }
     let Json::Object(obj) = doc else {
         return reject(r#"a command is a JSON object with "set", "get" or "shutdown""#.to_string());
     };
@@ -133,6 +139,64 @@ pub fn parse(payload: &[u8]) -> Command {
         _ => Err(format!("the command has {} at once; send one per command", asked.join(" and "))),
     };
     with_id(request)
+}
+
+/// The first key found twice in one JSON object of `text`, if any.
+fn duplicate_key(text: &str) -> Option<String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::collections::HashSet;
+
+    /// Walks any JSON value; yields the first key seen twice in an object.
+    struct Walk;
+    impl<'de> Visitor<'de> for Walk {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let (mut seen, mut found) = (HashSet::new(), None);
+            while let Some(key) = map.next_key::<String>()? {
+                let inner = map.next_value_seed(Walk)?;
+                if found.is_none() {
+                    found = if seen.contains(&key) { Some(key.clone()) } else { inner };
+                }
+                seen.insert(key);
+            }
+            Ok(found)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+            let mut found = None;
+            while let Some(inner) = seq.next_element_seed(Walk)? {
+                found = found.or(inner);
+            }
+            Ok(found)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            d.deserialize_any(Walk)
+        }
+    }
+    serde_json::Deserializer::from_str(text).deserialize_any(Walk).ok().flatten()
 }
 
 /// Checks every leaf of a `set` against the points; either all of them are

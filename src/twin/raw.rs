@@ -181,7 +181,8 @@ impl Inbox for RawInbox {
         let device = &self.shared.device;
         let reply = match ReplyTo::of(&msg, &self.shared.responses, &self.shared.response_topics) {
             Ok(reply) => reply,
-            Err((fallback, why)) => {
+            Err(refused) => {
+                let (fallback, why) = *refused;
                 tracing::warn!(%device, "command refused: {why}");
                 metrics::counter!("twinbus_commands_total", "device" => device.clone(), "outcome" => "rejected").increment(1);
                 return vec![refusal(&cmd, &fallback, why)];
@@ -384,7 +385,7 @@ struct ReplyTo {
 }
 
 impl ReplyTo {
-    fn of(msg: &Message, responses: &str, allowed: &[String]) -> Result<ReplyTo, (ReplyTo, String)> {
+    fn of(msg: &Message, responses: &str, allowed: &[String]) -> Result<ReplyTo, Box<(ReplyTo, String)>> {
         let Some(p) = &msg.properties else {
             return Ok(ReplyTo { topic: responses.to_string(), properties: None });
         };
@@ -398,7 +399,7 @@ impl ReplyTo {
                     "the MQTT 5 response topic \"{shown}\" is not one this twin answers on (allowed: {}; set `response_topics` in gateway.yaml); nothing was executed",
                     allowed.join(", ")
                 );
-                Err((ReplyTo { topic: responses.to_string(), properties }, why))
+                Err(Box::new((ReplyTo { topic: responses.to_string(), properties }, why)))
             }
         }
     }

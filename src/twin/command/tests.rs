@@ -655,3 +655,19 @@ fn floating_point_noise_such_as_0_1_plus_0_2_counts_as_the_step_it_misses() {
     assert_eq!(meter_words(&pts, "level", "0.3"), vec![3]);
     assert!(meter_refusal(&pts, "level", "0.31").contains("nearest valid values 0.3 and 0.4"));
 }
+
+#[test]
+fn a_key_given_twice_in_one_object_is_refused_not_resolved_silently() {
+    for payload in [
+        r#"{"id":"d","set":{"deviceAttrib":{"setpoint":10,"setpoint":70}}}"#,
+        r#"{"id":"d","set":{"deviceAttrib":{"setpoint":10},"deviceAttrib":{"motorStatus":"on"}}}"#,
+        r#"{"id":"d","get":"*","get":["x"]}"#,
+    ] {
+        let cmd = parse(payload.as_bytes());
+        let why = cmd.request.expect_err(payload);
+        assert!(why.contains("appears twice"), "{payload}: {why}");
+    }
+    // The same key in two different objects is fine.
+    let ok = parse(br#"{"id":"d","set":{"a":{"x":1},"b":{"x":2}}}"#);
+    assert!(ok.request.is_ok());
+}
