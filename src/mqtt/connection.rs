@@ -21,9 +21,10 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::link::{LinkEvent, Target};
 use super::outbox::{Entry, Outbox};
 use super::session::{self, Client, Ev, EventLoop, Properties};
-use crate::config::{Broker, Connection, ProxyKind};
+use crate::config::{Broker, Connection, MqttVersion, ProxyKind};
 
 /// QoS 1 publishes handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 64;
@@ -37,6 +38,9 @@ pub struct Message {
     pub payload: Bytes,
     /// MQTT 5 request-response properties, when the sender set them.
     pub properties: Option<Properties>,
+    /// Set when the message was too large to read: its size in bytes; the
+    /// payload is then empty. The adapter answers or logs it, never parses it.
+    pub oversized: Option<usize>,
 }
 
 /// Topic → the adapter's inbox. Exact topics only (no wildcards).
@@ -119,26 +123,10 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         Broker::Remote { tls: Some(tls), .. } => Some(super::tls::client_config(tls)?),
         _ => None,
     };
-    let (tunnel_errors_tx, tunnel_errors) = mpsc::unbounded_channel();
-    let (endpoint, target) = match (&conn.broker, &conn.proxy) {
-        (Broker::Remote { host, port, websocket_path, .. }, Some(proxy)) if proxy.kind == ProxyKind::Socks5 => {
-            let local = super::socks::start(proxy.clone(), host.clone(), *port, tls, tunnel_errors_tx, cancel.clone()).await?;
-            let endpoint = session::Endpoint {
-                host: "127.0.0.1".to_string(),
-                port: local,
-                tls: None,
-                websocket_path: websocket_path.clone(),
-                ws_host_header: Some(format!("{host}:{port}")),
-            };
-            (endpoint, format!("{host}:{port} via SOCKS5 {}:{}", proxy.host, proxy.port))
-        }
-        _ => {
-            let endpoint = session::direct_endpoint(conn, tls);
-            let target = format!("{}:{}", endpoint.host, endpoint.port);
-            (endpoint, target)
-        }
-    };
-    let (client, eventloop) = session::build(conn, &endpoint);
+    let (link_tx, link) = mpsc::unbounded_channel();
+    let (target, describe) = link_target(conn, tls);
+    let socket = super::link::start(&conn.name, target, conn.version == MqttVersion::V5, link_tx, cancel.clone())?;
+    let (client, eventloop) = session::build(conn, &socket);
     let (events_tx, events) = mpsc::channel(256);
     let poll_cancel = cancel.child_token();
     let link_up = Arc::new(AtomicBool::new(false));
@@ -148,7 +136,7 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
     let (sessions_tx, sessions) = watch::channel(0u64);
     let actor = Actor {
         conn: conn.clone(),
-        target,
+        target: describe,
         client,
         routes,
         topics: Vec::new(),
@@ -157,11 +145,32 @@ pub async fn spawn_connection(conn: &Connection, routes: Routes, cancel: Cancell
         link_up,
         sessions: sessions_tx,
         last_error: None,
-        tunnel_errors,
+        link,
+        link_error: None,
         warned_full: false,
     };
     tokio::spawn(actor.run(rx, events, cancel, poll_cancel));
     Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions })
+}
+
+/// Where the link dials, and how logs name it.
+fn link_target(conn: &Connection, tls: Option<Arc<rustls::ClientConfig>>) -> (Target, String) {
+    match &conn.broker {
+        Broker::Embedded { listen } => {
+            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            let describe = format!("{host}:{}", listen.port());
+            (Target { host, port: listen.port(), tls: None, websocket_path: None, proxy: None }, describe)
+        }
+        Broker::Remote { host, port, websocket_path, .. } => {
+            let describe = match &conn.proxy {
+                Some(p) if p.kind == ProxyKind::Socks5 => format!("{host}:{port} via SOCKS5 {}:{}", p.host, p.port),
+                Some(p) => format!("{host}:{port} via HTTP proxy {}:{}", p.host, p.port),
+                None => format!("{host}:{port}"),
+            };
+            let target = Target { host: host.clone(), port: *port, tls, websocket_path: websocket_path.clone(), proxy: conn.proxy.clone() };
+            (target, describe)
+        }
+    }
 }
 
 /// A link must stay up this long before the backoff starts again from `min`:
@@ -234,7 +243,10 @@ struct Actor {
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
     last_error: Option<String>,
-    tunnel_errors: mpsc::UnboundedReceiver<String>,
+    /// What the link reports: why an attempt failed, oversized messages.
+    link: mpsc::UnboundedReceiver<LinkEvent>,
+    /// The link's cause for the current attempt's failure, until rumqttc's error comes.
+    link_error: Option<String>,
     warned_full: bool,
 }
 
@@ -271,10 +283,17 @@ impl Actor {
                     None => break,
                 },
                 ev = events.recv() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev),
-                    Some(Err(e)) => self.on_error(e),
+                    Some(Ok(ev)) => {
+                        self.drain_link();
+                        self.on_event(ev);
+                    }
+                    Some(Err(e)) => {
+                        self.drain_link();
+                        self.on_error(e);
+                    }
                     None => break,
                 },
+                Some(ev) = self.link.recv() => self.on_link(ev),
                 () = sleep_until(deadline) => {}
             }
         }
@@ -328,6 +347,7 @@ impl Actor {
                 self.connected = true;
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
+                self.link_error = None;
                 self.warned_full = false;
                 if self.topics.is_empty() {
                     self.sessions.send_modify(|n| *n += 1);
@@ -357,21 +377,7 @@ impl Actor {
                 }
                 self.sessions.send_modify(|n| *n += 1);
             }
-            Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
-                Some(route) => {
-                    if route.inbox.try_send(Message { topic: topic.clone(), payload, properties }).is_err() {
-                        metrics::counter!("twinbus_mqtt_dropped_total", "connection" => self.conn.name.clone()).increment(1);
-                        match &route.overflow {
-                            Some(overflow) => {
-                                tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy; it will fetch the current state again");
-                                overflow.notify_one();
-                            }
-                            None => tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy"),
-                        }
-                    }
-                }
-                None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
-            },
+            Ev::Publish { topic, payload, properties } => self.route(Message { topic, payload, properties, oversized: None }),
             Ev::PubAck { pkid, refused } => {
                 if let Some(topic) = self.outbox.on_puback(pkid).filter(|_| refused.is_some()) {
                     // MQTT 5: the broker took the message but refused it
@@ -384,13 +390,51 @@ impl Actor {
         }
     }
 
+    /// Hands a message to the adapter of its topic, never waiting on it.
+    fn route(&mut self, msg: Message) {
+        let topic = msg.topic.clone();
+        let Some(route) = self.routes.get(&topic) else {
+            metrics::counter!("twinbus_mqtt_unrouted_total", "connection" => self.conn.name.clone()).increment(1);
+            match msg.oversized {
+                Some(bytes) => tracing::warn!(connection = %self.conn.name, %topic, bytes, "an oversized message on a topic nobody handles was dropped"),
+                None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
+            }
+            return;
+        };
+        if route.inbox.try_send(msg).is_err() {
+            metrics::counter!("twinbus_mqtt_dropped_total", "connection" => self.conn.name.clone()).increment(1);
+            match &route.overflow {
+                Some(overflow) => {
+                    tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy; it will fetch the current state again");
+                    overflow.notify_one();
+                }
+                None => tracing::warn!(connection = %self.conn.name, %topic, "message dropped: the twin adapter is busy"),
+            }
+        }
+    }
+
+    /// Takes in what the link reported before rumqttc's next event: a cause
+    /// for the error it brings, or an oversized message that came before
+    /// the publish it brings (the link reports before relaying further).
+    fn drain_link(&mut self) {
+        while let Ok(ev) = self.link.try_recv() {
+            self.on_link(ev);
+        }
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Failed(cause) => self.link_error = Some(cause),
+            // The link logged and counted it; the adapter answers it.
+            LinkEvent::Oversized { topic, bytes, properties } => {
+                self.route(Message { topic, payload: Bytes::new(), properties, oversized: Some(bytes) });
+            }
+        }
+    }
+
     fn on_error(&mut self, error: String) {
         let was_connected = std::mem::replace(&mut self.connected, false);
-        // A tunnel knows the real cause; rumqttc only saw the socket close.
-        let mut cause = error;
-        while let Ok(e) = self.tunnel_errors.try_recv() {
-            cause = e;
-        }
+        let cause = session::cause(error, self.link_error.take());
         // Compare hints, not whole errors: rustls puts the current time in
         // some (an expired certificate), which would log every attempt.
         let (hint, line) = session::explain(&cause, &self.target, &self.conn);

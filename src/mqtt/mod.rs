@@ -8,9 +8,9 @@
 #[cfg(feature = "embedded-broker")]
 mod broker;
 mod connection;
+mod link;
 mod outbox;
 mod session;
-mod socks;
 mod tls;
 
 #[cfg(feature = "embedded-broker")]

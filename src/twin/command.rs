@@ -63,7 +63,7 @@ pub fn parse(payload: &[u8]) -> Command {
         return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
     }
     if payload.len() > MAX_COMMAND_BYTES {
-        return reject(format!("the payload is {} bytes; the limit is {MAX_COMMAND_BYTES} bytes", payload.len()));
+        return too_large(payload.len());
     }
     let Ok(text) = std::str::from_utf8(payload) else {
         return reject("the payload is binary (not UTF-8 text); commands are JSON objects".to_string());
@@ -115,6 +115,12 @@ pub fn parse(payload: &[u8]) -> Command {
         _ => Err(format!("the command has {} at once; send one per command", asked.join(" and "))),
     };
     with_id(request)
+}
+
+/// A command of `bytes` bytes, over the limit: refused unread, so without
+/// its id (the connection may not even have read it: see `mqtt::Message`).
+pub fn too_large(bytes: usize) -> Command {
+    Command { id: None, request: Err(format!("the payload is {bytes} bytes; the limit is {MAX_COMMAND_BYTES} bytes")) }
 }
 
 /// Checks every leaf of a `set` against the points; either all of them are

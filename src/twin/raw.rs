@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{answer, check_get, check_set, parse, summary, Command, Request, Status};
+use super::command::{answer, check_get, check_set, parse, summary, too_large, Command, Request, Status};
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
@@ -106,7 +106,7 @@ async fn receive(mut inbox: mpsc::Receiver<Message>, queue: mpsc::Sender<Queued>
             () = stop.cancelled() => break,
             m = inbox.recv() => match m { Some(m) => m, None => break },
         };
-        let cmd = parse(&msg.payload);
+        let cmd = command_of(&msg);
         let id = cmd.id.clone();
         match queue.try_send(Queued { msg, cmd }) {
             Ok(()) => a.ids().waiting.extend(id),
@@ -135,7 +135,7 @@ async fn receive(mut inbox: mpsc::Receiver<Message>, queue: mpsc::Sender<Queued>
     }
     inbox.close();
     while let Some(msg) = inbox.recv().await {
-        refuse(&msg, parse(&msg.payload).id.as_ref(), "the gateway is shutting down".into(), a).await;
+        refuse(&msg, command_of(&msg).id.as_ref(), "the gateway is shutting down".into(), a).await;
     }
 }
 
@@ -201,6 +201,14 @@ async fn work_through(mut queue: mpsc::Receiver<Queued>, twin: &Twin, a: &Adapte
     queue.close();
     while let Some(Queued { msg, cmd }) = queue.recv().await {
         refuse(&msg, cmd.id.as_ref(), "the gateway is shutting down".into(), a).await;
+    }
+}
+
+/// The command a message carries; one too large to be read is refused by size.
+fn command_of(msg: &Message) -> Command {
+    match msg.oversized {
+        Some(bytes) => too_large(bytes),
+        None => parse(&msg.payload),
     }
 }
 
