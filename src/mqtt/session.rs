@@ -288,3 +288,43 @@ pub(crate) fn cause(rumqttc: String, link: Option<String>) -> String {
 pub(crate) fn presence_retain(p: &Presence, conn: &Connection) -> bool {
     p.retain && !matches!(conn.broker, Broker::Embedded { .. })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(extra: &str) -> Connection {
+        let yaml = format!(
+            "connections:\n  c:\n    url: mqtts://broker.example.com:8883\n{extra}\
+             buses:\n  line: {{ tcp: {{ host: 127.0.0.1 }} }}\n\
+             devices:\n  d:\n    bus: line\n    unit: 1\n    points: {{ a: {{ holding: 0 }} }}\n    twin: {{ connection: c, telemetry: t }}\n"
+        );
+        match crate::config::Config::parse(&yaml, Path::new("t.yaml")) {
+            Ok(mut c) => c.connections.remove(0),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_links_cause_wins_unless_the_broker_refused_the_login() {
+        let link = Some("TLS with b:8883: invalid peer certificate: UnknownIssuer".to_string());
+        assert_eq!(cause("I/O: connection closed by peer".into(), link.clone()), link.clone().unwrap_or_default());
+        let refused = "Connection refused, return code: `NotAuthorized`".to_string();
+        assert_eq!(cause(refused.clone(), Some("the broker closed the connection".into())), refused);
+        assert_eq!(cause("Network timeout".into(), None), "Network timeout");
+    }
+
+    #[test]
+    fn the_links_causes_get_the_hints_rumqttcs_did() {
+        let conn = connection("    proxy: { url: \"http://proxy.local:3128\" }\n");
+        let hint = |e: &str| explain(e, "broker.example.com:8883", &conn).0;
+        assert!(hint("TLS with b:8883: invalid peer certificate: UnknownIssuer").contains("trusted CA"));
+        assert!(hint("reading from the broker: received fatal alert: CertificateRequired").contains("client certificate"));
+        assert!(hint("cannot resolve nowhere.invalid: failed to lookup address information").contains("resolve"));
+        assert!(hint("cannot connect to 127.0.0.1:1: Connection refused (os error 111)").contains("nothing accepts"));
+        assert!(hint("HTTP proxy proxy.local:3128 refused CONNECT to b:8883: HTTP/1.1 407 Proxy Authentication Required")
+            .contains("proxy proxy.local:3128"));
+        assert!(hint("WebSocket handshake with wss://b:443/mqtt: the server answered HTTP 404 Not Found").contains("path"));
+        assert!(hint("no answer from b:8883 within 8s (timed out)").contains("no answer"));
+    }
+}
