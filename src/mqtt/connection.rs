@@ -9,7 +9,10 @@
 //! ever awaits rumqttc's request channel.
 //!
 //! Connection errors are logged once per outage as one line that says what
-//! to check; the same error repeating is logged at debug level.
+//! to check; the same error repeating is logged at debug level. The cause is
+//! the link's when it has one (rumqttc only sees the link's socket close).
+//! A message the link refused to read for its size reaches its route all
+//! the same, marked `oversized`, so that it is answered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
