@@ -12,13 +12,17 @@
 //!
 //! The relay frames MQTT in both directions (`frame.rs`, sans IO). A broker's
 //! PUBLISH larger than [`READ_LIMIT`] never reaches rumqttc: the link reads
-//! its topic and packet id, lets the rest stream past in constant memory,
-//! acknowledges it to the broker itself (between two of rumqttc's packets),
-//! counts it (`twinbus_mqtt_oversized_total`), logs it, and reports it to the
-//! connection actor, which has it answered. Packets no broker may send are
-//! dropped, counted and logged the same way. Everything else passes through
-//! unchanged. So no well-formed packet a broker sends can close the
-//! connection, and a redelivered message cannot cause a reconnect loop.
+//! its topic and packet id, acknowledges it to the broker itself (between
+//! two of rumqttc's packets, as soon as it has the id, so that a connection
+//! lost while the rest streams past does not bring it back), counts it
+//! (`twinbus_mqtt_oversized_total`), logs it, reports it to the connection
+//! actor, which has it answered, and lets the rest stream past in constant
+//! memory. Meanwhile it answers rumqttc's pings itself (the broker's answer
+//! waits behind that packet; on a slow link rumqttc's keep-alive would run
+//! out). Packets no broker may send are dropped, counted and logged the same
+//! way. Everything else passes through unchanged. So no well-formed packet a
+//! broker sends can close the connection, and a redelivered message cannot
+//! cause a reconnect loop.
 //!
 //! The link also knows why an attempt failed (DNS, refused, certificate,
 //! proxy, WebSocket status), which rumqttc, seeing only a closed socket,
@@ -195,25 +199,34 @@ async fn relay(
 ) -> Result<(), String> {
     let (mut from_broker, mut to_broker) = tokio::io::split(broker);
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<Ack>();
+    let (pings_tx, mut pings_rx) = mpsc::unbounded_channel::<()>();
+    // Each side ends with Ok(true) when rumqttc has gone, Err on the broker's side.
     let ended = {
         let up = async {
             let mut outbound = Outbound::default();
             let mut acks = VecDeque::new();
             let mut out = Vec::with_capacity(BUF);
             let mut buf = vec![0u8; BUF];
-            let mut input = early;
+            let (mut early, mut n) = (Some(early), 0);
             loop {
-                outbound.feed(&input, &mut acks, &mut out).map_err(|e| format!("the MQTT client sent {e}"))?;
+                let fed = match early.take() {
+                    Some(e) => outbound.feed(&e, &mut acks, &mut out),
+                    None => outbound.feed(&buf[..n], &mut acks, &mut out),
+                };
+                fed.map_err(|e| format!("the MQTT client sent {e}"))?;
+                for _ in 0..outbound.take_pings() {
+                    let _ = pings_tx.send(());
+                }
                 if !out.is_empty() {
                     to_broker.write_all(&out).await.map_err(|e| format!("writing to the broker: {e}"))?;
                     to_broker.flush().await.map_err(|e| format!("writing to the broker: {e}"))?;
                     out.clear();
                 }
-                input.clear();
+                n = 0;
                 tokio::select! {
                     r = from_client.read(&mut buf) => match r {
                         Ok(0) | Err(_) => return Ok(true),
-                        Ok(n) => input.extend_from_slice(&buf[..n]),
+                        Ok(read) => n = read,
                     },
                     Some(ack) = acks_rx.recv() => acks.push_back(ack),
                 }
@@ -224,12 +237,24 @@ async fn relay(
             let mut out = Out::default();
             let mut buf = vec![0u8; BUF];
             loop {
-                let n = match from_broker.read(&mut buf).await {
+                let read = tokio::select! {
+                    r = from_broker.read(&mut buf) => r,
+                    Some(()) = pings_rx.recv() => {
+                        inbound.client_pinged();
+                        continue;
+                    }
+                };
+                let n = match read {
                     Ok(0) if inbound.connected() => return Err("the broker closed the connection".to_string()),
                     Ok(0) => return Err("the broker closed the connection before answering CONNECT".to_string()),
                     Ok(n) => n,
                     Err(e) => return Err(format!("reading from the broker: {e}")),
                 };
+                // A PINGREQ is announced before it is written to the broker, so
+                // one whose PINGRESP is in this read is counted before it.
+                while pings_rx.try_recv().is_ok() {
+                    inbound.client_pinged();
+                }
                 let mut input = &buf[..n];
                 while !input.is_empty() {
                     let used = {
@@ -252,6 +277,11 @@ async fn relay(
                     }
                     for report in out.reports.drain(..) {
                         ctx.report(report);
+                    }
+                }
+                for _ in 0..inbound.pings_to_answer() {
+                    if to_client.write_all(&frame::PINGRESP_BYTES).await.is_err() {
+                        return Ok(true);
                     }
                 }
             }

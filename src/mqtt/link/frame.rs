@@ -23,6 +23,11 @@ use crate::mqtt::session::Properties;
 const CONNACK: u8 = 2;
 const PUBLISH: u8 = 3;
 const PUBREL: u8 = 6;
+const PINGREQ: u8 = 12;
+const PINGRESP: u8 = 13;
+
+/// A PINGRESP, as the link answers a PINGREQ itself while it drops a packet.
+pub(crate) const PINGRESP_BYTES: [u8; 2] = [0xD0, 0x00];
 
 /// The head of an oversized PUBLISH is read up to this many bytes: a topic
 /// (at most 65535 bytes plus its length), a packet id, and MQTT 5
@@ -201,15 +206,8 @@ enum InState {
     Head { header: FixedHeader, buf: Vec<u8> },
     /// Holding a PUBREL until its packet id tells whose it is.
     Release { header: FixedHeader, buf: Vec<u8> },
-    /// Dropping this many more body bytes; `then` happens after the last one.
-    Skip { left: usize, then: Option<Then> },
-}
-
-/// What a dropped packet leads to once its last byte has gone by.
-#[derive(Debug)]
-struct Then {
-    ack: Option<Ack>,
-    report: Option<Report>,
+    /// Dropping this many more body bytes: its fate is settled already.
+    Skip(usize),
 }
 
 /// The broker → client direction.
@@ -219,12 +217,18 @@ pub(crate) struct Inbound {
     v5: bool,
     state: InState,
     connected: bool,
+    /// PINGREQs the client sent that nobody answered yet.
+    unanswered: usize,
+    /// Bytes of a dropped packet arrived since the client's last PINGREQ.
+    progress: bool,
+    /// PINGRESPs from the broker to drop: the link answered those pings itself.
+    owed_pingresps: usize,
 }
 
 impl Inbound {
     /// `limit`: the largest packet (in bytes on the wire) handed to the client.
     pub(crate) fn new(limit: usize, v5: bool) -> Inbound {
-        Inbound { limit, v5, state: InState::Header(HeaderReader::default()), connected: false }
+        Inbound { limit, v5, state: InState::Header(HeaderReader::default()), connected: false, unanswered: 0, progress: false, owed_pingresps: 0 }
     }
 
     /// Whether a CONNACK has reached the client: a failure before it is a
@@ -234,9 +238,16 @@ impl Inbound {
     }
 
     /// Takes bytes from the broker. Returns how many were used: all of them,
-    /// unless a packet was dropped, in which case it stops right after that
-    /// packet, so the caller can hand `out.to_client` (what came before it)
-    /// to the client before it acts on the report, and feed the rest after.
+    /// unless it dropped a packet, in which case it stops as soon as it
+    /// knows that packet's fate (its ack and report are in `out`), so the
+    /// caller can hand `out.to_client` (what came before it) to the client,
+    /// then act on the report before anything that follows reaches the
+    /// client, then feed the rest.
+    ///
+    /// An oversized PUBLISH is acknowledged and reported once its head is
+    /// read, not after its last byte: if the connection drops while the rest
+    /// streams past (a slow link, a client's keep-alive running out), the
+    /// broker has the ack already and does not deliver it again.
     ///
     /// `released` holds the packet ids this link answered with a PUBREC and
     /// for which the broker's PUBREL is still due; it outlives one
@@ -252,22 +263,24 @@ impl Inbound {
                         self.start(header, released, out);
                     }
                 }
-                InState::Forward(left) => {
+                InState::Forward(left) | InState::Skip(left) => {
                     let n = (*left).min(rest.len());
-                    out.to_client.extend_from_slice(&rest[..n]);
-                    i += n;
-                    *left -= n;
-                    if *left == 0 {
-                        self.state = InState::Header(HeaderReader::default());
+                    if let InState::Forward(_) = self.state {
+                        out.to_client.extend_from_slice(&rest[..n]);
+                    } else {
+                        self.progress = true;
                     }
+                    i += n;
+                    self.count_down(n);
                 }
                 InState::Head { header, buf } => {
                     let want = header.remaining.min(MAX_HEAD) - buf.len();
                     let n = want.min(rest.len());
                     buf.extend_from_slice(&rest[..n]);
                     i += n;
-                    let header = *header;
-                    match parse_head(buf, header.flags(), self.v5, buf.len() == header.remaining.min(MAX_HEAD)) {
+                    self.progress = true;
+                    let (header, read) = (*header, buf.len());
+                    match parse_head(buf, header.flags(), self.v5, read == header.remaining.min(MAX_HEAD)) {
                         Head::More => {}
                         Head::Done { topic, pkid, properties, payload_at } => {
                             let qos = (header.flags() >> 1) & 0x03;
@@ -279,16 +292,16 @@ impl Inbound {
                                 }
                                 _ => None,
                             };
+                            out.acks.extend(ack);
                             let bytes = header.remaining.saturating_sub(payload_at);
-                            let report = Report::Oversized { topic, bytes, packet: header.total(), properties };
-                            let left = header.remaining - buf.len();
-                            self.state = InState::Skip { left, then: Some(Then { ack, report: Some(report) }) };
+                            out.reports.push(Report::Oversized { topic, bytes, packet: header.total(), properties });
                         }
-                        Head::Bad(why) => {
-                            let report = Report::Dropped { packet: "PUBLISH", bytes: header.total(), why };
-                            let left = header.remaining - buf.len();
-                            self.state = InState::Skip { left, then: Some(Then { ack: None, report: Some(report) }) };
-                        }
+                        Head::Bad(why) => out.reports.push(Report::Dropped { packet: "PUBLISH", bytes: header.total(), why }),
+                    }
+                    if !out.reports.is_empty() {
+                        self.state = InState::Skip(header.remaining - read);
+                        self.count_down(0);
+                        return Ok(i);
                     }
                 }
                 InState::Release { header, buf } => {
@@ -298,50 +311,77 @@ impl Inbound {
                     if buf.len() == 2 {
                         let header = *header;
                         let pkid = u16::from_be_bytes([buf[0], buf[1]]);
-                        let left = header.remaining - 2;
                         if released.remove(&pkid) {
                             // Ours: the client never saw the PUBLISH, so it must not see this.
-                            self.state = InState::Skip { left, then: Some(Then { ack: Some(Ack::pubcomp(pkid)), report: None }) };
+                            out.acks.push(Ack::pubcomp(pkid));
+                            self.state = InState::Skip(header.remaining - 2);
                         } else {
                             out.to_client.extend_from_slice(header.header());
                             out.to_client.extend_from_slice(buf);
-                            self.state = InState::Forward(left);
+                            self.state = InState::Forward(header.remaining - 2);
                         }
-                    }
-                }
-                InState::Skip { left, .. } => {
-                    let n = (*left).min(rest.len());
-                    i += n;
-                    *left -= n;
-                }
-            }
-            if let InState::Skip { left: 0, then } = &mut self.state {
-                let then = then.take();
-                self.state = InState::Header(HeaderReader::default());
-                if let Some(Then { ack, report }) = then {
-                    out.acks.extend(ack);
-                    if let Some(report) = report {
-                        out.reports.push(report);
-                        return Ok(i);
+                        self.count_down(0);
                     }
                 }
             }
-            if let InState::Forward(0) = self.state {
-                self.state = InState::Header(HeaderReader::default());
+            if !out.reports.is_empty() {
+                return Ok(i);
             }
         }
         Ok(i)
     }
 
+    /// The client sent a PINGREQ (passed on to the broker all the same).
+    pub(crate) fn client_pinged(&mut self) {
+        self.unanswered += 1;
+        self.progress = false;
+    }
+
+    /// How many of the client's PINGREQs the link answers itself, now
+    /// ([`PINGRESP_BYTES`] each), dropping the broker's PINGRESPs when they
+    /// come. Only while a dropped packet streams past, and once bytes of it
+    /// arrived after the PINGREQ: the connection is alive, but the broker's
+    /// PINGRESP waits behind that packet, and on a slow link a large one
+    /// outlasts the client's keep-alive, which would close the connection.
+    /// The client's stream is between two packets then: nothing is being
+    /// forwarded.
+    pub(crate) fn pings_to_answer(&mut self) -> usize {
+        let dropping = matches!(self.state, InState::Skip(_) | InState::Head { .. });
+        if !(dropping && self.progress) {
+            return 0;
+        }
+        let n = std::mem::take(&mut self.unanswered);
+        self.owed_pingresps += n;
+        n
+    }
+
+    /// `n` more body bytes of the current packet are through; after its
+    /// last one, the next packet starts.
+    fn count_down(&mut self, n: usize) {
+        if let InState::Forward(left) | InState::Skip(left) = &mut self.state {
+            *left -= n;
+            if *left == 0 {
+                self.state = InState::Header(HeaderReader::default());
+            }
+        }
+    }
+
     /// A fixed header is complete: choose what happens to the packet.
     fn start(&mut self, header: FixedHeader, released: &HashSet<u16>, out: &mut Out) {
         let kind = header.kind();
-        let dropped = |why| InState::Skip {
-            left: header.remaining,
-            then: Some(Then { ack: None, report: Some(Report::Dropped { packet: packet_name(kind), bytes: header.total(), why }) }),
+        let mut dropped = |why| {
+            out.reports.push(Report::Dropped { packet: packet_name(kind), bytes: header.total(), why });
+            InState::Skip(header.remaining)
         };
         self.state = if never_from_a_broker(kind) || (kind == 15 && !self.v5) {
             dropped("a packet type a broker never sends")
+        } else if kind == PINGRESP && self.owed_pingresps > 0 {
+            self.owed_pingresps -= 1;
+            InState::Skip(header.remaining)
+        } else if kind == PINGRESP && self.unanswered > 0 {
+            self.unanswered -= 1;
+            out.to_client.extend_from_slice(header.header());
+            InState::Forward(header.remaining)
         } else if kind == PUBLISH && header.total() > self.limit && header.remaining > 0 {
             InState::Head { header, buf: Vec::new() }
         } else if header.total() > self.limit {
@@ -355,6 +395,7 @@ impl Inbound {
             out.to_client.extend_from_slice(header.header());
             InState::Forward(header.remaining)
         };
+        self.count_down(0);
     }
 }
 
@@ -480,15 +521,22 @@ enum OutState {
 #[derive(Debug)]
 pub(crate) struct Outbound {
     state: OutState,
+    /// PINGREQs seen and not yet taken (see `Inbound::answer_ping`).
+    pings: usize,
 }
 
 impl Default for Outbound {
     fn default() -> Self {
-        Outbound { state: OutState::Header(HeaderReader::default()) }
+        Outbound { state: OutState::Header(HeaderReader::default()), pings: 0 }
     }
 }
 
 impl Outbound {
+    /// How many PINGREQs the client sent since the last call.
+    pub(crate) fn take_pings(&mut self) -> usize {
+        std::mem::take(&mut self.pings)
+    }
+
     fn at_boundary(&self) -> bool {
         matches!(&self.state, OutState::Header(h) if h.is_empty())
     }
@@ -510,6 +558,9 @@ impl Outbound {
                     out.push(b);
                     i += 1;
                     if let Some(header) = h.push(b)? {
+                        if header.kind() == PINGREQ {
+                            self.pings += 1;
+                        }
                         if header.remaining > 0 {
                             self.state = OutState::Body(header.remaining);
                         }

@@ -162,30 +162,31 @@ fn an_oversized_qos1_publish_is_discarded_acknowledged_and_reported_once() {
 }
 
 #[test]
-fn the_report_comes_only_after_the_last_byte_and_the_packets_around_it_keep_their_order() {
+fn an_oversized_publish_is_settled_once_its_head_is_read_and_the_packets_around_it_keep_their_order() {
     let before = publish("t", 1, Some(1), 10);
     let big = publish("t", 1, Some(2), 2 * LIMIT);
     let after = publish("t", 1, Some(3), 10);
     let stream = [before.clone(), big.clone(), after.clone()].concat();
+    let head_end = before.len() + big.len() - 2 * LIMIT; // fixed header, topic, packet id
     let mut inbound = Inbound::new(LIMIT, false);
     let mut released = HashSet::new();
 
     let mut out = Out::default();
-    let used = inbound.feed(&stream[..stream.len() - after.len() - 1], &mut released, &mut out).expect("ok");
-    assert_eq!(used, stream.len() - after.len() - 1);
-    assert!(out.reports.is_empty() && out.acks.is_empty(), "one byte of the big one is still to come");
+    let used = inbound.feed(&stream[..head_end - 1], &mut released, &mut out).expect("ok");
+    assert_eq!(used, head_end - 1);
+    assert!(out.reports.is_empty() && out.acks.is_empty(), "its packet id is not complete yet");
     assert_eq!(out.to_client, before);
 
-    let rest = &stream[used..];
     let mut out = Out::default();
-    let used = inbound.feed(rest, &mut released, &mut out).expect("ok");
-    assert_eq!(used, 1, "stops right after the dropped packet");
+    let used = inbound.feed(&stream[head_end - 1..], &mut released, &mut out).expect("ok");
+    assert!(head_end - 1 + used <= before.len() + big.len(), "stops within the big one, its fate known");
+    assert_eq!(out.acks, vec![Ack::puback(2)], "acknowledged before the rest streams past");
     assert_eq!(out.reports.len(), 1);
     assert!(out.to_client.is_empty());
 
-    let mut out = Out::default();
-    inbound.feed(&rest[used..], &mut released, &mut out).expect("ok");
-    assert_eq!(out.to_client, after);
+    let out = run(&mut inbound, &stream[head_end - 1 + used..], 100, &mut released);
+    assert_eq!(out.to_client, after, "the rest of the big one is dropped, the next one passes");
+    assert!(out.acks.is_empty() && out.reports.is_empty(), "reported once");
 }
 
 #[test]
@@ -324,4 +325,49 @@ fn the_clients_bytes_pass_unchanged_whatever_the_read_sizes() {
         assert_eq!(out, stream);
         assert!(outbound.at_boundary());
     }
+}
+
+#[test]
+fn while_a_dropped_packet_streams_past_the_link_answers_pings_and_drops_the_brokers_late_pingresps() {
+    let big = publish("t", 1, Some(2), 4 * LIMIT);
+    let mut inbound = Inbound::new(LIMIT, false);
+    let mut released = HashSet::new();
+    inbound.client_pinged();
+    assert_eq!(inbound.pings_to_answer(), 0, "between packets the broker answers");
+    // Sent just before the big one began: its PINGRESP would wait behind it.
+    let out = run(&mut inbound, &big[..2 * LIMIT], 100, &mut released);
+    assert_eq!(out.reports.len(), 1);
+    assert_eq!(inbound.pings_to_answer(), 1, "bytes came after the ping: the connection is alive");
+    assert_eq!(inbound.pings_to_answer(), 0, "answered once");
+
+    inbound.client_pinged();
+    assert_eq!(inbound.pings_to_answer(), 0, "nothing arrived since this ping: no proof of life yet");
+    run(&mut inbound, &big[2 * LIMIT..3 * LIMIT], 100, &mut released);
+    assert_eq!(inbound.pings_to_answer(), 1);
+
+    let rest = [&big[3 * LIMIT..], &pingresp(), &pingresp(), &pingresp()].concat();
+    let out = run(&mut inbound, &rest, 100, &mut released);
+    assert_eq!(out.to_client, pingresp(), "two were answered by the link already; the third is the client's");
+    assert!(out.reports.is_empty(), "not a drop worth reporting");
+}
+
+#[test]
+fn a_ping_answered_by_the_broker_in_time_is_not_answered_twice() {
+    let mut inbound = Inbound::new(LIMIT, false);
+    let mut released = HashSet::new();
+    inbound.client_pinged();
+    let out = run(&mut inbound, &[pingresp(), publish("t", 1, Some(2), 2 * LIMIT)].concat(), 100, &mut released);
+    assert_eq!(out.to_client, pingresp());
+    assert_eq!(inbound.pings_to_answer(), 0, "nothing left to answer");
+}
+
+#[test]
+fn the_client_side_counts_the_pings_it_passes_on() {
+    let mut outbound = Outbound::default();
+    let mut out = Vec::new();
+    let stream = [vec![0xC0, 0x00], publish("rsp", 1, Some(1), 5), vec![0xC0, 0x00]].concat();
+    outbound.feed(&stream, &mut VecDeque::new(), &mut out).expect("ok");
+    assert_eq!(out, stream, "passed on to the broker all the same");
+    assert_eq!(outbound.take_pings(), 2);
+    assert_eq!(outbound.take_pings(), 0);
 }
