@@ -14,7 +14,10 @@
 //! every CONNACK (rumqttc does neither).
 //!
 //! Connection errors are logged once per outage as one line that says what
-//! to check; the same error repeating is logged at debug level.
+//! to check; the same error repeating is logged at debug level. The cause is
+//! the link's when it has one (rumqttc only sees the link's socket close).
+//! A message the link refused to read for its size reaches its route all
+//! the same, marked `oversized`, so that it is answered.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +29,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::link::{LinkEvent, Target};
 use super::outbox::{self, Class, DropReason, Dropped, Entry, Limits, Next, Outbox};
 use super::session::{self, Client, Ev, EventLoop, Properties};
-use crate::config::{Broker, Connection, ProxyKind};
+use crate::config::{Broker, Connection, MqttVersion, ProxyKind};
 use crate::store::{Op, Pending, Store};
 
 /// QoS 1 publishes handed to rumqttc and not yet acknowledged, at most.
@@ -47,6 +51,9 @@ pub struct Message {
     pub payload: Bytes,
     /// MQTT 5 request-response properties, when the sender set them.
     pub properties: Option<Properties>,
+    /// Set when the message was too large to read: its size in bytes; the
+    /// payload is then empty. The adapter answers or logs it, never parses it.
+    pub oversized: Option<usize>,
 }
 
 /// Where the messages of one topic go. The connection hands over every
@@ -165,30 +172,14 @@ pub async fn spawn_connection(
         Broker::Remote { tls: Some(tls), .. } => Some(super::tls::client_config(tls)?),
         _ => None,
     };
-    let (tunnel_errors_tx, tunnel_errors) = mpsc::unbounded_channel();
-    let (endpoint, target) = match (&conn.broker, &conn.proxy) {
-        (Broker::Remote { host, port, websocket_path, .. }, Some(proxy)) if proxy.kind == ProxyKind::Socks5 => {
-            let local = super::socks::start(proxy.clone(), host.clone(), *port, tls, tunnel_errors_tx, cancel.clone()).await?;
-            let endpoint = session::Endpoint {
-                host: "127.0.0.1".to_string(),
-                port: local,
-                tls: None,
-                websocket_path: websocket_path.clone(),
-                ws_host_header: Some(format!("{host}:{port}")),
-            };
-            (endpoint, format!("{host}:{port} via SOCKS5 {}:{}", proxy.host, proxy.port))
-        }
-        _ => {
-            let endpoint = session::direct_endpoint(conn, tls);
-            let target = format!("{}:{}", endpoint.host, endpoint.port);
-            (endpoint, target)
-        }
-    };
+    let (link_tx, link) = mpsc::unbounded_channel();
+    let (target, describe) = link_target(conn, tls);
+    let socket = super::link::start(&conn.name, target, conn.version == MqttVersion::V5, link_tx, tasks, cancel.clone())?;
     let limits = Limits {
         max_messages: conn.outbox.max_messages,
         max_bytes: conn.outbox.max_bytes,
         max_age_ms: u64::try_from(conn.outbox.max_age.as_millis()).unwrap_or(u64::MAX),
-        max_payload: session::MAX_PACKET - 65_536,
+        max_payload: session::MAX_OUTGOING - 65_536,
     };
     let mut outbox = Outbox::new(limits, WINDOW, RESIDENT);
     let restored = restore(&store, &conn.name, &mut outbox)?;
@@ -196,7 +187,7 @@ pub async fn spawn_connection(
         tracing::info!(connection = %conn.name, messages = restored, "sending first what was queued before the restart");
     }
 
-    let (client, eventloop) = session::build(conn, &endpoint);
+    let (client, eventloop) = session::build(conn, &socket);
     let (events_tx, events) = mpsc::channel(256);
     let poll_cancel = cancel.child_token();
     let link_up = Arc::new(AtomicBool::new(false));
@@ -210,7 +201,7 @@ pub async fn spawn_connection(
     let (connected_tx, connected) = watch::channel(false);
     let actor = Actor {
         conn: conn.clone(),
-        target,
+        target: describe,
         client,
         routes,
         topics: Vec::new(),
@@ -222,7 +213,8 @@ pub async fn spawn_connection(
         link_up,
         sessions: sessions_tx,
         last_error: None,
-        tunnel_errors,
+        link,
+        link_error: None,
     };
     tasks.spawn(&format!("connection {}", conn.name), actor.run(rx, events, cancel, poll_cancel));
     Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions, connected })
@@ -244,6 +236,26 @@ fn restore(store: &Store, connection: &str, outbox: &mut Outbox) -> anyhow::Resu
     let n = entries.len();
     outbox.restore(entries);
     Ok(n)
+}
+
+/// Where the link dials, and how logs name it.
+fn link_target(conn: &Connection, tls: Option<Arc<rustls::ClientConfig>>) -> (Target, String) {
+    match &conn.broker {
+        Broker::Embedded { listen, .. } => {
+            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            let describe = format!("{host}:{}", listen.port());
+            (Target { host, port: listen.port(), tls: None, websocket_path: None, proxy: None }, describe)
+        }
+        Broker::Remote { host, port, websocket_path, .. } => {
+            let describe = match &conn.proxy {
+                Some(p) if p.kind == ProxyKind::Socks5 => format!("{host}:{port} via SOCKS5 {}:{}", p.host, p.port),
+                Some(p) => format!("{host}:{port} via HTTP proxy {}:{}", p.host, p.port),
+                None => format!("{host}:{port}"),
+            };
+            let target = Target { host: host.clone(), port: *port, tls, websocket_path: websocket_path.clone(), proxy: conn.proxy.clone() };
+            (target, describe)
+        }
+    }
 }
 
 /// A link must stay up this long before the backoff starts again from `min`:
@@ -324,7 +336,10 @@ struct Actor {
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
     last_error: Option<String>,
-    tunnel_errors: mpsc::UnboundedReceiver<String>,
+    /// What the link reports: why an attempt failed, oversized messages.
+    link: mpsc::UnboundedReceiver<LinkEvent>,
+    /// The link's cause for the current attempt's failure, until rumqttc's error comes.
+    link_error: Option<String>,
 }
 
 /// Store commits under way, in submission order: (outbox entry, its commit).
@@ -369,10 +384,17 @@ impl Actor {
                     None => break,
                 },
                 ev = events.recv() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev, &mut persisting),
-                    Some(Err(e)) => self.on_error(e),
+                    Some(Ok(ev)) => {
+                        self.drain_link(&mut persisting);
+                        self.on_event(ev, &mut persisting);
+                    }
+                    Some(Err(e)) => {
+                        self.drain_link(&mut persisting);
+                        self.on_error(e);
+                    }
                     None => break,
                 },
+                Some(ev) = self.link.recv() => self.on_link(ev, &mut persisting),
                 (seq, result) = next_persisted(&mut persisting) => self.on_persisted(seq, result),
                 _ = expiry.tick() => {
                     let gone = self.outbox.expire(crate::twin::now_ms());
@@ -530,6 +552,7 @@ impl Actor {
                 self.set_connected(true);
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
+                self.link_error = None;
                 self.warned.clear();
                 if self.topics.is_empty() {
                     self.sessions.send_modify(|n| *n += 1);
@@ -551,15 +574,7 @@ impl Actor {
                 }
                 self.sessions.send_modify(|n| *n += 1);
             }
-            Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
-                Some(inbox) => {
-                    let replies = inbox.offer(Message { topic, payload, properties });
-                    for reply in replies {
-                        self.enqueue(reply, persisting);
-                    }
-                }
-                None => tracing::debug!(connection = %self.conn.name, %topic, "message on a topic nobody handles"),
-            },
+            Ev::Publish { topic, payload, properties } => self.route(Message { topic, payload, properties, oversized: None }, persisting),
             Ev::PubAck { pkid, refused } => {
                 if let Some((entry, stored)) = self.outbox.on_puback(pkid) {
                     if stored {
@@ -578,14 +593,45 @@ impl Actor {
         }
     }
 
+    /// Hands a message to the adapter of its topic, which never makes us
+    /// wait, and queues whatever it answers in its place.
+    fn route(&mut self, msg: Message, persisting: &mut Persisting) {
+        let Some(inbox) = self.routes.get(&msg.topic) else {
+            metrics::counter!("twinbus_mqtt_unrouted_total", "connection" => self.conn.name.clone()).increment(1);
+            match msg.oversized {
+                Some(bytes) => tracing::warn!(connection = %self.conn.name, topic = %msg.topic, bytes, "an oversized message on a topic nobody handles was dropped"),
+                None => tracing::debug!(connection = %self.conn.name, topic = %msg.topic, "message on a topic nobody handles"),
+            }
+            return;
+        };
+        for reply in inbox.offer(msg) {
+            self.enqueue(reply, persisting);
+        }
+    }
+
+    /// Takes in what the link reported before rumqttc's next event: a cause
+    /// for the error it brings, or an oversized message that came before
+    /// the publish it brings (the link reports before relaying further).
+    fn drain_link(&mut self, persisting: &mut Persisting) {
+        while let Ok(ev) = self.link.try_recv() {
+            self.on_link(ev, persisting);
+        }
+    }
+
+    fn on_link(&mut self, ev: LinkEvent, persisting: &mut Persisting) {
+        match ev {
+            LinkEvent::Failed(cause) => self.link_error = Some(cause),
+            // The link logged and counted it; the adapter answers it.
+            LinkEvent::Oversized { topic, bytes, properties } => {
+                self.route(Message { topic, payload: Bytes::new(), properties, oversized: Some(bytes) }, persisting);
+            }
+        }
+    }
+
     fn on_error(&mut self, error: String) {
         let was_connected = *self.connected.borrow();
         self.set_connected(false);
-        // A tunnel knows the real cause; rumqttc only saw the socket close.
-        let mut cause = error;
-        while let Ok(e) = self.tunnel_errors.try_recv() {
-            cause = e;
-        }
+        let cause = session::cause(error, self.link_error.take());
         // Compare hints, not whole errors: rustls puts the current time in
         // some (an expired certificate), which would log every attempt.
         let (hint, line) = session::explain(&cause, &self.target, &self.conn);

@@ -4,13 +4,17 @@
 //! messages through an [`Inbox`] per subscribed topic and publish through a
 //! [`ConnectionHandle`]; they never see the client or its options, which print
 //! passwords in their `Debug` output.
+//!
+//! Underneath, rumqttc never touches the network: it talks to the link
+//! (`link.rs`), the gateway's own transport, which dials the broker and keeps
+//! from rumqttc any packet it would close the connection on.
 
 #[cfg(feature = "embedded-broker")]
 mod broker;
 mod connection;
+mod link;
 mod outbox;
 mod session;
-mod socks;
 mod tls;
 mod topic;
 

@@ -7,19 +7,29 @@
 //! one code path. It also turns rumqttc's errors into one line that says what
 //! to check ([`explain`]).
 
-use std::sync::Arc;
+use std::path::Path;
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
-use rumqttc::{NetworkOptions, Outgoing, QoS, TlsConfiguration};
+use rumqttc::{NetworkOptions, Outgoing, QoS};
 
-use crate::config::{Broker, Connection, MqttVersion, Presence, ProxyKind};
+use crate::config::{Broker, Connection, MqttVersion, Presence};
 
-/// Largest packet accepted or sent. Raw commands may be 256 KiB; a larger
-/// packet must still arrive so that it can be answered with a clear refusal,
-/// rather than break the connection (rumqttc's default is 10 KiB).
-pub(crate) const MAX_PACKET: usize = 1024 * 1024;
+/// Largest packet sent. Answers are small; this leaves room for telemetry.
+pub(crate) const MAX_OUTGOING: usize = 1024 * 1024;
+
+/// Largest packet rumqttc accepts (MQTT 3.1.1): above the link's limit, so
+/// that rumqttc never closes the connection for size (the link drops what
+/// is larger before rumqttc sees it).
+const MAX_INCOMING: usize = 2 * super::link::READ_LIMIT;
+
+/// The MQTT 5 Maximum Packet Size announced in CONNECT. A broker must not
+/// send this client anything larger: it discards such a message for this
+/// client, silently, so it is never answered. Up to this size a message
+/// crosses the network and the link refuses it with an answer; the cap keeps
+/// a metered link from carrying hundreds of MiB for nothing.
+pub(crate) const ANNOUNCED_MAX_PACKET: u32 = 16 * 1024 * 1024;
 
 /// MQTT 5 request-response properties of an incoming message.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,110 +71,54 @@ impl std::fmt::Debug for EventLoop {
     }
 }
 
-/// Where rumqttc must connect: the broker, or a local tunnel to it.
-#[derive(Debug, Clone)]
-pub(crate) struct Endpoint {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-    /// rumqttc does TLS itself (false when a tunnel does it).
-    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
-    pub(crate) websocket_path: Option<String>,
-    /// The broker's real `host:port`, for the WebSocket `Host` header when tunnelled.
-    pub(crate) ws_host_header: Option<String>,
-}
-
-/// Builds the client and event loop. Never formats the options: rumqttc's
-/// `Debug` prints the password.
-pub(crate) fn build(conn: &Connection, endpoint: &Endpoint) -> (Client, EventLoop) {
-    let url_host = if endpoint.host.contains(':') { format!("[{}]", endpoint.host) } else { endpoint.host.clone() };
-    let broker_addr = match &endpoint.websocket_path {
-        Some(path) => {
-            let scheme = if endpoint.tls.is_some() { "wss" } else { "ws" };
-            format!("{scheme}://{url_host}:{}{path}", endpoint.port)
-        }
-        None => endpoint.host.clone(),
-    };
-    let proxy = conn.proxy.as_ref().filter(|p| p.kind == ProxyKind::Http).map(|p| rumqttc::Proxy {
-        ty: rumqttc::ProxyType::Http,
-        auth: match &p.credentials {
-            Some(c) => rumqttc::ProxyAuth::Basic { username: c.username.clone(), password: c.password.expose().to_string() },
-            None => rumqttc::ProxyAuth::None,
-        },
-        addr: p.host.clone(),
-        port: p.port,
-    });
-    let transport = match (&endpoint.tls, &endpoint.websocket_path) {
-        (None, None) => rumqttc::Transport::Tcp,
-        (Some(tls), None) => rumqttc::Transport::Tls(TlsConfiguration::Rustls(tls.clone())),
-        (None, Some(_)) => rumqttc::Transport::Ws,
-        (Some(tls), Some(_)) => rumqttc::Transport::Wss(TlsConfiguration::Rustls(tls.clone())),
-    };
+/// Builds the client and event loop, connecting to the link's socket at
+/// `link` (rumqttc never dials the network itself). Never formats the
+/// options: rumqttc's `Debug` prints the password.
+pub(crate) fn build(conn: &Connection, link: &Path) -> (Client, EventLoop) {
+    let socket = super::link::socket_address(link);
     let mut network = NetworkOptions::new();
-    network.set_tcp_nodelay(true);
+    // Covers the link's dial too: CONNECT waits in the socket meanwhile.
     network.set_connection_timeout(10);
-    let host_header = endpoint.ws_host_header.clone();
     match conn.version {
         MqttVersion::V311 => {
-            let mut o = rumqttc::MqttOptions::new(conn.client_id.clone(), broker_addr, endpoint.port);
+            let mut o = rumqttc::MqttOptions::new(conn.client_id.clone(), socket, 0);
             o.set_keep_alive(conn.keep_alive);
-            o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+            o.set_max_packet_size(MAX_INCOMING, MAX_OUTGOING);
             o.set_request_channel_capacity(256);
             o.set_clean_session(conn.clean_session);
-            o.set_transport(transport);
+            o.set_transport(rumqttc::Transport::Unix);
             if let Some(c) = &conn.credentials {
                 o.set_credentials(c.username.clone(), c.password.expose().to_string());
             }
             if let Some(p) = &conn.presence {
                 o.set_last_will(rumqttc::LastWill::new(&p.topic, p.offline.clone(), QoS::AtLeastOnce, p.retain));
             }
-            if let Some(proxy) = proxy {
-                o.set_proxy(proxy);
-            }
-            if let Some(host) = host_header {
-                o.set_request_modifier(with_host(host));
-            }
             let (client, mut ev) = rumqttc::AsyncClient::new(o, 256);
             ev.set_network_options(network);
             (Client::V4(client), EventLoop::V4(ev))
         }
         MqttVersion::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(conn.client_id.clone(), broker_addr, endpoint.port);
+            let mut o = rumqttc::v5::MqttOptions::new(conn.client_id.clone(), socket, 0);
             o.set_keep_alive(conn.keep_alive);
-            o.set_max_packet_size(Some(MAX_PACKET as u32));
+            // Also rumqttc's own incoming limit, above the link's.
+            o.set_max_packet_size(Some(ANNOUNCED_MAX_PACKET));
             o.set_request_channel_capacity(256);
             o.set_clean_start(conn.clean_session);
             if !conn.clean_session {
                 // Keep the session (and queued commands) for a day offline.
                 o.set_session_expiry_interval(Some(86_400));
             }
-            o.set_transport(transport);
+            o.set_transport(rumqttc::Transport::Unix);
             if let Some(c) = &conn.credentials {
                 o.set_credentials(c.username.clone(), c.password.expose().to_string());
             }
             if let Some(p) = &conn.presence {
                 o.set_last_will(p5::LastWill::new(&p.topic, p.offline.clone(), QoS5::AtLeastOnce, p.retain, None));
             }
-            if let Some(proxy) = proxy {
-                o.set_proxy(proxy);
-            }
-            if let Some(host) = host_header {
-                o.set_request_modifier(with_host(host));
-            }
             o.set_network_options(network);
             let (client, ev) = rumqttc::v5::AsyncClient::new(o, 256);
             (Client::V5(client), EventLoop::V5(Box::new(ev)))
         }
-    }
-}
-
-/// A tunnelled WebSocket connects to a loopback port: its `Host` header must
-/// still name the broker. Shared by both MQTT versions' options.
-fn with_host(host: String) -> impl Fn(http::Request<()>) -> std::future::Ready<http::Request<()>> + Send + Sync + 'static {
-    move |mut req| {
-        if let Ok(v) = host.parse() {
-            req.headers_mut().insert(http::header::HOST, v);
-        }
-        std::future::ready(req)
     }
 }
 
@@ -304,6 +258,10 @@ pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> (String, 
         format!("cannot resolve the broker's host name ({target}): check the URL and DNS")
     } else if e.contains("connection refused") {
         format!("nothing accepts connections at {target}: is the broker running, is the port right?")
+    } else if e.contains("websocket") {
+        format!("the WebSocket upgrade at {target} failed: check the URL's path and port")
+    } else if e.contains("malformed") {
+        format!("the broker at {target} sent a packet that cannot be read: check the broker")
     } else if e.contains("proxy") || e.contains("socks") {
         let proxy = conn.proxy.as_ref().map_or(String::new(), |p| format!(" {}:{}", p.host, p.port));
         format!("the proxy{proxy} refused or failed: check `proxy`")
@@ -316,20 +274,57 @@ pub(crate) fn explain(error: &str, target: &str, conn: &Connection) -> (String, 
     (hint, line)
 }
 
-/// The endpoint of a connection without a tunnel.
-pub(crate) fn direct_endpoint(conn: &Connection, tls: Option<Arc<rustls::ClientConfig>>) -> Endpoint {
-    match &conn.broker {
-        Broker::Embedded { listen, .. } => {
-            let ip = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
-            Endpoint { host: ip, port: listen.port(), tls: None, websocket_path: None, ws_host_header: None }
-        }
-        Broker::Remote { host, port, websocket_path, .. } => {
-            Endpoint { host: host.clone(), port: *port, tls, websocket_path: websocket_path.clone(), ws_host_header: None }
-        }
+/// The cause of a failed attempt: what the link saw on the broker's side,
+/// unless rumqttc heard the broker refuse the login (a CONNACK code), which
+/// the link relays without reading.
+pub(crate) fn cause(rumqttc: String, link: Option<String>) -> String {
+    match link {
+        Some(link) if !rumqttc.contains("return code") => link,
+        _ => rumqttc,
     }
 }
 
 /// A retained presence publish needs `retain`; the rest never is.
 pub(crate) fn presence_retain(p: &Presence, conn: &Connection) -> bool {
     p.retain && !matches!(conn.broker, Broker::Embedded { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(extra: &str) -> Connection {
+        let yaml = format!(
+            "connections:\n  c:\n    url: mqtts://broker.example.com:8883\n{extra}\
+             buses:\n  line: {{ tcp: {{ host: 127.0.0.1 }} }}\n\
+             devices:\n  d:\n    bus: line\n    unit: 1\n    points: {{ a: {{ holding: 0 }} }}\n    twin: {{ connection: c, telemetry: t }}\n"
+        );
+        match crate::config::Config::parse(&yaml, Path::new("t.yaml")) {
+            Ok(mut c) => c.connections.remove(0),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_links_cause_wins_unless_the_broker_refused_the_login() {
+        let link = Some("TLS with b:8883: invalid peer certificate: UnknownIssuer".to_string());
+        assert_eq!(cause("I/O: connection closed by peer".into(), link.clone()), link.clone().unwrap_or_default());
+        let refused = "Connection refused, return code: `NotAuthorized`".to_string();
+        assert_eq!(cause(refused.clone(), Some("the broker closed the connection".into())), refused);
+        assert_eq!(cause("Network timeout".into(), None), "Network timeout");
+    }
+
+    #[test]
+    fn the_links_causes_get_the_hints_rumqttcs_did() {
+        let conn = connection("    proxy: { url: \"http://proxy.local:3128\" }\n");
+        let hint = |e: &str| explain(e, "broker.example.com:8883", &conn).0;
+        assert!(hint("TLS with b:8883: invalid peer certificate: UnknownIssuer").contains("trusted CA"));
+        assert!(hint("reading from the broker: received fatal alert: CertificateRequired").contains("client certificate"));
+        assert!(hint("cannot resolve nowhere.invalid: failed to lookup address information").contains("resolve"));
+        assert!(hint("cannot connect to 127.0.0.1:1: Connection refused (os error 111)").contains("nothing accepts"));
+        assert!(hint("HTTP proxy proxy.local:3128 refused CONNECT to b:8883: HTTP/1.1 407 Proxy Authentication Required")
+            .contains("proxy proxy.local:3128"));
+        assert!(hint("WebSocket handshake with wss://b:443/mqtt: the server answered HTTP 404 Not Found").contains("path"));
+        assert!(hint("no answer from b:8883 within 8s (timed out)").contains("no answer"));
+    }
 }

@@ -74,7 +74,7 @@ pub fn parse(payload: &[u8]) -> Command {
         return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
     }
     if payload.len() > MAX_COMMAND_BYTES {
-        return reject(format!("the payload is {} bytes; the limit is {MAX_COMMAND_BYTES} bytes", payload.len()));
+        return too_large(payload.len());
     }
     let Ok(text) = std::str::from_utf8(payload) else {
         return reject("the payload is binary (not UTF-8 text); commands are JSON objects".to_string());
@@ -197,6 +197,12 @@ fn duplicate_key(text: &str) -> Option<String> {
         }
     }
     serde_json::Deserializer::from_str(text).deserialize_any(Walk).ok().flatten()
+}
+
+/// A command of `bytes` bytes, over the limit: refused unread, so without
+/// its id (the connection may not even have read it: see `mqtt::Message`).
+pub fn too_large(bytes: usize) -> Command {
+    Command { id: None, id_text: None, request: Err(format!("the payload is {bytes} bytes; the limit is {MAX_COMMAND_BYTES} bytes")) }
 }
 
 /// Checks every leaf of a `set` against the points; either all of them are

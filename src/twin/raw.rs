@@ -22,7 +22,7 @@ use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{answer, check_get, check_set, parse, render, summary, Command, Request, Status};
+use super::command::{answer, check_get, check_set, parse, render, summary, too_large, Command, Request, Status};
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
@@ -177,7 +177,7 @@ fn done(shared: &Shared, id: &str, reply: &ReplyTo, bytes: &[u8]) -> Op {
 
 impl Inbox for RawInbox {
     fn offer(&self, msg: Message) -> Vec<Publish> {
-        let cmd = parse(&msg.payload);
+        let cmd = command_of(&msg);
         let device = &self.shared.device;
         let reply = match ReplyTo::of(&msg, &self.shared.responses, &self.shared.response_topics) {
             Ok(reply) => reply,
@@ -220,6 +220,15 @@ impl Inbox for RawInbox {
             Err(mpsc::error::TrySendError::Closed(q)) => refusal(&q.cmd, &q.reply, SHUTTING_DOWN.to_string()),
         };
         vec![refused]
+    }
+}
+
+/// The command in a message; one too large to be read at all is refused by
+/// its size alone (the link skipped it unread: see `mqtt::Message`).
+fn command_of(msg: &Message) -> Command {
+    match msg.oversized {
+        Some(bytes) => too_large(bytes),
+        None => parse(&msg.payload),
     }
 }
 

@@ -250,6 +250,13 @@ impl Shadow {
 
     async fn on_message(&mut self, m: &Message) {
         let Some(suffix) = m.topic.strip_prefix(&self.prefix) else { return };
+        if let Some(bytes) = m.oversized {
+            // Nobody to answer, and asking for the document again would
+            // bring the same one: what it carried is lost, and said so.
+            metrics::counter!("twinbus_shadow_oversized_total", "shadow" => self.prefix.clone()).increment(1);
+            tracing::error!(shadow = %self.prefix, topic = %m.topic, bytes, "a shadow document too large to read was dropped: what it carried is not applied");
+            return;
+        }
         let doc: Json = match serde_json::from_slice(&m.payload) {
             Ok(d) => d,
             Err(e) => {
