@@ -41,11 +41,24 @@ enum Command {
     Check,
     /// Run only the simulators of the configuration (a Modbus TCP slave).
     Simulate,
+    /// Print the JSON Schema of the configuration file, for editors.
+    ///
+    /// The repository ships it as twinbus.schema.json; gateway.yaml names it
+    /// in its first line, which YAML language servers (VS Code's YAML
+    /// extension, Neovim's yamlls) read to complete and check the file:
+    ///
+    ///     twinbus schema > twinbus.schema.json
+    ///     # yaml-language-server: $schema=./twinbus.schema.json
+    Schema,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     twinbus::logs::init(cli.log_format);
+    if let Some(Command::Schema) = cli.command {
+        print!("{}", Config::schema());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

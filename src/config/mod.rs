@@ -524,6 +524,11 @@ impl Config {
         validate::validate(raw, path)
     }
 
+    /// The JSON Schema of the configuration file, for editors (`twinbus schema`).
+    pub fn schema() -> String {
+        raw::schema()
+    }
+
     /// The device with this name.
     pub fn device(&self, name: &str) -> Option<&Device> {
         self.devices.iter().find(|d| d.name == name)

@@ -1,4 +1,5 @@
-//! What the user wrote in `gateway.yaml`, field for field.
+//! What the user wrote in `gateway.yaml`, field for field, and what each
+//! field means.
 //!
 //! These types only describe the file's shape: serde rejects unknown keys and
 //! wrong YAML types here, with a line and column. Everything that needs a
@@ -6,9 +7,15 @@
 //! turns these types into the runtime types of `config/mod.rs`; nothing outside
 //! `config/` sees a raw type. Values that `validate` must point at are wrapped
 //! in `Spanned` so that its messages carry `FILE:LINE:COL`.
+//!
+//! The doc comment of each field is its reference documentation: `twinbus
+//! schema` turns these types into a JSON Schema (schemars), with the comments
+//! as descriptions, for editors to complete and check `gateway.yaml`. A
+//! `Spanned<T>` field is described as the `T` it holds.
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -40,57 +47,126 @@ impl Ord for Key {
     }
 }
 
+impl JsonSchema for Key {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "String".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        String::json_schema(generator)
+    }
+}
+
 pub(crate) type S<T> = Spanned<T>;
 pub(crate) type Map<T> = BTreeMap<Key, T>;
 
-#[derive(Debug, Deserialize)]
+/// twinbus gateway configuration (gateway.yaml): MQTT connections, fieldbuses,
+/// device profiles, devices with their cloud twins, and simulators.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "twinbus gateway.yaml")]
 pub(crate) struct RawConfig {
+    /// MQTT sessions, by name. One connection can serve many twins (AWS
+    /// style), or each twin its own (OCI style).
     #[serde(default)]
     pub(crate) connections: Map<RawConnection>,
+    /// Fieldbus lines, by name: each has one owner that serializes every
+    /// transaction on it.
     #[serde(default)]
     pub(crate) buses: Map<RawBus>,
+    /// Device models (the points and commands of one product), by name.
     #[serde(default)]
     pub(crate) profiles: Map<RawProfile>,
+    /// Devices, by name: a bus, a unit id, points, and the cloud twin.
     #[serde(default)]
     pub(crate) devices: Map<RawDevice>,
+    /// Built-in Modbus TCP slaves serving configured devices (demos, tests).
     #[serde(default)]
     pub(crate) simulators: Map<RawSimulator>,
+    /// Where the store lives (outbox, command ids, shadow versions). Default:
+    /// `$STATE_DIRECTORY`, else `twinbus-state/` beside this file.
+    #[schemars(with = "Option<String>")]
     pub(crate) state_dir: Option<S<String>>,
+    /// How long a graceful stop may take, however many devices are dead
+    /// (default `10s`; keep it below the service manager's stop timeout).
+    #[schemars(with = "Option<String>")]
     pub(crate) shutdown_timeout: Option<S<String>>,
+    /// One HTTP listener for Prometheus metrics (`/metrics`) and health
+    /// (`/healthz`, `/readyz`). Off unless set.
+    #[schemars(with = "Option<RawHttp>")]
     pub(crate) http: Option<S<RawHttp>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The HTTP listener for metrics and health.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHttp {
+    /// `address:port`; beyond loopback only with `username` and a password.
+    #[schemars(with = "String")]
     pub(crate) listen: S<String>,
+    /// User name of the HTTP basic authentication every request then needs.
+    #[schemars(with = "Option<String>")]
     pub(crate) username: Option<S<String>>,
+    /// Its password, inline (prefer `${ENV_VAR}` or `password_file`).
+    #[schemars(with = "Option<String>")]
     pub(crate) password: Option<S<String>>,
+    /// A file holding the password (a regular file, at most 64 KiB).
+    #[schemars(with = "Option<String>")]
     pub(crate) password_file: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One MQTT session: `embedded` (a broker inside the gateway) or `url`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConnection {
+    /// A broker inside the gateway, for demos, tests and local-only sites.
+    #[schemars(with = "Option<RawEmbedded>")]
     pub(crate) embedded: Option<S<RawEmbedded>>,
+    /// The broker: `mqtt://host:1883`, `mqtts://host:8883`, `ws://host:80/mqtt`
+    /// or `wss://host:443/mqtt`.
+    #[schemars(with = "Option<String>")]
     pub(crate) url: Option<S<String>>,
+    /// MQTT client id (default `twinbus-HOSTNAME-NAME`, so that two gateways
+    /// never share one).
+    #[schemars(with = "Option<String>")]
     pub(crate) client_id: Option<S<String>>,
+    /// MQTT user name.
+    #[schemars(with = "Option<String>")]
     pub(crate) username: Option<S<String>>,
+    /// MQTT password, inline (draws a warning: prefer `${ENV_VAR}` or `password_file`).
+    #[schemars(with = "Option<String>")]
     pub(crate) password: Option<S<String>>,
+    /// A file holding the MQTT password (a regular file, at most 64 KiB).
+    #[schemars(with = "Option<String>")]
     pub(crate) password_file: Option<S<String>>,
+    /// MQTT keep-alive (default `30s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) keep_alive: Option<S<String>>,
+    /// TLS for `mqtts://` and `wss://`: CA, client certificate and key, ALPN.
+    #[schemars(with = "Option<RawTls>")]
     pub(crate) tls: Option<S<RawTls>>,
+    /// `3.1.1` (the default) or `5`.
+    #[schemars(with = "Option<RawScalar>")]
     pub(crate) mqtt_version: Option<S<RawScalar>>,
+    /// `true` (default) starts a new session on every connect; `false` resumes
+    /// the broker's session and queued messages (needs `client_id`).
+    #[schemars(with = "Option<bool>")]
     pub(crate) clean_session: Option<S<bool>>,
+    /// An HTTP CONNECT (`http://`) or SOCKS5 (`socks5://`) proxy.
+    #[schemars(with = "Option<RawProxy>")]
     pub(crate) proxy: Option<S<RawProxy>>,
+    /// A status topic: `online` after every connect, `offline` as the Last
+    /// Will and on a graceful stop.
+    #[schemars(with = "Option<RawPresence>")]
     pub(crate) presence: Option<S<RawPresence>>,
+    /// Reconnect backoff: waits double from `min` to `max`, with jitter.
     pub(crate) reconnect: Option<RawReconnect>,
+    /// Bounds of the messages kept on disk until the broker acknowledges them.
     pub(crate) outbox: Option<RawOutbox>,
 }
 
 /// A scalar YAML may spell as a number or a string (`5`, `3.1.1`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(crate) enum RawScalar {
     Int(i64),
@@ -98,88 +174,165 @@ pub(crate) enum RawScalar {
     Text(String),
 }
 
-#[derive(Debug, Deserialize)]
+/// A proxy between the gateway and a remote broker.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProxy {
+    /// `http://proxy:3128` (CONNECT) or `socks5://proxy:1080`.
+    #[schemars(with = "String")]
     pub(crate) url: S<String>,
+    /// Proxy user name.
+    #[schemars(with = "Option<String>")]
     pub(crate) username: Option<S<String>>,
+    /// Proxy password (prefer `${ENV_VAR}` or `password_file`).
+    #[schemars(with = "Option<String>")]
     pub(crate) password: Option<S<String>>,
+    /// A file holding the proxy password.
+    #[schemars(with = "Option<String>")]
     pub(crate) password_file: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The connection's status topic.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPresence {
+    /// Topic (no wildcards).
+    #[schemars(with = "String")]
     pub(crate) topic: S<String>,
+    /// Payload after every connect (default `online`).
     pub(crate) online: Option<String>,
+    /// Payload of the Last Will and of a graceful stop (default `offline`).
     pub(crate) offline: Option<String>,
+    /// Whether the broker keeps the last status (default true).
     pub(crate) retain: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Reconnect backoff.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawReconnect {
+    /// First wait after a lost connection (default `1s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) min: Option<S<String>>,
+    /// Longest wait (default `60s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) max: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Outbox bounds; past one, waiting messages are dropped oldest first,
+/// telemetry before shadow reports before answers.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawOutbox {
+    /// Most messages kept (default 100000).
+    #[schemars(with = "Option<i64>")]
     pub(crate) max_messages: Option<S<i64>>,
+    /// Most payload bytes kept: a number of bytes or `64MiB`, `512KiB`
+    /// (default `64MiB`).
+    #[schemars(with = "Option<RawScalar>")]
     pub(crate) max_size: Option<S<RawScalar>>,
+    /// Messages older than this are dropped (default `24h`, at most `30d`).
+    #[schemars(with = "Option<String>")]
     pub(crate) max_age: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The embedded broker.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEmbedded {
+    /// `address:port`; beyond loopback only with `users`.
+    #[schemars(with = "String")]
     pub(crate) listen: S<String>,
+    /// Logins, by user name. Without any, clients connect without a login
+    /// (loopback only) and reach only the twins' topics.
     #[serde(default)]
     pub(crate) users: Map<RawBrokerUser>,
+    /// Most client connections at once (default 64).
+    #[schemars(with = "Option<i64>")]
     pub(crate) max_connections: Option<S<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A login on the embedded broker.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBrokerUser {
+    /// Password, inline (prefer `${ENV_VAR}` or `password_file`).
+    #[schemars(with = "Option<String>")]
     pub(crate) password: Option<S<String>>,
+    /// A file holding the password.
+    #[schemars(with = "Option<String>")]
     pub(crate) password_file: Option<S<String>>,
+    /// Topic filters it may publish to (default: the twins' command and shadow topics).
+    #[schemars(with = "Option<Vec<String>>")]
     pub(crate) publish: Option<Vec<S<String>>>,
+    /// Topic filters it may subscribe to (default: the twins' answers,
+    /// telemetry, presence and shadow topics).
+    #[schemars(with = "Option<Vec<String>>")]
     pub(crate) subscribe: Option<Vec<S<String>>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// TLS settings of a remote connection. Paths are relative to this file.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTls {
+    /// PEM file of the CA certificates to trust instead of the system roots.
+    #[schemars(with = "Option<String>")]
     pub(crate) ca: Option<S<String>>,
+    /// PEM client certificate chain (mutual TLS).
+    #[schemars(with = "Option<String>")]
     pub(crate) cert: Option<S<String>>,
+    /// PEM private key of the client certificate (PKCS#8, RSA or EC).
+    #[schemars(with = "Option<String>")]
     pub(crate) key: Option<S<String>>,
+    /// ALPN protocols to offer, e.g. `[x-amzn-mqtt-ca]` for AWS IoT on port 443.
     #[serde(default)]
     pub(crate) alpn: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One fieldbus line: `rtu` (a serial port) or `tcp` (Modbus TCP).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBus {
+    /// Modbus RTU on a serial port.
+    #[schemars(with = "Option<RawRtu>")]
     pub(crate) rtu: Option<S<RawRtu>>,
+    /// Modbus TCP.
+    #[schemars(with = "Option<RawTcp>")]
     pub(crate) tcp: Option<S<RawTcp>>,
+    /// How long to wait for an answer (default `500ms`).
+    #[schemars(with = "Option<String>")]
     pub(crate) timeout: Option<S<String>>,
+    /// Extra attempts after a timeout or transport error, never after a
+    /// Modbus exception (default 1).
+    #[schemars(with = "Option<i64>")]
     pub(crate) retries: Option<S<i64>>,
+    /// Silence kept between transactions (default: 3.5 characters on RTU, 0 on TCP).
+    #[schemars(with = "Option<String>")]
     pub(crate) delay: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Serial settings of an RTU line.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRtu {
+    /// Serial device, e.g. `/dev/ttyUSB0`.
+    #[schemars(with = "String")]
     pub(crate) port: S<String>,
+    /// Baud rate (default 9600).
+    #[schemars(with = "Option<i64>")]
     pub(crate) baud: Option<S<i64>>,
+    /// `none`, `even` (default) or `odd`.
     pub(crate) parity: Option<RawParity>,
+    /// 7 or 8 (default).
+    #[schemars(with = "Option<i64>")]
     pub(crate) data_bits: Option<S<i64>>,
+    /// 1 (default) or 2.
+    #[schemars(with = "Option<i64>")]
     pub(crate) stop_bits: Option<S<i64>>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+/// Serial parity.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawParity {
     None,
@@ -187,43 +340,63 @@ pub(crate) enum RawParity {
     Odd,
 }
 
-#[derive(Debug, Deserialize)]
+/// A Modbus TCP endpoint.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTcp {
+    /// Host name or address.
+    #[schemars(with = "String")]
     pub(crate) host: S<String>,
+    /// Port (default 502).
+    #[schemars(with = "Option<i64>")]
     pub(crate) port: Option<S<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A device model: its points, read limits and named commands.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawProfile {
+    /// Points, by their path in the twin (`deviceAttrib.setpoint`).
     #[serde(default)]
     pub(crate) points: Map<RawPoint>,
+    /// How reads may be merged.
     pub(crate) read: Option<RawReadLimits>,
+    /// Write a `bit:` point of a holding register with function 22 (mask
+    /// write), which changes only that bit in the device (default false).
+    #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
+    /// Named commands a shadow may run, by name.
     #[serde(default)]
     pub(crate) commands: Map<RawCommand>,
 }
 
 /// A named command: typed arguments and steps.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCommand {
+    /// Arguments, by name; a step refers to one as `$name`.
     #[serde(default)]
     pub(crate) args: Map<RawArg>,
+    /// What to do, in order.
+    #[schemars(with = "Vec<RawStep>")]
     pub(crate) steps: Vec<S<RawStep>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One argument of a named command.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawArg {
+    /// `number`, `bool` or `string`.
     #[serde(rename = "type")]
     pub(crate) arg_type: RawArgType,
+    /// Lowest accepted number.
     pub(crate) min: Option<f64>,
+    /// Highest accepted number.
     pub(crate) max: Option<f64>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+/// JSON type of an argument.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawArgType {
     Number,
@@ -233,81 +406,174 @@ pub(crate) enum RawArgType {
 
 /// One step: `set: {path: value}`, `wait: 2s` or `check: {path: value}`.
 /// A value written as `$name` is the argument `name`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawStep {
+    /// Write these points, in the order written, then read them back.
     // In file order: a step writes its points in the order written.
-    Set(indexmap::IndexMap<String, RawSimValue>),
+    Set(#[schemars(with = "BTreeMap<String, RawSimValue>")] indexmap::IndexMap<String, RawSimValue>),
+    /// Wait this long, reporting RUNNING meanwhile.
     Wait(String),
-    Check(indexmap::IndexMap<String, RawSimValue>),
+    /// Read these points; the command fails unless each holds the value.
+    Check(#[schemars(with = "BTreeMap<String, RawSimValue>")] indexmap::IndexMap<String, RawSimValue>),
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// How reads of one device may be merged into fewer requests.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawReadLimits {
+    /// Most registers in one read (default and Modbus maximum 125).
+    #[schemars(with = "Option<i64>")]
     pub(crate) max_registers: Option<S<i64>>,
+    /// Most bits in one read (default and Modbus maximum 2000).
+    #[schemars(with = "Option<i64>")]
     pub(crate) max_bits: Option<S<i64>>,
+    /// Unconfigured addresses one read may span (default 0; only if the
+    /// device allows reading them).
+    #[schemars(with = "Option<i64>")]
     pub(crate) max_gap: Option<S<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One Modbus device and its twin.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDevice {
+    /// The bus it is on.
+    #[schemars(with = "String")]
     pub(crate) bus: S<String>,
+    /// Modbus unit id: 1-247 on RTU, 0-255 on TCP.
+    #[schemars(with = "i64")]
     pub(crate) unit: S<i64>,
+    /// The profile whose points and commands it has.
+    #[schemars(with = "Option<String>")]
     pub(crate) profile: Option<S<String>>,
+    /// Its own points (added to the profile's).
     #[serde(default)]
     pub(crate) points: Map<RawPoint>,
+    /// Read limits (win over the profile's).
     pub(crate) read: Option<RawReadLimits>,
+    /// Function 22 for register bits (wins over the profile's).
+    #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
+    /// Poll interval (default `1s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) poll: Option<S<String>>,
+    /// The cloud side: topics and/or an AWS IoT shadow.
+    #[schemars(with = "Option<RawTwin>")]
     pub(crate) twin: Option<S<RawTwin>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// How a device appears in the cloud.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTwin {
+    /// The connection (a name under `connections`).
+    #[schemars(with = "String")]
     pub(crate) connection: S<String>,
+    /// Topic raw commands arrive on.
+    #[schemars(with = "Option<String>")]
     pub(crate) commands: Option<S<String>>,
+    /// Topic command answers go to (needed with `commands`).
+    #[schemars(with = "Option<String>")]
     pub(crate) responses: Option<S<String>>,
+    /// Topic telemetry documents go to.
+    #[schemars(with = "Option<String>")]
     pub(crate) telemetry: Option<S<String>>,
+    /// Period of the full telemetry report (default `10s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) telemetry_interval: Option<S<String>>,
+    /// Between full reports, publish values that moved beyond their deadband
+    /// after each poll (default true).
     pub(crate) report_on_change: Option<bool>,
+    /// Send `{"status":"acknowledged"}` before executing a command (default false).
     pub(crate) acknowledge: Option<bool>,
+    /// Whether `{"shutdown": true}` may stop the gateway (default false).
     pub(crate) allow_shutdown: Option<bool>,
+    /// Topic filters an MQTT 5 Response Topic may name (default: only `responses`).
+    #[schemars(with = "Option<Vec<String>>")]
     pub(crate) response_topics: Option<Vec<S<String>>>,
+    /// The AWS IoT device shadow this device is the twin of.
+    #[schemars(with = "Option<RawShadow>")]
     pub(crate) shadow: Option<S<RawShadow>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A classic or named AWS IoT device shadow.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawShadow {
+    /// Thing name.
+    #[schemars(with = "String")]
     pub(crate) thing: S<String>,
+    /// Shadow name; absent for the classic shadow.
+    #[schemars(with = "Option<String>")]
     pub(crate) name: Option<S<String>>,
+    /// Dotted path under `reported` where refused desired values are
+    /// explained (default `twinbus.errors`).
+    #[schemars(with = "Option<String>")]
     pub(crate) errors_key: Option<S<String>>,
+    /// How often a running command's RUNNING state is repeated (default `10s`).
+    #[schemars(with = "Option<String>")]
     pub(crate) running_interval: Option<S<String>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// One point: a path in the twin ⇄ one Modbus location, with its type,
+/// order, scale, labels, access and limits. Exactly one of `coil`,
+/// `discrete`, `input`, `holding`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPoint {
+    /// Coil address (zero-based; read-write).
+    #[schemars(with = "Option<i64>")]
     pub(crate) coil: Option<S<i64>>,
+    /// Discrete input address (zero-based; read-only).
+    #[schemars(with = "Option<i64>")]
     pub(crate) discrete: Option<S<i64>>,
+    /// Input register address (zero-based; read-only).
+    #[schemars(with = "Option<i64>")]
     pub(crate) input: Option<S<i64>>,
+    /// Holding register address (zero-based: register 40011 is 10).
+    #[schemars(with = "Option<i64>")]
     pub(crate) holding: Option<S<i64>>,
+    /// One bit (0-15) of an input or holding register.
+    #[schemars(with = "Option<i64>")]
     pub(crate) bit: Option<S<i64>>,
+    /// `bool` (default for bits), `u16` (default for registers), `i16`,
+    /// `u32`, `i32`, `f32`, `u64`, `i64`, `f64`, `string`.
     #[serde(rename = "type")]
+    #[schemars(with = "Option<RawType>")]
     pub(crate) data_type: Option<S<RawType>>,
+    /// Characters of a `string` point (two per register).
+    #[schemars(with = "Option<i64>")]
     pub(crate) length: Option<S<i64>>,
+    /// Order of the registers of a wider value: `big` (default) or `little`.
     pub(crate) word_order: Option<RawOrder>,
+    /// Order of the bytes in a register: `big` (default) or `little`.
     pub(crate) byte_order: Option<RawOrder>,
+    /// The twin sees `raw × scale + offset`; a write between two steps of
+    /// the scale is refused.
+    #[schemars(with = "Option<f64>")]
     pub(crate) scale: Option<S<f64>>,
+    /// Added after scaling.
+    #[schemars(with = "Option<f64>")]
     pub(crate) offset: Option<S<f64>>,
+    /// Labels the twin reads and writes instead of numbers: `{ on: 1, off: 0 }`.
+    #[schemars(with = "Option<BTreeMap<String, RawLabel>>")]
     pub(crate) values: Option<S<BTreeMap<String, RawLabel>>>,
+    /// `read`, `write` or `read-write` (default read-write for coils and
+    /// holding registers, read for the rest).
+    #[schemars(with = "Option<RawAccess>")]
     pub(crate) access: Option<S<RawAccess>>,
+    /// Lowest value a write may set (compared exactly).
+    #[schemars(with = "Option<RawNumber>")]
     pub(crate) min: Option<S<RawNumber>>,
+    /// Highest value a write may set (compared exactly).
+    #[schemars(with = "Option<RawNumber>")]
     pub(crate) max: Option<S<RawNumber>>,
+    /// The only values a write may set.
+    #[schemars(with = "Option<Vec<RawNumber>>")]
     pub(crate) allowed: Option<S<Vec<S<RawNumber>>>>,
+    /// The smallest change reported between full reports.
+    #[schemars(with = "Option<f64>")]
     pub(crate) deadband: Option<S<f64>>,
 }
 
@@ -318,6 +584,16 @@ pub(crate) struct RawPoint {
 pub(crate) enum RawNumber {
     Int(i128),
     Float(f64),
+}
+
+impl JsonSchema for RawNumber {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Number".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "number" })
+    }
 }
 
 impl<'de> Deserialize<'de> for RawNumber {
@@ -349,7 +625,8 @@ impl<'de> Deserialize<'de> for RawNumber {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// A point's data type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawType {
     Bool,
@@ -364,14 +641,16 @@ pub(crate) enum RawType {
     String,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+/// Word or byte order.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum RawOrder {
     Big,
     Little,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// What the cloud may do with a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum RawAccess {
     Read,
@@ -380,32 +659,49 @@ pub(crate) enum RawAccess {
 }
 
 /// The device-side value of an enum label: `on: true` or `auto: 0`.
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(crate) enum RawLabel {
     Bool(bool),
     Int(i64),
 }
 
-#[derive(Debug, Deserialize)]
+/// A built-in Modbus TCP slave.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSimulator {
+    /// `address:port` it listens on.
+    #[schemars(with = "String")]
     pub(crate) listen: S<String>,
+    /// Devices it serves (by name), each on its unit id.
+    #[schemars(with = "Vec<String>")]
     pub(crate) serves: Vec<S<String>>,
+    /// Start values, by point path.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, RawSimValue>")]
     pub(crate) initial: BTreeMap<Key, S<RawSimValue>>,
+    /// Read-only numeric points that wander slowly.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub(crate) drift: Vec<S<String>>,
+    /// A status point that follows another: `{ follower: leader }`.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
     pub(crate) mirror: BTreeMap<Key, S<String>>,
 }
 
-/// An initial value for a simulated point, as YAML spells it.
-#[derive(Clone, Debug, Deserialize)]
+/// A value as YAML spells it (a simulator's start value, a command step's value).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(crate) enum RawSimValue {
     Bool(bool),
     Int(i64),
     Float(f64),
     Text(String),
+}
+
+/// The JSON Schema of `gateway.yaml`, pretty-printed.
+pub(crate) fn schema() -> String {
+    let schema = schemars::schema_for!(RawConfig);
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
 }

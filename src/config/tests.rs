@@ -1407,3 +1407,17 @@ fn a_password_file_must_be_a_small_regular_file() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_committed_schema_is_the_one_the_types_generate() {
+    let committed = include_str!("../../twinbus.schema.json");
+    assert!(
+        committed == Config::schema(),
+        "twinbus.schema.json is stale: run `cargo run -- schema > twinbus.schema.json` and commit it"
+    );
+    let schema: serde_json::Value = serde_json::from_str(committed).expect("JSON");
+    let point = &schema["$defs"]["RawPoint"];
+    assert_eq!(point["additionalProperties"], false, "unknown keys are errors, in the schema too");
+    assert!(point["properties"]["scale"]["description"].as_str().is_some_and(|d| d.contains("between two steps")));
+    assert!(schema["properties"]["devices"].is_object() && schema["properties"]["http"].is_object());
+}
