@@ -242,6 +242,12 @@ impl Gateway {
         tokio::time::timeout(timeout, all).await.is_ok()
     }
 
+    /// A probe of the gateway's own machinery, for the service manager's
+    /// watchdog (see [`Liveness`]).
+    pub fn liveness(&self) -> Liveness {
+        Liveness { store: self.store.clone() }
+    }
+
     /// Fires when a twin allowed to do so sent `{"shutdown": true}`.
     pub fn remote_shutdown(&self) -> CancellationToken {
         self.remote_shutdown.clone()
@@ -344,4 +350,25 @@ fn fresh_secret() -> String {
         }
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the gateway's own machinery turns: what a watchdog should restart
+/// the process for. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    store: Option<Store>,
+}
+
+impl Liveness {
+    /// `Ok` when the runtime runs a newly spawned task and the store's writer
+    /// thread commits an (empty, not synced) batch; else what did not. Dead
+    /// devices and an unreachable broker do not count: a restart would not
+    /// change them, and the gateway recovers from them by itself.
+    pub async fn check(&self) -> Result<(), String> {
+        tokio::spawn(async {}).await.map_err(|e| format!("the runtime cannot run a task: {e}"))?;
+        if let Some(store) = &self.store {
+            store.submit(Vec::new(), false).await.map_err(|e| format!("the state store: {e:#}"))?;
+        }
+        Ok(())
+    }
 }

@@ -17,4 +17,5 @@ pub mod mqtt;
 pub mod point;
 pub mod sim;
 pub mod store;
+pub mod systemd;
 pub mod twin;

@@ -8,7 +8,8 @@
 //! 130 when a second SIGINT/SIGTERM cut the shutdown short. SIGHUP is logged
 //! and ignored (no reload yet). Errors are printed once, as
 //! `twinbus: error: ...` with their causes. Logs go to stderr, in colour only
-//! on a terminal.
+//! on a terminal. Under systemd, `run` reports readiness, pings the watchdog
+//! and announces its stop (see `twinbus::systemd`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
 use twinbus::logs::LogFormat;
+use twinbus::systemd::{self, Note};
 
 /// twinbus: cloud digital twins for Modbus RTU and TCP devices, over MQTT.
 #[derive(Debug, Parser)]
@@ -107,6 +109,14 @@ const INTERRUPTED: i32 = 130;
 
 async fn run(config: &Config) -> anyhow::Result<()> {
     let mut gateway = Gateway::start(config).await?;
+    // systemd (Type=notify): started; then a watchdog while the gateway's own parts answer.
+    let status = format!("running: {} devices, {} buses, {} connections", config.devices.len(), config.buses.len(), config.connections.len());
+    systemd::notify(&[Note::Ready, Note::Status(&status)]);
+    let liveness = gateway.liveness();
+    let watchdog = systemd::spawn_watchdog(move || {
+        let liveness = liveness.clone();
+        async move { liveness.check().await }
+    });
     let remote = gateway.remote_shutdown();
     let mut signals = Signals::new()?;
     let failure = loop {
@@ -122,6 +132,14 @@ async fn run(config: &Config) -> anyhow::Result<()> {
             f = gateway.failed() => break Some(f),
         }
     };
+    let why = match &failure {
+        Some(f) => format!("stopping: {f}"),
+        None => "stopping".to_string(),
+    };
+    systemd::notify(&[Note::Stopping, Note::Status(&why)]);
+    if let Some(w) = &watchdog {
+        w.stopping();
+    }
     // A second stop signal while draining means "now".
     let drained = tokio::select! {
         ok = gateway.shutdown() => ok,
