@@ -58,6 +58,8 @@ pub struct Gateway {
     brokers: Vec<crate::mqtt::EmbeddedBroker>,
     store: Option<Store>,
     http: Option<std::net::SocketAddr>,
+    /// Every device's handle, held for the gateway's life.
+    device_handles: Vec<crate::device::DeviceHandle>,
     stop_adapters: CancellationToken,
     stop_devices: CancellationToken,
     stop_connections: CancellationToken,
@@ -90,6 +92,7 @@ impl Gateway {
             brokers: Vec::new(),
             store: None,
             http: None,
+            device_handles: Vec::new(),
             stop_adapters: CancellationToken::new(),
             stop_devices: CancellationToken::new(),
             stop_connections: CancellationToken::new(),
@@ -220,6 +223,9 @@ impl Gateway {
             tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
             self.http = Some(addr);
         }
+        // A device actor ends when the last handle to it is gone: a device
+        // without a twin (polled for the console and metrics only) must live on.
+        self.device_handles = devices;
         Ok(())
     }
 

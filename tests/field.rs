@@ -136,3 +136,22 @@ async fn each_poll_is_reported_once_even_when_reports_are_due_more_often() {
     assert!((2..=4).contains(&times.len()), "one report per poll (every 2 s): {times:?}");
     h.gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_a_twin_is_polled_and_the_gateway_keeps_running() {
+    let yaml = pump_config("")
+        .replace("simulators:", "  meter:\n    bus: line\n    unit: 2\n    profile: pump\n    poll: 100ms\nsimulators:")
+        .replace("serves: [pump]", "serves: [pump, meter]");
+    let mut h = start(&yaml).await;
+    // Polls of the twinless device reach the simulator, poll after poll.
+    let before = h.sim.requests();
+    let deadline = Instant::now() + WAIT;
+    while h.sim.requests() < before + 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.sim.requests() >= before + 20, "the devices are polled");
+    // A zero timeout polls once: a failure reported by now would be ready.
+    let failure = tokio::time::timeout(Duration::ZERO, h.gateway.failed()).await;
+    assert!(failure.is_err(), "no part of the gateway ended: {failure:?}");
+    h.gateway.shutdown().await;
+}

@@ -194,7 +194,17 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         Some(id) => c.interpolate(id, &format!("{path}.client_id")),
         // Two gateways of one site share a broker: a client id per host keeps
         // them from disconnecting each other.
-        None => format!("twinbus-{}-{}", host_name(), key.name()),
+        None => match host_name() {
+            Some(host) => format!("twinbus-{host}-{}", key.name()),
+            None => {
+                c.warnings.push(format!(
+                    "{}: {path}.client_id: this machine's host name cannot be read, so the default client id is `twinbus-gateway-{}`: two such gateways on one broker would knock each other off; set `client_id`",
+                    c.file.display(),
+                    key.name()
+                ));
+                format!("twinbus-gateway-{}", key.name())
+            }
+        },
     };
     if client_id.is_empty() || client_id.len() > 128 {
         c.key(key, &format!("{path}.client_id"), "must be 1 to 128 characters");
@@ -469,13 +479,15 @@ fn parse_size(text: &str) -> Option<u64> {
     n.checked_mul(factor)
 }
 
-fn host_name() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default();
-    let name: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(48).collect();
-    if name.is_empty() { "gateway".to_string() } else { name }
+/// This machine's host name, for default client ids; `None` when no source
+/// tells it (a sandbox hiding /proc, a container without /etc/hostname).
+fn host_name() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .chain(std::env::var("HOSTNAME").ok())
+        .map(|n| n.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(48).collect::<String>())
+        .find(|n| !n.is_empty())
 }
 
 fn remote(c: &mut Checker, url: &Spanned<String>, tls: Option<&Spanned<RawTls>>, path: &str, base: &Path) -> Option<Broker> {
