@@ -355,6 +355,8 @@ proxy_case proxy-socks-wss "wss through a SOCKS5 proxy: command answered" proxy-
 # MQTT 5: a plain answer, then the response-topic / correlation-data round trip.
 gw_config mqtt5 "url: mqtt://127.0.0.1:$P_CLOUD" "client_id: gw-mqtt5" "mqtt_version: 5" \
     "presence: { topic: ci/mqtt5/status, online: online, offline: offline, retain: true }"
+# MQTT 5 response topics must be on the twin's allow-list (the gateway refuses others).
+sed -i 's|^      telemetry_interval: 1s$|&\n      response_topics: [ci/mqtt5/rsp, "ci/mqtt5/reply/+"]|' "$WORK/mqtt5.yaml"
 if check_config mqtt5; then
     start_gw mqtt5
     rc=0
