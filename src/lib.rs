@@ -6,6 +6,7 @@
 //! any of it starts; `gateway` wires the parts together. See ARCHITECTURE.md.
 #![warn(unreachable_pub, missing_debug_implementations)]
 
+pub mod commission;
 pub mod config;
 pub mod device;
 pub mod gateway;
