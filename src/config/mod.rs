@@ -14,6 +14,7 @@
 //! also come from `password_file`. Inline passwords work but draw a warning.
 #![deny(missing_docs)]
 
+mod budget;
 mod raw;
 mod validate;
 
@@ -72,6 +73,38 @@ pub struct Connection {
     pub reconnect_max: Duration,
     /// Bounds of the messages kept until the broker acknowledges them.
     pub outbox: OutboxSettings,
+    /// What the broker allows this connection (AWS IoT Core's quotas for
+    /// `*.amazonaws.com` unless configured): subscriptions are sent in
+    /// batches within them, publishes are paced to them.
+    pub limits: BrokerLimits,
+}
+
+/// What a broker allows one connection; `None` is no limit. `twinbus check`
+/// refuses a configuration that cannot stay within them, and at run time
+/// subscriptions go out in batches and publishes are paced to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BrokerLimits {
+    /// Most topic filters in one SUBSCRIBE (AWS: 8, hard).
+    pub filters_per_subscribe: Option<usize>,
+    /// Most subscriptions on one connection (AWS: 50 by default, adjustable).
+    pub subscriptions: Option<usize>,
+    /// Most publishes per second on one connection (AWS: 100, hard).
+    pub publishes_per_second: Option<u32>,
+    /// Most payload bytes per second on one connection (AWS: 512 KiB).
+    pub bytes_per_second: Option<usize>,
+    /// Largest payload of one publish (AWS: 128 KiB).
+    pub max_payload: Option<usize>,
+}
+
+impl BrokerLimits {
+    /// AWS IoT Core's message broker quotas (per connection).
+    pub const AWS_IOT_CORE: BrokerLimits = BrokerLimits {
+        filters_per_subscribe: Some(8),
+        subscriptions: Some(50),
+        publishes_per_second: Some(100),
+        bytes_per_second: Some(512 * 1024),
+        max_payload: Some(128 * 1024),
+    };
 }
 
 /// Bounds of a connection's outbox; past one, waiting messages are dropped

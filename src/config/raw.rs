@@ -77,6 +77,25 @@ pub(crate) struct RawConnection {
     pub(crate) presence: Option<S<RawPresence>>,
     pub(crate) reconnect: Option<RawReconnect>,
     pub(crate) outbox: Option<RawOutbox>,
+    pub(crate) limits: Option<S<RawLimits>>,
+}
+
+/// What the broker allows one connection: a preset, and overrides of its values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    /// `aws` (AWS IoT Core's quotas) or `none`.
+    pub(crate) preset: Option<S<String>>,
+    /// Topic filters in one SUBSCRIBE.
+    pub(crate) filters_per_subscribe: Option<S<i64>>,
+    /// Subscriptions on one connection.
+    pub(crate) subscriptions: Option<S<i64>>,
+    /// Publishes per second on one connection.
+    pub(crate) publishes_per_second: Option<S<i64>>,
+    /// Payload bytes per second on one connection (a size: `512KiB`).
+    pub(crate) bytes_per_second: Option<S<RawScalar>>,
+    /// Largest payload (a size: `128KiB`).
+    pub(crate) max_payload: Option<S<RawScalar>>,
 }
 
 /// A scalar YAML may spell as a number or a string (`5`, `3.1.1`).

@@ -1330,3 +1330,5 @@ fn mask_write_comes_from_the_profile_unless_the_device_says_otherwise() {
     assert_eq!((mask("a"), mask("b"), mask("c")), (Some(true), Some(false), Some(true)));
     assert!(!valid(&base()).devices[0].mask_write, "off unless asked");
 }
+
+mod budget;

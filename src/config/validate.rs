@@ -18,14 +18,14 @@ use crate::point::{Access, DataType, Label, Location, Number, Order, Point, Tabl
 /// First path segments that the telemetry and answer documents use themselves.
 const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors", "connected", "command"];
 
-struct Checker<'a> {
-    file: &'a Path,
-    problems: Vec<String>,
-    warnings: Vec<String>,
+pub(super) struct Checker<'a> {
+    pub(super) file: &'a Path,
+    pub(super) problems: Vec<String>,
+    pub(super) warnings: Vec<String>,
 }
 
 impl Checker<'_> {
-    fn at<T>(&mut self, spanned: &Spanned<T>, path: &str, message: impl std::fmt::Display) {
+    pub(super) fn at<T>(&mut self, spanned: &Spanned<T>, path: &str, message: impl std::fmt::Display) {
         let loc = spanned.referenced;
         if loc.line() > 0 {
             self.problems.push(format!("{}:{}:{}: {path}: {message}", self.file.display(), loc.line(), loc.column()));
@@ -34,11 +34,11 @@ impl Checker<'_> {
         }
     }
 
-    fn key(&mut self, key: &Key, path: &str, message: impl std::fmt::Display) {
+    pub(super) fn key(&mut self, key: &Key, path: &str, message: impl std::fmt::Display) {
         self.at(&key.0, path, message)
     }
 
-    fn int<T: TryFrom<i64>>(&mut self, v: &Spanned<i64>, path: &str, lo: i64, hi: i64, what: &str) -> Option<T> {
+    pub(super) fn int<T: TryFrom<i64>>(&mut self, v: &Spanned<i64>, path: &str, lo: i64, hi: i64, what: &str) -> Option<T> {
         if v.value < lo || v.value > hi {
             self.at(v, path, format!("{} is out of range for {what} (valid: {lo} to {hi})", v.value));
             return None;
@@ -46,13 +46,13 @@ impl Checker<'_> {
         T::try_from(v.value).ok()
     }
 
-    fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
+    pub(super) fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
         // No setting here needs more than a day; a bound also keeps
         // arithmetic on durations (backoff doubling) from overflowing.
         self.duration_within(v, path, default, min, Duration::from_secs(86_400))
     }
 
-    fn duration_within(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration, max: Duration) -> Duration {
+    pub(super) fn duration_within(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration, max: Duration) -> Duration {
         let Some(v) = v else { return default };
         match humantime::parse_duration(v.value.trim()) {
             Ok(d) if d > max => {
@@ -73,7 +73,7 @@ impl Checker<'_> {
 
     /// A size in bytes: a number, or a number with a unit (`64MiB`, `512KiB`,
     /// `1GB`).
-    fn size(&mut self, v: &Spanned<RawScalar>, path: &str, lo: u64, hi: u64) -> Option<usize> {
+    pub(super) fn size(&mut self, v: &Spanned<RawScalar>, path: &str, lo: u64, hi: u64) -> Option<usize> {
         let bytes = match &v.value {
             RawScalar::Int(n) => u64::try_from(*n).ok(),
             RawScalar::Float(_) => None,
@@ -94,7 +94,7 @@ impl Checker<'_> {
     }
 
     /// `${NAME}` → environment variable; `$${` → literal `${`.
-    fn interpolate(&mut self, v: &Spanned<String>, path: &str) -> String {
+    pub(super) fn interpolate(&mut self, v: &Spanned<String>, path: &str) -> String {
         let s = &v.value;
         let mut out = String::with_capacity(s.len());
         let mut rest = s.as_str();
@@ -131,6 +131,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
 
     let connections: Vec<Connection> =
         raw.connections.iter().filter_map(|(k, v)| connection(&mut c, k, v, &base)).collect();
+    super::budget::check_client_ids(&mut c, &raw.connections, &connections);
     let buses: Vec<Bus> = raw.buses.iter().filter_map(|(k, v)| bus(&mut c, k, v)).collect();
     check_bus_conflicts(&mut c, &raw.buses, &buses);
 
@@ -251,6 +252,7 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         reconnect_max = reconnect_min;
     }
     let outbox = outbox(c, raw.outbox.as_ref(), &path);
+    let limits = super::budget::limits(c, raw.limits.as_ref(), &path, broker.as_ref());
     Some(Connection {
         name: key.name().to_string(),
         broker: broker?,
@@ -264,6 +266,7 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         reconnect_min,
         reconnect_max,
         outbox,
+        limits,
     })
 }
 

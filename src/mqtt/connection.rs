@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbox::{self, Class, DropReason, Dropped, Entry, Limits, Next, Outbox};
 use super::session::{self, Client, Ev, EventLoop, Properties};
+use super::subscribe::{Step, Subscriber};
 use crate::config::{Broker, Connection, ProxyKind};
 use crate::store::{Op, Pending, Store};
 
@@ -201,12 +202,14 @@ pub async fn spawn_connection(
 
     let (tx, rx) = mpsc::channel(1024);
     let (sessions_tx, sessions) = watch::channel(0u64);
+    let mut topics: Vec<String> = routes.keys().cloned().collect();
+    topics.sort();
     let actor = Actor {
         conn: conn.clone(),
         target,
         client,
         routes,
-        topics: Vec::new(),
+        subscriber: Subscriber::new(topics, conn.limits.filters_per_subscribe),
         outbox,
         store,
         removals: Vec::new(),
@@ -302,7 +305,9 @@ struct Actor {
     target: String,
     client: Client,
     routes: Routes,
-    topics: Vec<String>,
+    /// Subscribes after every CONNACK, in batches; a session counts as up
+    /// only once every filter is granted.
+    subscriber: Subscriber,
     outbox: Outbox,
     store: Store,
     /// Acknowledged or dropped entries to remove from the store, in one
@@ -330,8 +335,6 @@ impl Actor {
         cancel: CancellationToken,
         poll_cancel: CancellationToken,
     ) {
-        self.topics = self.routes.keys().cloned().collect();
-        self.topics.sort();
         let mut persisting = Persisting::new();
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,6 +349,7 @@ impl Actor {
                 }
             }
             let deadline = closing.as_ref().map(|(d, _)| *d);
+            let resubscribe = self.subscriber.retry_at();
             tokio::select! {
                 () = cancel.cancelled() => break,
                 cmd = rx.recv(), if closing.is_none() => match cmd {
@@ -371,6 +375,10 @@ impl Actor {
                     self.report_drops(&gone);
                 }
                 () = sleep_until(deadline) => {}
+                () = sleep_until(resubscribe) => {
+                    let step = self.subscriber.retry(Instant::now());
+                    self.subscribe(step);
+                }
             }
         }
         // Whatever is still being written must be on disk before we go.
@@ -515,11 +523,8 @@ impl Actor {
                 tracing::info!(connection = %self.conn.name, broker = %self.target, session_present, "MQTT connected");
                 self.last_error = None;
                 self.warned.clear();
-                if self.topics.is_empty() {
-                    self.sessions.send_modify(|n| *n += 1);
-                } else if let Err(e) = self.client.try_subscribe(&self.topics) {
-                    tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
-                }
+                let step = self.subscriber.on_connected();
+                self.subscribe(step);
                 let stale = self.outbox.on_connected(session_present);
                 self.report_drops(&stale);
                 if let Some(p) = self.conn.presence.clone() {
@@ -527,13 +532,9 @@ impl Actor {
                     self.outbox.push_front(Entry::new(Class::Volatile, p.topic, p.online.into(), retain, None, crate::twin::now_ms()));
                 }
             }
-            Ev::SubAck { refused } => {
-                if refused == 0 {
-                    tracing::debug!(connection = %self.conn.name, topics = ?self.topics, "subscribed");
-                } else {
-                    tracing::error!(connection = %self.conn.name, refused, "the broker refused {refused} subscription(s): check its ACL for {:?}", self.topics);
-                }
-                self.sessions.send_modify(|n| *n += 1);
+            Ev::SubAck { granted } => {
+                let step = self.subscriber.on_suback(&granted, Instant::now());
+                self.subscribe(step);
             }
             Ev::Publish { topic, payload, properties } => match self.routes.get(&topic) {
                 Some(inbox) => {
@@ -562,7 +563,40 @@ impl Actor {
         }
     }
 
+    /// Carries out a step of subscribing: the next SUBSCRIBE, the session
+    /// counted as up, or a refusal reported (and asked again later).
+    fn subscribe(&mut self, mut step: Step) {
+        loop {
+            match step {
+                Step::Send(batch) => match self.client.try_subscribe(&batch) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(connection = %self.conn.name, "cannot queue a SUBSCRIBE: {e}");
+                        step = self.subscriber.on_send_failed(Instant::now());
+                    }
+                },
+                Step::Up => {
+                    tracing::debug!(connection = %self.conn.name, "subscribed");
+                    self.sessions.send_modify(|n| *n += 1);
+                    return;
+                }
+                Step::Refused(topics) => {
+                    let retry_in = self.subscriber.retry_at().map(|at| at.saturating_duration_since(Instant::now()));
+                    tracing::error!(
+                        connection = %self.conn.name,
+                        ?retry_in,
+                        "the broker refused {} subscription(s) {topics:?}: their twins get no messages until it grants them (check the broker's ACL or IoT policy, and its subscription quota); asking again",
+                        topics.len()
+                    );
+                    return;
+                }
+                Step::Wait => return,
+            }
+        }
+    }
+
     fn on_error(&mut self, error: String) {
+        self.subscriber.on_link_lost();
         let was_connected = std::mem::replace(&mut self.connected, false);
         // A tunnel knows the real cause; rumqttc only saw the socket close.
         let mut cause = error;

@@ -11,6 +11,7 @@ mod connection;
 mod outbox;
 mod session;
 mod socks;
+mod subscribe;
 mod tls;
 
 #[cfg(feature = "embedded-broker")]
