@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{self, Class, DropReason, Dropped, Entry, Limits, Next, Outbox};
+use super::outbox::{self, Class, Coalesce, DropReason, Dropped, Entry, Limits, Next, Outbox, Pace};
 use super::session::{self, Client, Ev, EventLoop, Properties};
 use super::subscribe::{Step, Subscriber};
 use crate::config::{Broker, Connection, ProxyKind};
@@ -79,12 +79,22 @@ pub struct Publish {
     pub properties: Option<Properties>,
     /// Committed in the same store transaction as the message itself.
     pub records: Vec<Op>,
+    /// Whether, while the connection is held at its publish limit, it may
+    /// join a message still waiting on its topic (telemetry, value reports).
+    pub coalesce: Option<Coalesce>,
 }
 
 impl Publish {
     /// A message of `class` on `topic`.
     pub fn new(class: Class, topic: impl Into<String>, payload: impl Into<Bytes>) -> Publish {
-        Publish { topic: topic.into(), payload: payload.into(), class, retain: false, properties: None, records: Vec::new() }
+        Publish { topic: topic.into(), payload: payload.into(), class, retain: false, properties: None, records: Vec::new(), coalesce: None }
+    }
+
+    /// May join a message waiting on its topic when the connection is at its
+    /// publish limit; see [`Coalesce`].
+    pub fn coalescing(mut self, how: Coalesce) -> Publish {
+        self.coalesce = Some(how);
+        self
     }
 
     /// With MQTT 5 properties (an answer's correlation data).
@@ -183,9 +193,9 @@ pub async fn spawn_connection(
         max_messages: conn.outbox.max_messages,
         max_bytes: conn.outbox.max_bytes,
         max_age_ms: u64::try_from(conn.outbox.max_age.as_millis()).unwrap_or(u64::MAX),
-        max_payload: session::MAX_PACKET - 65_536,
+        max_payload: conn.limits.max_payload.unwrap_or(usize::MAX).min(session::MAX_PACKET - 65_536),
     };
-    let mut outbox = Outbox::new(limits, WINDOW, RESIDENT);
+    let mut outbox = Outbox::new(limits, WINDOW, RESIDENT).with_pace(Pace::new(conn.limits.publishes_per_second, conn.limits.bytes_per_second));
     let restored = restore(&store, &conn.name, &mut outbox)?;
     if restored > 0 {
         tracing::info!(connection = %conn.name, messages = restored, "sending first what was queued before the restart");
@@ -214,6 +224,8 @@ pub async fn spawn_connection(
         store,
         removals: Vec::new(),
         warned: HashMap::new(),
+        coalescing: false,
+        pace_until: None,
         connected: false,
         link_up,
         sessions: sessions_tx,
@@ -316,6 +328,11 @@ struct Actor {
     /// Drop reasons already warned about in this episode (reset on connect),
     /// so an outage logs one line per reason, not one per message.
     warned: HashMap<(DropReason, Class), u64>,
+    /// Messages have been joined since the pace last let everything through
+    /// (logged once per such episode).
+    coalescing: bool,
+    /// When the pace lets the next publish go.
+    pace_until: Option<Instant>,
     connected: bool,
     /// Set by the poll task: false as soon as it sees the link fail.
     link_up: Arc<AtomicBool>,
@@ -350,6 +367,7 @@ impl Actor {
             }
             let deadline = closing.as_ref().map(|(d, _)| *d);
             let resubscribe = self.subscriber.retry_at();
+            let pace_until = self.pace_until;
             tokio::select! {
                 () = cancel.cancelled() => break,
                 cmd = rx.recv(), if closing.is_none() => match cmd {
@@ -375,6 +393,7 @@ impl Actor {
                     self.report_drops(&gone);
                 }
                 () = sleep_until(deadline) => {}
+                () = sleep_until(pace_until) => {}
                 () = sleep_until(resubscribe) => {
                     let step = self.subscriber.retry(Instant::now());
                     self.subscribe(step);
@@ -412,11 +431,21 @@ impl Actor {
     /// Queues a message: into the outbox, and into the store (with the
     /// records that ride with it) before it may be sent.
     fn enqueue(&mut self, p: Publish, persisting: &mut Persisting) {
-        let Publish { topic, payload, class, retain, properties, mut records } = p;
-        let entry = Entry::new(class, topic, payload, retain, properties, crate::twin::now_ms());
+        let Publish { topic, payload, class, retain, properties, mut records, coalesce } = p;
+        let mut entry = Entry::new(class, topic, payload, retain, properties, crate::twin::now_ms());
+        entry.coalesce = coalesce;
         let record = (class != Class::Volatile).then(|| outbox::encode(&entry, entry.payload.as_deref().unwrap_or_default()));
         let pushed = self.outbox.push(entry);
         self.report_drops(&pushed.dropped);
+        if pushed.coalesced {
+            metrics::counter!("twinbus_mqtt_coalesced_total", "connection" => self.conn.name.clone(), "class" => class.name()).increment(1);
+            if !std::mem::replace(&mut self.coalescing, true) {
+                tracing::warn!(
+                    connection = %self.conn.name,
+                    "the broker's publish limit holds messages back: telemetry and shadow reports waiting on one topic are merged (newest values win) until the backlog clears; counted in twinbus_mqtt_coalesced_total"
+                );
+            }
+        }
         let mut put = None;
         if let (true, Some(record)) = (pushed.store, record) {
             records.insert(0, Op::OutboxPut { connection: self.conn.name.clone(), seq: pushed.seq, record });
@@ -485,18 +514,22 @@ impl Actor {
         metrics::gauge!("twinbus_mqtt_outbox_bytes", "connection" => self.conn.name.clone()).set(self.outbox.bytes() as f64);
     }
 
-    /// Hands waiting messages to rumqttc while connected and the window allows.
+    /// Hands waiting messages to rumqttc while connected and the window and
+    /// the pace allow.
     fn feed(&mut self) {
+        self.pace_until = None;
         if !self.connected || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
         loop {
-            match self.outbox.next() {
+            let now = Instant::now();
+            match self.outbox.next(now) {
                 Next::Send(e) => {
                     let Some(payload) = e.payload.clone() else { break };
                     let topic = e.topic.clone();
-                    match self.client.try_publish(&topic, payload, e.retain, e.properties.as_ref()) {
-                        Ok(()) => self.outbox.mark_sent(),
+                    let (retain, properties) = (e.retain, e.properties.clone());
+                    match self.client.try_publish(&topic, payload, retain, properties.as_ref()) {
+                        Ok(()) => self.outbox.mark_sent(now),
                         Err(_) => break, // rumqttc's queue is full: retry after its next event
                     }
                 }
@@ -511,7 +544,16 @@ impl Actor {
                     let lost = self.outbox.loaded(&seqs, found);
                     self.report_drops(&lost);
                 }
-                Next::Wait => break,
+                Next::Paced(at) => {
+                    self.pace_until = Some(at);
+                    break;
+                }
+                Next::Wait => {
+                    if self.outbox.len() == 0 {
+                        self.coalescing = false;
+                    }
+                    break;
+                }
             }
         }
     }
@@ -597,6 +639,7 @@ impl Actor {
 
     fn on_error(&mut self, error: String) {
         self.subscriber.on_link_lost();
+        self.outbox.on_link_lost();
         let was_connected = std::mem::replace(&mut self.connected, false);
         // A tunnel knows the real cause; rumqttc only saw the socket close.
         let mut cause = error;

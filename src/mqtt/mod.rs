@@ -17,7 +17,7 @@ mod tls;
 #[cfg(feature = "embedded-broker")]
 pub use broker::EmbeddedBroker;
 pub use connection::{spawn_connection, ConnectionHandle, Inbox, Message, Publish, Routes};
-pub use outbox::Class;
+pub use outbox::{Class, Coalesce};
 pub use session::Properties;
 
 /// A publish as bytes for the store (topic, properties, payload): how a raw
@@ -30,5 +30,5 @@ pub fn encode_publish(p: &Publish) -> Vec<u8> {
 /// Reads back what [`encode_publish`] wrote; `None` for damaged bytes.
 pub fn decode_publish(bytes: &[u8]) -> Option<Publish> {
     let e = outbox::decode(0, bytes, true)?;
-    Some(Publish { topic: e.topic, payload: e.payload.unwrap_or_default(), class: e.class, retain: e.retain, properties: e.properties, records: Vec::new() })
+    Some(Publish { topic: e.topic, payload: e.payload.unwrap_or_default(), class: e.class, retain: e.retain, properties: e.properties, records: Vec::new(), coalesce: None })
 }
