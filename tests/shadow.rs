@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
+use support::quota::{QuotaProxy, Quotas};
 use support::shadow::ShadowService;
 use support::{free_port, PUMP_PROFILE};
 use twinbus::config::Config;
@@ -45,39 +46,48 @@ fn start_broker(port: u16, dir: &Path) -> Broker {
     Broker::Mosquitto(child)
 }
 
+/// A broker, and in front of it what the gateway connects to: a proxy that
+/// enforces AWS IoT Core's per-connection quotas. The shadow service (AWS
+/// itself) connects to the broker directly. Every quota the gateway goes
+/// over fails the test when the site is dropped.
 struct Site {
     broker_port: u16,
     modbus_port: u16,
     state_dir: PathBuf,
     broker: Broker,
+    proxy: QuotaProxy,
 }
 
 impl Site {
-    fn new(name: &str) -> Site {
+    async fn new(name: &str) -> Site {
         let broker_port = free_port();
         let state_dir = std::env::temp_dir().join(format!("twinbus-shadow-{name}-{}-{broker_port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         let broker = start_broker(broker_port, &state_dir);
-        Site { broker_port, modbus_port: free_port(), state_dir, broker }
+        let proxy = QuotaProxy::start(broker_port, Quotas::AWS).await.expect("quota proxy");
+        Site { broker_port, modbus_port: free_port(), state_dir, broker, proxy }
     }
 
     /// `body` (profiles, devices, simulators; `{MODBUS}` for the simulator's
-    /// port) under this site's state directory, its broker as connection
-    /// `aws` and its Modbus port as bus `line`.
+    /// port) under this site's state directory, its broker (through the quota
+    /// proxy, with AWS IoT Core's limits) as connection `aws` and its Modbus
+    /// port as bus `line`.
     fn parse(&self, body: &str) -> Config {
         let yaml = format!(
             r#"
 state_dir: {state}
 connections:
   aws:
-    url: mqtt://127.0.0.1:{broker}
+    url: mqtt://127.0.0.1:{proxy}
     client_id: gw-{broker}
     reconnect: {{ min: 200ms, max: 1s }}
+    limits: {{ preset: aws }}
 buses:
   line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
 {body}"#,
             state = self.state_dir.display(),
             broker = self.broker_port,
+            proxy = self.proxy.port(),
             modbus = self.modbus_port,
             body = body.replace("{MODBUS}", &self.modbus_port.to_string()),
         );
@@ -111,6 +121,10 @@ impl Drop for Site {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
+        let violations = self.proxy.violations();
+        if !violations.is_empty() && !std::thread::panicking() {
+            panic!("the gateway went over AWS IoT Core's quotas:\n{}", violations.join("\n"));
+        }
     }
 }
 
@@ -122,7 +136,7 @@ async fn gateway(site: &Site) -> (Gateway, SimHandle) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_value_is_written_and_reported_from_the_read_back() {
-    let site = Site::new("write");
+    let site = Site::new("write").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, sim) = gateway(&site).await;
     // The gateway creates the shadow (404 on get) with the device's values.
@@ -142,7 +156,7 @@ async fn a_desired_value_is_written_and_reported_from_the_read_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_desired_value_is_never_written_and_is_explained_in_reported() {
-    let site = Site::new("refused");
+    let site = Site::new("refused").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -160,7 +174,7 @@ async fn a_refused_desired_value_is_never_written_and_is_explained_in_reported()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_set_while_the_gateway_was_down_is_applied_after_it_returns_but_an_old_one_is_not() {
-    let site = Site::new("restart");
+    let site = Site::new("restart").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, _sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -185,7 +199,7 @@ async fn a_delta_set_while_the_gateway_was_down_is_applied_after_it_returns_but_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_commands_run_once_and_expired_ones_fail() {
-    let site = Site::new("commands");
+    let site = Site::new("commands").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let relay = free_port(); // a unique topic name
     let mut cloud = support::Cloud::connect(site.broker_port, &[&format!("cmd/{relay}/response")]).await;
@@ -222,7 +236,7 @@ async fn shadow_commands_run_once_and_expired_ones_fail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_cut_off_by_a_crash_is_reported_as_an_interrupted_failure_and_not_run_again() {
-    let site = Site::new("interrupted");
+    let site = Site::new("interrupted").await;
     // What a crash in the middle of command `s-1` leaves in the store.
     {
         let store = Store::open(&site.state_dir).expect("store");
@@ -255,7 +269,7 @@ async fn a_command_cut_off_by_a_crash_is_reported_as_an_interrupted_failure_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_conflict_on_a_report_is_recovered_by_fetching_the_shadow_again() {
-    let site = Site::new("conflict");
+    let site = Site::new("conflict").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, _sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -271,7 +285,7 @@ async fn a_version_conflict_on_a_report_is_recovered_by_fetching_the_shadow_agai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_shadow_works_beside_a_classic_one() {
-    let site = Site::new("named");
+    let site = Site::new("named").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None), ("line-3", Some("pump-2"))]).await;
     let extra = "  pump-2:\n    bus: line\n    unit: 2\n    profile: pump\n    poll: 200ms\n    twin: { connection: aws, shadow: { thing: line-3, name: pump-2 } }\n";
     let gw = Gateway::start(&site.config(extra)).await.expect("start");
@@ -288,7 +302,7 @@ async fn a_named_shadow_works_beside_a_classic_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_command_reports_running_then_success_and_a_failed_check_is_a_failure() {
-    let site = Site::new("named-command");
+    let site = Site::new("named-command").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = site.parse(
         r#"
@@ -347,7 +361,7 @@ simulators:
 /// at every reconnect would be a plant incident).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_that_persists_is_applied_once_not_at_every_sync() {
-    let site = Site::new("persisting");
+    let site = Site::new("persisting").await;
     let svc = ShadowService::start(site.broker_port, &[("panel-1", None)]).await;
     let config = site.parse(
         r#"
@@ -393,7 +407,7 @@ simulators:
 /// value applied: same timestamp, different value, a new write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_values_written_within_one_second_are_both_applied() {
-    let site = Site::new("same-second");
+    let site = Site::new("same-second").await;
     // A frozen clock: every metadata timestamp is the same second.
     let svc = ShadowService::start_with_clock(site.broker_port, &[("pump-1", None)], std::sync::Arc::new(|| 1_800_000_000)).await;
     let (gw, sim) = gateway(&site).await;
@@ -438,7 +452,7 @@ simulators:
 /// desired value is applied, not lost until the next reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
-    let site = Site::new("busy");
+    let site = Site::new("busy").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = drive_config(&site, "      hold: { steps: [ { wait: 6s } ] }", "10s");
     let gw = Gateway::start(&config).await.expect("start");
@@ -465,7 +479,7 @@ async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
 /// stale, until the next reconnect: both are asked again after a delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_get_or_report_is_asked_again() {
-    let site = Site::new("throttled");
+    let site = Site::new("throttled").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     svc.set_desired("pump-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
     svc.fail_next_get("pump-1", None, 503);
@@ -492,7 +506,7 @@ async fn a_throttled_get_or_report_is_asked_again() {
 /// then would leave the command `RUNNING` in the shadow for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_report_is_not_sent_again_over_a_newer_one() {
-    let site = Site::new("stale-retry");
+    let site = Site::new("stale-retry").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = drive_config(&site, "      hold: { steps: [ { wait: 1s } ] }", "10s");
     let gw = Gateway::start(&config).await.expect("start");
