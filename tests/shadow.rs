@@ -4,135 +4,19 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
-use support::quota::{QuotaProxy, Quotas};
+use support::free_port;
 use support::shadow::ShadowService;
-use support::{free_port, PUMP_PROFILE};
+use support::site::{gateway, Site};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
-use twinbus::mqtt::EmbeddedBroker;
 use twinbus::point::{Table, Value};
 use twinbus::sim::SimHandle;
 use twinbus::store::{CommandState, Op, Store};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The broker the site runs on: the embedded one, or with
-/// `TWINBUS_TEST_BROKER=mosquitto` (as `.ci/run` does) a Mosquitto process.
-enum Broker {
-    Embedded(#[allow(dead_code)] EmbeddedBroker),
-    Mosquitto(std::process::Child),
-}
-
-fn start_broker(port: u16, dir: &Path) -> Broker {
-    if std::env::var("TWINBUS_TEST_BROKER").as_deref() != Ok("mosquitto") {
-        return Broker::Embedded(EmbeddedBroker::start(format!("127.0.0.1:{port}").parse().expect("addr")).expect("broker"));
-    }
-    std::fs::create_dir_all(dir).expect("state dir");
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")).expect("conf");
-    let bin = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
-    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("log file");
-    let child = std::process::Command::new(bin).arg("-c").arg(&conf).stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("mosquitto starts");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker::Mosquitto(child)
-}
-
-/// A broker, and in front of it what the gateway connects to: a proxy that
-/// enforces AWS IoT Core's per-connection quotas. The shadow service (AWS
-/// itself) connects to the broker directly. Every quota the gateway goes
-/// over fails the test when the site is dropped.
-struct Site {
-    broker_port: u16,
-    modbus_port: u16,
-    state_dir: PathBuf,
-    broker: Broker,
-    proxy: QuotaProxy,
-}
-
-impl Site {
-    async fn new(name: &str) -> Site {
-        let broker_port = free_port();
-        let state_dir = std::env::temp_dir().join(format!("twinbus-shadow-{name}-{}-{broker_port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state_dir);
-        let broker = start_broker(broker_port, &state_dir);
-        let proxy = QuotaProxy::start(broker_port, Quotas::AWS).await.expect("quota proxy");
-        Site { broker_port, modbus_port: free_port(), state_dir, broker, proxy }
-    }
-
-    /// `body` (profiles, devices, simulators; `{MODBUS}` for the simulator's
-    /// port) under this site's state directory, its broker (through the quota
-    /// proxy, with AWS IoT Core's limits) as connection `aws` and its Modbus
-    /// port as bus `line`.
-    fn parse(&self, body: &str) -> Config {
-        let yaml = format!(
-            r#"
-state_dir: {state}
-connections:
-  aws:
-    url: mqtt://127.0.0.1:{proxy}
-    client_id: gw-{broker}
-    reconnect: {{ min: 200ms, max: 1s }}
-    limits: {{ preset: aws }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
-{body}"#,
-            state = self.state_dir.display(),
-            broker = self.broker_port,
-            proxy = self.proxy.port(),
-            modbus = self.modbus_port,
-            body = body.replace("{MODBUS}", &self.modbus_port.to_string()),
-        );
-        Config::parse(&yaml, Path::new("shadow.yaml")).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
-    fn config(&self, extra_devices: &str) -> Config {
-        let served = if extra_devices.contains("pump-2") { ", pump-2" } else { "" };
-        self.parse(&format!(
-            r#"{PUMP_PROFILE}
-devices:
-  pump-1:
-    bus: line
-    unit: 1
-    profile: pump
-    poll: 200ms
-    twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }}
-{extra_devices}
-simulators:
-  sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}
-"#
-        ))
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        if let Broker::Mosquitto(child) = &mut self.broker {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-        let violations = self.proxy.violations();
-        if !violations.is_empty() && !std::thread::panicking() {
-            panic!("the gateway went over AWS IoT Core's quotas:\n{}", violations.join("\n"));
-        }
-    }
-}
-
-async fn gateway(site: &Site) -> (Gateway, SimHandle) {
-    let gw = Gateway::start(&site.config("")).await.expect("start");
-    let sim = gw.simulator("sim").expect("sim").clone();
-    (gw, sim)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_value_is_written_and_reported_from_the_read_back() {

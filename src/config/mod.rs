@@ -415,6 +415,8 @@ pub struct ShadowBinding {
     pub errors_key: String,
     /// How often a running command's RUNNING state is repeated.
     pub running_interval: Duration,
+    /// Indices of the device's points this shadow serves.
+    pub points: Vec<usize>,
 }
 
 impl ShadowBinding {

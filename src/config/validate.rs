@@ -671,10 +671,13 @@ fn device(
     };
     let read = read_limits(c, read_raw, &path);
     let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
-    let twin = match &raw.twin {
+    let mut twin = match &raw.twin {
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
     };
+    if let Some(s) = twin.as_mut().and_then(|t| t.shadow.as_mut()) {
+        s.points = (0..pts.len()).collect();
+    }
     if twin.as_ref().is_some_and(|t| t.shadow.is_some()) {
         let size = reported_size(&pts);
         if size > 7 * 1024 {
@@ -837,7 +840,8 @@ fn shadow(c: &mut Checker, s: &Spanned<RawShadow>, path: &str) -> ShadowBinding 
         }
     }
     let running_interval = c.duration(raw.running_interval.as_ref(), &format!("{path}.running_interval"), Duration::from_secs(10), Duration::from_millis(100));
-    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval }
+    // The points are set once the device's are known.
+    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval, points: Vec::new() }
 }
 
 /// One shadow has one owner: two devices writing one shadow would fight.

@@ -8,6 +8,7 @@
 pub mod mqtt;
 pub mod quota;
 pub mod shadow;
+pub mod site;
 
 use std::path::Path;
 use std::time::Duration;
