@@ -162,12 +162,12 @@ impl Gateway {
                 routes[t.connection].insert(topic.clone(), inbox as Arc<dyn Inbox>);
                 raw_workers.insert(d.name.clone(), worker);
             }
-            if let Some(s) = &t.shadow {
+            for s in &t.shadows {
                 let (route, inbox) = shadow_inbox();
                 for topic in shadow_topics(s) {
                     routes[t.connection].insert(topic, route.clone() as Arc<dyn Inbox>);
                 }
-                shadow_inboxes.insert(d.name.clone(), inbox);
+                shadow_inboxes.insert((d.name.clone(), s.prefix()), inbox);
             }
         }
         for (c, r) in config.connections.iter().zip(routes) {
@@ -184,9 +184,10 @@ impl Gateway {
                 let task = run_commands(twin.clone(), worker, device.clone(), conn.clone(), self.stop_adapters.clone(), self.remote_shutdown.clone());
                 self.adapters.spawn(&format!("commands of {}", d.name), task);
             }
-            if let (Some(binding), Some(inbox)) = (&twin.shadow, shadow_inboxes.remove(&d.name)) {
+            for binding in &twin.shadows {
+                let Some(inbox) = shadow_inboxes.remove(&(d.name.clone(), binding.prefix())) else { continue };
                 let task = run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, self.stop_adapters.clone());
-                self.adapters.spawn(&format!("shadow of {}", d.name), task);
+                self.adapters.spawn(&format!("shadow {} of {}", binding.prefix(), d.name), task);
             }
             if twin.telemetry.is_some() {
                 self.adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, self.stop_adapters.clone()));

@@ -184,3 +184,76 @@ async fn a_shadow_created_again_with_a_lower_version_is_followed() {
     assert_eq!(sim.value(1, "deviceAttrib.setpoint"), Some(Value::Float(55.0)));
     gw.shutdown().await;
 }
+
+/// 240 points under one root, 9.7 KB of `reported` alone: one shadow
+/// refused the whole report. Bound to shadows that each fit (what `twinbus
+/// check` proposes for it), every value reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_too_large_for_one_shadow_reports_every_value_through_several() {
+    let site = Site::new("large").await;
+    let names = [Some("data-1"), Some("data-2"), Some("data-3")];
+    let svc = ShadowService::start(site.broker_port, &names.iter().map(|n| ("big", *n)).collect::<Vec<_>>()).await;
+    let mut points = String::new();
+    for i in 0..240 {
+        points += &format!("      deviceData.p{i:03}: {{ input: {i}, type: u32, scale: 0.01 }}\n");
+    }
+    let config = site.parse(&format!(
+        r#"
+profiles:
+  big:
+    points:
+{points}
+devices:
+  big:
+    bus: line
+    unit: 1
+    profile: big
+    twin:
+      connection: aws
+      shadows:
+        - {{ thing: big, name: data-1, points: ["deviceData.p0*"] }}
+        - {{ thing: big, name: data-2, points: ["deviceData.p1*"] }}
+        - {{ thing: big, name: data-3, points: ["deviceData.p2*"] }}
+simulators:
+  sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [big] }}
+"#
+    ));
+    let gw = Gateway::start(&config).await.expect("start");
+    let mut reported = 0;
+    for name in names {
+        let doc = svc.wait_for_reported("big", name, WAIT, |r| r["connected"] == true && r["deviceData"].as_object().is_some_and(|d| !d.is_empty())).await;
+        let values = doc["state"]["reported"]["deviceData"].as_object().map_or(0, |d| d.len());
+        assert!(doc["state"]["reported"].to_string().len() < 8 * 1024, "{name:?} fits");
+        reported += values;
+    }
+    assert_eq!(reported, 240, "every point in one of the shadows");
+    gw.shutdown().await;
+}
+
+/// Thirty shadows need 150 subscriptions; AWS allows 50 on a connection
+/// (`twinbus check` refuses them on one, and proposes three): on three
+/// connections with their own client ids, each shadow syncs and follows
+/// its desired state, within every quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_shadows_on_three_connections_work_within_aws_quotas() {
+    let site = Site::new("thirty").await;
+    let things: Vec<String> = (1..=30).map(|i| format!("pump-{i:02}")).collect();
+    let svc = ShadowService::start(site.broker_port, &things.iter().map(|t| (t.as_str(), None)).collect::<Vec<_>>()).await;
+    let connections = ["aws", "aws-2", "aws-3"].iter().map(|c| site.connection(c, "")).collect::<String>();
+    let devices: String = (1..=30)
+        .map(|i| format!("  pump-{i:02}: {{ bus: line, unit: {i}, profile: pump, poll: 500ms, twin: {{ connection: {}, shadow: {{ thing: pump-{i:02} }} }} }}\n", ["aws", "aws-2", "aws-3"][(i - 1) / 10]))
+        .collect();
+    let served = things.join(", ");
+    let config = site.parse_with(&connections, &format!("{}devices:\n{devices}simulators:\n  sim: {{ listen: \"127.0.0.1:{{MODBUS}}\", serves: [{served}] }}\n", support::PUMP_PROFILE));
+    let gw = Gateway::start(&config).await.expect("start");
+    for t in &things {
+        svc.wait_for_reported(t, None, WAIT, |r| r["connected"] == true).await;
+    }
+    for t in &things {
+        svc.set_desired(t, None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+    }
+    for t in &things {
+        svc.wait_for_reported(t, None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    }
+    gw.shutdown().await;
+}

@@ -11,9 +11,16 @@
 
 use std::collections::BTreeMap;
 
-use super::raw::{Key, Map, RawConnection, RawLimits, S};
+use serde_json::{json, Map as JsonMap, Value as Json};
+
+use super::raw::{Key, Map, RawConnection, RawDevice, RawLimits, S};
 use super::validate::Checker;
-use super::{Broker, BrokerLimits, Connection};
+use super::{Broker, BrokerLimits, Connection, Device};
+
+/// Topic filters one shadow subscribes to (get accepted/rejected, update
+/// delta/accepted/rejected). AWS advises against wildcards on shadow
+/// topics, so each is its own subscription.
+pub(crate) const FILTERS_PER_SHADOW: usize = 5;
 
 /// The limits of one connection: the preset (by host unless named), with
 /// each field the file sets.
@@ -87,3 +94,141 @@ pub(super) fn check_client_ids(c: &mut Checker, raw: &Map<RawConnection>, connec
 fn raw_connection<'a>(raw: &'a Map<RawConnection>, name: &str) -> Option<(&'a Key, &'a RawConnection)> {
     raw.iter().find(|(k, _)| k.name() == name)
 }
+
+/// What the devices bound to one connection ask of it.
+#[derive(Debug, Default)]
+struct Demand<'a> {
+    subscriptions: usize,
+    shadows: usize,
+    command_topics: usize,
+    /// Publishes per second that always go out: full telemetry documents.
+    floor: f64,
+    /// Publishes per second when every value changes at every poll.
+    worst: f64,
+    /// Payload bytes per second of the full telemetry documents.
+    floor_bytes: f64,
+    /// (device, subscriptions it needs), in file order.
+    devices: Vec<(&'a str, usize)>,
+}
+
+/// Refuses a connection whose devices need more subscriptions, publishes or
+/// bytes per second than its broker allows, saying how to make it fit; warns
+/// when only the worst case (every value changing at every poll) does not.
+pub(super) fn check_demand(c: &mut Checker, raw: &Map<RawConnection>, raw_devices: &Map<RawDevice>, connections: &[Connection], devices: &[Device]) {
+    for (n, conn) in connections.iter().enumerate() {
+        let mut d = Demand::default();
+        for dev in devices.iter().filter(|d| d.twin.as_ref().is_some_and(|t| t.connection == n)) {
+            let Some(t) = &dev.twin else { continue };
+            let subs = t.shadows.len() * FILTERS_PER_SHADOW + usize::from(t.commands.is_some());
+            d.subscriptions += subs;
+            d.shadows += t.shadows.len();
+            d.command_topics += usize::from(t.commands.is_some());
+            d.devices.push((dev.name.as_str(), subs));
+            let poll = dev.poll.as_secs_f64().max(0.001);
+            if t.telemetry.is_some() {
+                // Each poll's reading goes out at most once; a full document
+                // every interval, changes in between.
+                let full = 1.0 / dev.poll.max(t.telemetry_interval).as_secs_f64().max(0.001);
+                d.floor += full;
+                d.worst += if t.report_on_change { 1.0 / poll } else { full };
+                d.floor_bytes += full * telemetry_size(dev) as f64;
+            }
+            // A shadow reports what moved after each poll.
+            d.worst += t.shadows.iter().filter(|s| s.points.iter().any(|i| dev.points.get(*i).is_some_and(|p| p.access.readable()))).count() as f64 / poll;
+            if let Some(max) = conn.limits.max_payload {
+                let size = telemetry_size(dev);
+                let telemetry = raw_devices.iter().find(|(k, _)| k.name() == dev.name).and_then(|(_, rd)| rd.twin.as_ref()).and_then(|t| t.value.telemetry.as_ref());
+                if let (Some(topic), true) = (telemetry, size > max) {
+                    c.at(topic, &format!("devices.{}.twin.telemetry", dev.name), format!(
+                        "a full telemetry document of this device can reach {size} bytes, above the {max} bytes connection `{}` allows one message (limits.max_payload): shorten its string points, or raise the limit",
+                        conn.name
+                    ));
+                }
+            }
+        }
+        let Some((key, rc)) = raw_connection(raw, &conn.name) else { continue };
+        let at = format!("connections.{}", conn.name);
+        if let Some(max) = conn.limits.subscriptions.filter(|max| d.subscriptions > *max) {
+            let per = FILTERS_PER_SHADOW;
+            let split = split_devices(&d.devices, max);
+            c.key(
+                key,
+                &at,
+                format!(
+                    "its devices need {} subscriptions ({} shadows × {per} topics, {} command topics), above the {max} the broker allows one connection (limits.subscriptions{}): put at most {} shadows on a connection, the others on more connections to the same broker, each with its own client_id (e.g. {split}); or raise limits.subscriptions if your AWS account's quota was raised",
+                    d.subscriptions,
+                    d.shadows,
+                    d.command_topics,
+                    if rc.limits.is_none() { ", AWS IoT Core's default" } else { "" },
+                    max / per,
+                ),
+            );
+        }
+        if let Some(max) = conn.limits.publishes_per_second {
+            let max = f64::from(max);
+            if d.floor > max {
+                c.key(key, &at, format!(
+                    "its devices publish at least {:.0} full telemetry documents per second, above the {max} publishes per second the broker allows one connection (limits.publishes_per_second): lengthen `telemetry_interval` (or `poll`), or put some devices on another connection with its own client_id",
+                    d.floor.ceil()
+                ));
+            } else if d.worst > max {
+                c.warnings.push(format!(
+                    "{}:{}: {at}: its devices can publish {:.0} messages per second when every value changes at every poll, above the {max} the broker allows: while held at the limit, telemetry and shadow reports waiting on one topic are merged (newest values win); raise deadbands, lengthen `poll`, or spread the devices over more connections to avoid it",
+                    c.file.display(),
+                    key.0.referenced.line(),
+                    d.worst.ceil()
+                ));
+            }
+        }
+        if let Some(max) = conn.limits.bytes_per_second {
+            if d.floor_bytes > max as f64 {
+                c.key(key, &at, format!(
+                    "its devices' full telemetry documents need up to {:.0} bytes per second, above the {max} the broker allows one connection (limits.bytes_per_second): lengthen `telemetry_interval`, or put some devices on another connection with its own client_id",
+                    d.floor_bytes.ceil()
+                ));
+            }
+        }
+    }
+}
+
+/// Devices in file order, packed into connections of at most `max`
+/// subscriptions: "aws: pump-1 … pump-10; aws-2: pump-11 … pump-20".
+fn split_devices(devices: &[(&str, usize)], max: usize) -> String {
+    let mut groups: Vec<Vec<&str>> = vec![Vec::new()];
+    let mut used = 0;
+    for (name, subs) in devices {
+        if used + subs > max && groups.last().is_some_and(|g| !g.is_empty()) {
+            groups.push(Vec::new());
+            used = 0;
+        }
+        used += subs;
+        if let Some(g) = groups.last_mut() {
+            g.push(name);
+        }
+    }
+    groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let span = match g.as_slice() {
+                [one] => one.to_string(),
+                [first, .., last] => format!("{first} … {last}"),
+                [] => String::new(),
+            };
+            format!("connection {}: {span}", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The largest full telemetry document of a device, in bytes.
+fn telemetry_size(d: &Device) -> usize {
+    let mut doc = JsonMap::new();
+    doc.insert("time".into(), json!(1_000_000_000_000u64));
+    doc.insert("online".into(), json!(false));
+    for p in d.points.iter().filter(|p| p.access.readable()) {
+        crate::twin::json::insert(&mut doc, &p.path, Json::String("x".repeat(super::shadows::widest(p).saturating_sub(2))));
+    }
+    Json::Object(doc).to_string().len()
+}
+

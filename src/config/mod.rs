@@ -16,6 +16,7 @@
 
 mod budget;
 mod raw;
+mod shadows;
 mod validate;
 
 use std::fmt;
@@ -400,8 +401,23 @@ pub struct Twin {
     pub acknowledge: bool,
     /// Whether `{"shutdown": true}` may stop the gateway.
     pub allow_shutdown: bool,
-    /// The AWS IoT device shadow this device is the twin of.
-    pub shadow: Option<ShadowBinding>,
+    /// The AWS IoT device shadows this device is the twin of: none, one, or
+    /// several that share its points (a device too large for one shadow).
+    pub shadows: Vec<ShadowBinding>,
+}
+
+/// What one AWS IoT shadow may hold, and what the gateway puts in it:
+/// `twinbus check` sizes every shadow with these, the adapter keeps to them.
+pub mod shadow_document {
+    /// AWS IoT's limit on a shadow's state (desired and reported, without
+    /// metadata), in bytes.
+    pub const MAX_BYTES: usize = 8 * 1024;
+    /// Longest refusal reason (as JSON text) the adapter writes to a shadow.
+    pub const MAX_REASON_BYTES: usize = 96;
+    /// Command states kept under `reported.command`.
+    pub const REPORTED_COMMANDS: usize = 10;
+    /// Command id length counted when sizing a shadow.
+    pub const COUNTED_COMMAND_ID: usize = 64;
 }
 
 /// A classic or named AWS IoT shadow.

@@ -273,6 +273,8 @@ pub(crate) struct RawTwin {
     pub(crate) acknowledge: Option<bool>,
     pub(crate) allow_shutdown: Option<bool>,
     pub(crate) shadow: Option<S<RawShadow>>,
+    /// Several shadows sharing the device's points (each with `points`).
+    pub(crate) shadows: Option<S<Vec<S<RawShadow>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +284,9 @@ pub(crate) struct RawShadow {
     pub(crate) name: Option<S<String>>,
     pub(crate) errors_key: Option<S<String>>,
     pub(crate) running_interval: Option<S<String>>,
+    /// Which of the device's points this shadow serves: path prefixes
+    /// (`deviceAttrib`), or text prefixes ending in `*` (`deviceData.p1*`).
+    pub(crate) points: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -161,6 +161,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         None => std::env::var_os("STATE_DIRECTORY").map_or_else(|| base.join("twinbus-state"), PathBuf::from),
     };
     check_shadow_conflicts(&mut c, &raw.devices, &devices);
+    super::budget::check_demand(&mut c, &raw.connections, &raw.devices, &connections, &devices);
 
     let shutdown_timeout = c.duration_within(raw.shutdown_timeout.as_ref(), "shutdown_timeout", Duration::from_secs(10), Duration::from_secs(1), Duration::from_secs(600));
     if !c.problems.is_empty() {
@@ -675,34 +676,12 @@ fn device(
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
     };
-    if let Some(s) = twin.as_mut().and_then(|t| t.shadow.as_mut()) {
-        s.points = (0..pts.len()).collect();
-    }
-    if twin.as_ref().is_some_and(|t| t.shadow.is_some()) {
-        let size = reported_size(&pts);
-        if size > 7 * 1024 {
-            c.warnings.push(format!(
-                "{}:{}: {path}: a full report of this device's points can reach about {size} bytes, near or above the 8 KB shadow limit; twinbus will split it into several updates",
-                c.file.display(),
-                key.0.referenced.line()
-            ));
-        }
+    if let (Some(t), Some(raw_twin)) = (twin.as_mut(), &raw.twin) {
+        super::shadows::assign(c, &raw_twin.value, &mut t.shadows, &pts, &format!("{path}.twin"));
+        super::shadows::check_sizes(c, &raw_twin.value, &t.shadows, &pts, &format!("{path}.twin"));
     }
     let mask_write = mask_write.unwrap_or(false);
     Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, commands, twin })
-}
-
-/// The largest `reported` document the device's points can make, roughly:
-/// each path as nested keys plus its widest value.
-fn reported_size(points: &[Point]) -> usize {
-    let value = |p: &Point| match p.data_type {
-        DataType::String { len } => usize::from(len) + 2,
-        _ if !p.labels.is_empty() => p.labels.iter().map(|l| l.name.len() + 2).max().unwrap_or(2),
-        DataType::Bool => 5,
-        _ => 24,
-    };
-    let overhead = 64 + 48; // {"state":{"reported":…},"clientToken":…}, connected/online
-    points.iter().filter(|p| p.access.readable()).map(|p| p.path.len() + 6 + value(p)).sum::<usize>() + overhead
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {
@@ -804,8 +783,16 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
     let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
-    let shadow = raw.shadow.as_ref().map(|s| shadow(c, s, &format!("{path}.shadow")));
-    if raw.commands.is_none() && raw.telemetry.is_none() && raw.shadow.is_none() {
+    if let (Some(_), Some(list)) = (&raw.shadow, &raw.shadows) {
+        c.at(list, &format!("{path}.shadows"), "has both `shadow` and `shadows` (list every shadow under `shadows`)");
+    }
+    if raw.shadow.is_none() && raw.shadows.as_ref().is_some_and(|l| l.value.is_empty()) {
+        if let Some(list) = &raw.shadows {
+            c.at(list, &format!("{path}.shadows"), "is empty (write at least one `{ thing: name }`)");
+        }
+    }
+    let shadows: Vec<ShadowBinding> = super::shadows::raw_shadows(raw, path).into_iter().map(|(s, at)| shadow(c, s, &at)).collect();
+    if raw.commands.is_none() && raw.telemetry.is_none() && shadows.is_empty() {
         c.at(t, path, "binds nothing: give it `commands`/`responses`, `telemetry` or `shadow`");
     }
     Some(Twin {
@@ -817,7 +804,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         report_on_change: raw.report_on_change.unwrap_or(true),
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),
-        shadow,
+        shadows,
     })
 }
 
@@ -844,16 +831,20 @@ fn shadow(c: &mut Checker, s: &Spanned<RawShadow>, path: &str) -> ShadowBinding 
     ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval, points: Vec::new() }
 }
 
-/// One shadow has one owner: two devices writing one shadow would fight.
+/// One shadow has one owner: two devices (or one device twice) writing one
+/// shadow would fight.
 fn check_shadow_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Device]) {
-    let mut seen: BTreeMap<(usize, String), &str> = BTreeMap::new();
+    let mut seen: BTreeMap<(usize, String), String> = BTreeMap::new();
     for d in devices {
         let Some(t) = &d.twin else { continue };
-        let Some(s) = &t.shadow else { continue };
-        if let Some(first) = seen.insert((t.connection, s.prefix()), &d.name) {
-            let at = raw.iter().find(|(k, _)| k.name() == d.name).and_then(|(_, rd)| rd.twin.as_ref()).and_then(|t| t.value.shadow.as_ref());
-            if let Some(at) = at {
-                c.at(at, &format!("devices.{}.twin.shadow", d.name), format!("device `{first}` is already the twin of this shadow (give each device its own thing or shadow name)"));
+        let raw_twin = raw.iter().find(|(k, _)| k.name() == d.name).and_then(|(_, rd)| rd.twin.as_ref());
+        let raws = raw_twin.map(|rt| super::shadows::raw_shadows(&rt.value, &format!("devices.{}.twin", d.name))).unwrap_or_default();
+        for (i, s) in t.shadows.iter().enumerate() {
+            let here = raws.get(i).map_or_else(|| format!("devices.{}.twin.shadow", d.name), |(_, p)| p.clone());
+            if let Some(first) = seen.insert((t.connection, s.prefix()), here.clone()) {
+                if let Some((at, _)) = raws.get(i) {
+                    c.at(*at, &here, format!("{first} is already this shadow (give each its own thing or shadow name)"));
+                }
             }
         }
     }

@@ -47,3 +47,32 @@ fn two_connections_with_one_client_id_on_one_broker_are_refused() {
     );
     only_problem(&text, line_of(&text, "b: { url"), "connections.b.client_id", &["\"gw\"", "connection `a`", "its own `client_id`"]);
 }
+
+/// `n` pumps named pump-01… on connection `aws`, each bound to its own shadow.
+fn pumps(n: usize) -> String {
+    (1..=n).map(|i| format!("  pump-{i:02}: {{ bus: line, unit: {i}, profile: pump, twin: {{ connection: aws, shadow: {{ thing: pump-{i:02} }} }} }}\n")).collect()
+}
+
+#[test]
+fn thirty_shadows_on_one_aws_connection_are_refused_with_the_split_to_make() {
+    let text = aws_with(AWS_URL, &pumps(30));
+    only_problem(
+        &text,
+        line_of(&text, "  aws:"),
+        "connections.aws",
+        &["150 subscriptions (30 shadows × 5 topics", "above the 50", "at most 10 shadows", "its own client_id", "connection 1: pump-01 … pump-10; connection 2: pump-11 … pump-20; connection 3: pump-21 … pump-30"],
+    );
+    valid(&aws_with(AWS_URL, &pumps(10)));
+    valid(&aws_with(&format!("{AWS_URL}    limits: {{ subscriptions: 150 }}\n"), &pumps(30)));
+}
+
+#[test]
+fn telemetry_that_cannot_fit_the_publish_limit_is_refused_and_a_worst_case_that_cannot_draws_a_warning() {
+    let telemetry = |n: usize, interval: &str| -> String {
+        (1..=n).map(|i| format!("  pump-{i:03}: {{ bus: plc, unit: {}, profile: pump, poll: 500ms, twin: {{ connection: aws, telemetry: t/{i}, telemetry_interval: {interval} }} }}\n", i % 250)).collect()
+    };
+    let text = aws_with(AWS_URL, &telemetry(60, "500ms"));
+    only_problem(&text, line_of(&text, "  aws:"), "connections.aws", &["at least 120 full telemetry documents per second", "above the 100"]);
+    let c = valid(&aws_with(AWS_URL, &telemetry(60, "1s")));
+    assert!(c.warnings.iter().any(|w| w.contains("120 messages per second when every value changes")), "{:?}", c.warnings);
+}

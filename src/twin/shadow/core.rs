@@ -37,10 +37,8 @@ use crate::twin::json::{from_json, insert, leaves, to_json};
 use crate::twin::now_ms;
 use crate::twin::telemetry::Reported;
 
-/// AWS limit for the state of one update (and of the stored document).
-pub(super) const MAX_DOCUMENT: usize = 8 * 1024;
-/// Command states kept in `reported.command`; older ones are removed.
-pub(crate) const REPORTED_COMMANDS: usize = 10;
+use crate::config::shadow_document::{MAX_BYTES as MAX_DOCUMENT, REPORTED_COMMANDS};
+
 /// First and longest wait before asking again after the shadow service
 /// throttled (429) or failed (5xx) a request of ours.
 const RETRY_MIN: Duration = Duration::from_secs(1);

@@ -3,9 +3,7 @@
 
 use serde_json::{Map, Value as Json};
 
-/// Longest refusal reason written to the shadow (the log has it whole):
-/// `twinbus check` counts on it when it sizes a shadow document.
-pub(crate) const MAX_REASON: usize = 120;
+use crate::config::shadow_document::MAX_REASON_BYTES;
 
 /// The metadata timestamp of one leaf: `metadata.<path>.timestamp`.
 pub(super) fn metadata_timestamp(metadata: &Json, path: &str) -> Option<u64> {
@@ -81,12 +79,22 @@ pub(super) fn at_path<'a>(doc: &'a Json, path: &str) -> &'a Json {
     path.split('.').fold(doc, |node, seg| &node[seg])
 }
 
-/// A refusal reason short enough for the shadow.
+/// A refusal reason short enough for the shadow (the log has it whole):
+/// at most `MAX_REASON_BYTES` as JSON text, escapes counted, which is what
+/// `twinbus check` counts on when it sizes a shadow's document.
 pub(super) fn short_reason(reason: &str) -> String {
-    if reason.chars().count() <= MAX_REASON {
+    let bytes = |s: &str| Json::String(s.to_string()).to_string().len();
+    if bytes(reason) <= MAX_REASON_BYTES {
         return reason.to_string();
     }
-    let mut s: String = reason.chars().take(MAX_REASON - 1).collect();
+    let mut s = String::new();
+    for ch in reason.chars() {
+        s.push(ch);
+        if bytes(&s) + '…'.len_utf8() > MAX_REASON_BYTES {
+            s.pop();
+            break;
+        }
+    }
     s.push('…');
     s
 }
@@ -124,10 +132,10 @@ mod tests {
     }
 
     #[test]
-    fn a_long_reason_is_cut_at_a_character_boundary() {
-        let long = "é".repeat(MAX_REASON + 5);
+    fn a_long_reason_is_cut_at_a_character_boundary_within_its_json_bytes() {
+        let long = "é\"".repeat(MAX_REASON_BYTES);
         let short = short_reason(&long);
-        assert_eq!(short.chars().count(), MAX_REASON);
+        assert!(Json::String(short.clone()).to_string().len() <= MAX_REASON_BYTES, "{short}");
         assert!(short.ends_with('…'));
         assert_eq!(short_reason("fine"), "fine");
     }

@@ -28,7 +28,7 @@ devices:
 fn setup() -> Setup {
     let c = config();
     let d = &c.devices[0];
-    let binding = d.twin.as_ref().and_then(|t| t.shadow.clone()).expect("a shadow");
+    let binding = d.twin.as_ref().and_then(|t| t.shadows.first().cloned()).expect("a shadow");
     Setup {
         mine: binding.points.clone(),
         binding,
