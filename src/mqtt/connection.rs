@@ -38,6 +38,9 @@ const WINDOW: usize = 64;
 const RESIDENT: usize = 256;
 /// How often old messages are looked for (`outbox.max_age`).
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+/// A connection held at its publish limit for long logs that it merges
+/// messages at most this often.
+const COALESCING_LOG: Duration = Duration::from_secs(300);
 
 /// An incoming message, handed to the twin adapter subscribed to its topic.
 #[derive(Clone, Debug)]
@@ -224,7 +227,7 @@ pub async fn spawn_connection(
         store,
         removals: Vec::new(),
         warned: HashMap::new(),
-        coalescing: false,
+        coalescing: None,
         pace_until: None,
         connected: false,
         link_up,
@@ -328,9 +331,9 @@ struct Actor {
     /// Drop reasons already warned about in this episode (reset on connect),
     /// so an outage logs one line per reason, not one per message.
     warned: HashMap<(DropReason, Class), u64>,
-    /// Messages have been joined since the pace last let everything through
-    /// (logged once per such episode).
-    coalescing: bool,
+    /// When joined messages were last logged, while the pace has held
+    /// messages back ever since.
+    coalescing: Option<Instant>,
     /// When the pace lets the next publish go.
     pace_until: Option<Instant>,
     connected: bool,
@@ -439,7 +442,10 @@ impl Actor {
         self.report_drops(&pushed.dropped);
         if pushed.coalesced {
             metrics::counter!("twinbus_mqtt_coalesced_total", "connection" => self.conn.name.clone(), "class" => class.name()).increment(1);
-            if !std::mem::replace(&mut self.coalescing, true) {
+            // Once per episode, and a sustained overload once in a while.
+            let quiet = self.coalescing.is_some_and(|since| since.elapsed() < COALESCING_LOG);
+            if !quiet {
+                self.coalescing = Some(Instant::now());
                 tracing::warn!(
                     connection = %self.conn.name,
                     "the broker's publish limit holds messages back: telemetry and shadow reports waiting on one topic are merged (newest values win) until the backlog clears; counted in twinbus_mqtt_coalesced_total"
@@ -550,7 +556,7 @@ impl Actor {
                 }
                 Next::Wait => {
                     if self.outbox.len() == 0 {
-                        self.coalescing = false;
+                        self.coalescing = None;
                     }
                     break;
                 }

@@ -365,7 +365,7 @@ impl Outbox {
             Pick::Waiting(seq) => self.waiting.get(&seq).map(|w| &w.entry),
         };
         let Some(entry) = entry else { return Next::Wait };
-        if let Some(at) = self.pace.as_ref().and_then(|p| p.wait(entry.size, now)) {
+        if let Some(at) = self.pace.as_ref().and_then(|p| p.wait(entry.size, now, entry.is_prompt())) {
             self.congested = true;
             return Next::Paced(at);
         }

@@ -7,7 +7,10 @@
 //! the client in a sliding window (not a token bucket, which allows twice
 //! the rate across a window boundary) a little longer than a second, so that
 //! jitter between here and the broker cannot squeeze one window's publishes
-//! into less than a second there.
+//! into less than a second there. A tenth of each window is kept for prompt
+//! messages (answers, command states, shadow requests): telemetry and
+//! reports that fill their part of the window never make an answer wait for
+//! the next one.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -37,17 +40,19 @@ impl Pace {
     }
 
     /// When a publish of `size` bytes may go: `None` now, or the instant.
-    pub(crate) fn wait(&self, size: usize, now: Instant) -> Option<Instant> {
+    /// A `prompt` one may use the whole window, others all but a tenth.
+    pub(crate) fn wait(&self, size: usize, now: Instant, prompt: bool) -> Option<Instant> {
         let start = self.sent.partition_point(|(t, _)| *t + WINDOW <= now);
         let live = self.sent.len() - start;
+        let share = |max: usize| if prompt { max } else { (max - max / 10).max(1) };
         let mut until: Option<Instant> = None;
-        if let Some(max) = self.per_window {
+        if let Some(max) = self.per_window.map(share) {
             if live >= max {
                 // The oldest publishes must leave the window until one fits.
                 until = self.sent.get(start + live - max).map(|(t, _)| *t + WINDOW);
             }
         }
-        if let Some(max) = self.bytes_per_window {
+        if let Some(max) = self.bytes_per_window.map(share) {
             let expired: usize = self.sent.iter().take(start).map(|(_, b)| b).sum();
             let mut in_window = self.bytes - expired;
             // Alone in a window, any message may go (a limit below the
@@ -94,14 +99,29 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pace::new(Some(3), None).expect("a pace");
         for i in 0..3 {
-            assert_eq!(p.wait(10, t0 + Duration::from_millis(i * 100)), None);
+            assert_eq!(p.wait(10, t0 + Duration::from_millis(i * 100), true), None);
             p.sent(10, t0 + Duration::from_millis(i * 100));
         }
         let now = t0 + Duration::from_millis(300);
-        assert_eq!(p.wait(10, now), Some(t0 + WINDOW), "the fourth waits for the first to leave the window");
-        assert_eq!(p.wait(10, t0 + WINDOW), None);
+        assert_eq!(p.wait(10, now, true), Some(t0 + WINDOW), "the fourth waits for the first to leave the window");
+        assert_eq!(p.wait(10, t0 + WINDOW, true), None);
         p.sent(10, t0 + WINDOW);
-        assert_eq!(p.wait(10, t0 + WINDOW), Some(t0 + Duration::from_millis(100) + WINDOW));
+        assert_eq!(p.wait(10, t0 + WINDOW, true), Some(t0 + Duration::from_millis(100) + WINDOW));
+    }
+
+    #[test]
+    fn a_tenth_of_the_window_is_kept_for_prompt_messages() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(Some(100), Some(10_000)).expect("a pace");
+        for _ in 0..90 {
+            p.sent(10, t0);
+        }
+        assert_eq!(p.wait(10, t0, false), Some(t0 + WINDOW), "telemetry has used its part");
+        assert_eq!(p.wait(10, t0, true), None, "an answer still goes at once");
+        for _ in 0..10 {
+            p.sent(10, t0);
+        }
+        assert_eq!(p.wait(10, t0, true), Some(t0 + WINDOW), "the whole window is the limit");
     }
 
     #[test]
@@ -110,10 +130,10 @@ mod tests {
         let mut p = Pace::new(None, Some(1000)).expect("a pace");
         p.sent(600, t0);
         p.sent(300, t0 + Duration::from_millis(10));
-        assert_eq!(p.wait(100, t0 + Duration::from_millis(20)), None, "1000 bytes fit");
-        assert_eq!(p.wait(200, t0 + Duration::from_millis(20)), Some(t0 + WINDOW), "1100 do not: wait for the 600");
-        assert_eq!(p.wait(5000, t0 + WINDOW * 3), None, "alone in its window, a message larger than the limit still goes");
+        assert_eq!(p.wait(100, t0 + Duration::from_millis(20), true), None, "1000 bytes fit");
+        assert_eq!(p.wait(200, t0 + Duration::from_millis(20), true), Some(t0 + WINDOW), "1100 do not: wait for the 600");
+        assert_eq!(p.wait(5000, t0 + WINDOW * 3, true), None, "alone in its window, a message larger than the limit still goes");
         p.sent(5000, t0 + WINDOW * 3);
-        assert_eq!(p.wait(1, t0 + WINDOW * 3), Some(t0 + WINDOW * 4));
+        assert_eq!(p.wait(1, t0 + WINDOW * 3, true), Some(t0 + WINDOW * 4));
     }
 }
