@@ -64,3 +64,28 @@ async fn publishes_beyond_100_in_a_second_are_throttled() {
     assert_eq!(proxy.violations().len(), 150 - received);
     assert_eq!(proxy.publishes("burst"), 150);
 }
+
+/// A gateway told its broker allows more than it does: the broker refuses
+/// the subscriptions past 50, and the connection never counts as up (its
+/// shadows would wait for answers that cannot come).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_subscriptions_are_refused_never_counts_as_up() {
+    let (_broker, _, proxy) = setup().await;
+    let devices: String = (1..=11)
+        .map(|i| format!("  pump-{i:02}: {{ bus: line, unit: {i}, profile: pump, twin: {{ connection: aws, shadow: {{ thing: pump-{i:02} }} }} }}\n"))
+        .collect();
+    let yaml = format!(
+        "state_dir: {}\nconnections:\n  aws: {{ url: \"mqtt://127.0.0.1:{}\", client_id: refused-gw, limits: {{ preset: aws, subscriptions: 100 }} }}\nbuses:\n  line: {{ tcp: {{ host: 127.0.0.1, port: {} }}, timeout: 100ms }}\n{}devices:\n{devices}",
+        support::fresh_state_dir("refused").display(),
+        proxy.port(),
+        free_port(),
+        support::PUMP_PROFILE
+    );
+    let config = twinbus::config::Config::parse(&yaml, std::path::Path::new("refused.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let gateway = twinbus::gateway::Gateway::start(&config).await.expect("start");
+    assert!(!gateway.wait_ready(Duration::from_secs(3)).await, "a refused subscription is not a session");
+    let v = proxy.violations();
+    assert!(v.iter().any(|v| v.starts_with("refused-gw: 55 subscriptions on one connection")), "{v:?}");
+    assert!(v.iter().all(|v| !v.contains("topic filters")), "the SUBSCRIBEs themselves stay within 8 filters: {v:?}");
+    gateway.shutdown().await;
+}
