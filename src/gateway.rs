@@ -182,12 +182,12 @@ impl Gateway {
                 routes[t.connection].insert(topic.clone(), inbox as Arc<dyn Inbox>);
                 raw_workers.insert(d.name.clone(), worker);
             }
-            if let Some(s) = &t.shadow {
+            for s in &t.shadows {
                 let (route, inbox) = shadow_inbox();
                 for topic in shadow_topics(s) {
                     routes[t.connection].insert(topic, route.clone() as Arc<dyn Inbox>);
                 }
-                shadow_inboxes.insert(d.name.clone(), inbox);
+                shadow_inboxes.insert((d.name.clone(), s.prefix()), inbox);
             }
         }
         for (c, r) in connections.iter().zip(routes) {
@@ -204,9 +204,10 @@ impl Gateway {
                 let task = run_commands(twin.clone(), worker, device.clone(), conn.clone(), self.stop_adapters.clone(), self.remote_shutdown.clone());
                 self.adapters.spawn(&format!("commands of {}", d.name), task);
             }
-            if let (Some(binding), Some(inbox)) = (&twin.shadow, shadow_inboxes.remove(&d.name)) {
+            for binding in &twin.shadows {
+                let Some(inbox) = shadow_inboxes.remove(&(d.name.clone(), binding.prefix())) else { continue };
                 let task = run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, self.stop_adapters.clone());
-                self.adapters.spawn(&format!("shadow of {}", d.name), task);
+                self.adapters.spawn(&format!("shadow {} of {}", binding.prefix(), d.name), task);
             }
             if twin.telemetry.is_some() {
                 self.adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, self.stop_adapters.clone()));
@@ -331,7 +332,7 @@ fn twin_permissions(config: &Config, index: usize) -> crate::mqtt::Permissions {
     for twin in config.devices.iter().filter_map(|d| d.twin.as_ref()).filter(|t| t.connection == index) {
         p.publish.extend(twin.commands.iter().cloned());
         p.subscribe.extend(twin.responses.iter().chain(&twin.telemetry).chain(&twin.response_topics).cloned());
-        if let Some(s) = &twin.shadow {
+        for s in &twin.shadows {
             let all = format!("{}/#", s.prefix());
             p.publish.push(all.clone());
             p.subscribe.push(all);

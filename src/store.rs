@@ -323,6 +323,36 @@ impl Store {
         }))
     }
 
+    /// Every desired value applied to a shadow: (point path, what was applied).
+    /// Read once when its adapter starts; it keeps them in memory after.
+    pub fn desired_applied_all(&self, shadow: &str) -> anyhow::Result<Vec<(String, Applied)>> {
+        let prefix = joined(shadow, "");
+        let tx = self.inner.db.begin_read()?;
+        let table = tx.open_table(DESIRED)?;
+        let mut out = Vec::new();
+        for item in table.range(prefix.as_str()..)? {
+            let (k, v) = item?;
+            let Some(path) = k.value().strip_prefix(prefix.as_str()).map(str::to_string) else { break };
+            let (timestamp, value) = v.value();
+            out.push((path, Applied { timestamp, value: value.to_string() }));
+        }
+        Ok(out)
+    }
+
+    /// Every command id a shadow recorded, with its state.
+    pub fn shadow_commands(&self, shadow: &str) -> anyhow::Result<Vec<(String, CommandState)>> {
+        let prefix = joined(shadow, "");
+        let tx = self.inner.db.begin_read()?;
+        let table = tx.open_table(SHADOW_COMMANDS)?;
+        let mut out = Vec::new();
+        for item in table.range(prefix.as_str()..)? {
+            let (k, v) = item?;
+            let Some(id) = k.value().strip_prefix(prefix.as_str()).map(str::to_string) else { break };
+            out.push((id, CommandState::from_code(v.value().1)));
+        }
+        Ok(out)
+    }
+
     /// A shadow command's recorded state, if it ever started.
     pub fn shadow_command(&self, shadow: &str, id: &str) -> anyhow::Result<Option<CommandState>> {
         let tx = self.inner.db.begin_read()?;
@@ -684,6 +714,25 @@ mod tests {
         assert!(!at(100, "40").is_covered_by(&done), "another value written within the same second");
         assert!(!at(101, "30").is_covered_by(&done), "the same value written again later");
         assert_eq!(store.desired_applied("u", "speed").expect("read"), None, "per shadow");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_shadows_whole_memory_reads_back_and_stays_apart_from_other_shadows() {
+        let dir = temp_dir("whole");
+        let store = Store::open(&dir).expect("open");
+        let applied = |timestamp, value: &str| Applied { timestamp, value: value.to_string() };
+        let ops = vec![
+            Op::DesiredApplied { shadow: "a".into(), applied: vec![("x".into(), applied(1, "1")), ("y.z".into(), applied(2, "\"on\""))] },
+            Op::DesiredApplied { shadow: "ab".into(), applied: vec![("x".into(), applied(3, "3"))] },
+            Op::ShadowCommand { shadow: "a".into(), id: "c-1".into(), at_ms: 1, state: CommandState::Done },
+            Op::ShadowCommand { shadow: "a".into(), id: "c-2".into(), at_ms: 2, state: CommandState::Started },
+            Op::ShadowCommand { shadow: "b".into(), id: "c-3".into(), at_ms: 3, state: CommandState::Done },
+        ];
+        store.apply(ops).await.expect("write");
+        assert_eq!(store.desired_applied_all("a").expect("read"), vec![("x".to_string(), applied(1, "1")), ("y.z".to_string(), applied(2, "\"on\""))]);
+        assert_eq!(store.shadow_commands("a").expect("read"), vec![("c-1".to_string(), CommandState::Done), ("c-2".to_string(), CommandState::Started)]);
+        assert!(store.desired_applied_all("none").expect("read").is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

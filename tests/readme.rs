@@ -28,6 +28,12 @@ profiles:
       deviceAttrib.motorStatus: { coil: 0, values: { on: true, off: false } }
       deviceAttrib.setpoint:    { holding: 10, type: f32, min: 0, max: 80 }
       deviceData.temperature:   { input: 0, type: i16, scale: 0.1, deadband: 0.2 }
+  meter:
+    points:
+      deviceAttrib.mode: { holding: 0 }
+      deviceData.p0:     { input: 0 }
+      deviceData.p10:    { input: 10 }
+      deviceData.p20:    { input: 20 }
 devices:
   site-pump: { bus: rs485, unit: 100, profile: pump, twin: { connection: cloud, telemetry: site/telemetry } }
 "#;

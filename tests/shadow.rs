@@ -4,125 +4,23 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
+use support::free_port;
 use support::shadow::ShadowService;
-use support::{free_port, PUMP_PROFILE};
+use support::site::{gateway, Site};
 use twinbus::config::Config;
 use twinbus::gateway::Gateway;
-use twinbus::mqtt::{Access, EmbeddedBroker};
 use twinbus::point::{Table, Value};
 use twinbus::sim::SimHandle;
 use twinbus::store::{CommandState, Op, Store};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The broker the site runs on: the embedded one, or with
-/// `TWINBUS_TEST_BROKER=mosquitto` (as `.ci/run` does) a Mosquitto process.
-enum Broker {
-    Embedded(#[allow(dead_code)] EmbeddedBroker),
-    Mosquitto(std::process::Child),
-}
-
-fn start_broker(port: u16, dir: &Path) -> Broker {
-    if std::env::var("TWINBUS_TEST_BROKER").as_deref() != Ok("mosquitto") {
-        return Broker::Embedded(EmbeddedBroker::start(format!("127.0.0.1:{port}").parse().expect("addr"), Access::anyone()).expect("broker"));
-    }
-    std::fs::create_dir_all(dir).expect("state dir");
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")).expect("conf");
-    let bin = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
-    let log = std::fs::File::create(dir.join("mosquitto.log")).expect("log file");
-    let child = std::process::Command::new(bin).arg("-c").arg(&conf).stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("mosquitto starts");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker::Mosquitto(child)
-}
-
-struct Site {
-    broker_port: u16,
-    modbus_port: u16,
-    state_dir: PathBuf,
-    broker: Broker,
-}
-
-impl Site {
-    fn new(name: &str) -> Site {
-        let broker_port = free_port();
-        let state_dir = std::env::temp_dir().join(format!("twinbus-shadow-{name}-{}-{broker_port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&state_dir);
-        let broker = start_broker(broker_port, &state_dir);
-        Site { broker_port, modbus_port: free_port(), state_dir, broker }
-    }
-
-    /// `body` (profiles, devices, simulators; `{MODBUS}` for the simulator's
-    /// port) under this site's state directory, its broker as connection
-    /// `aws` and its Modbus port as bus `line`.
-    fn parse(&self, body: &str) -> Config {
-        let yaml = format!(
-            r#"
-state_dir: {state}
-connections:
-  aws:
-    url: mqtt://127.0.0.1:{broker}
-    client_id: gw-{broker}
-    reconnect: {{ min: 200ms, max: 1s }}
-buses:
-  line: {{ tcp: {{ host: 127.0.0.1, port: {modbus} }}, timeout: 300ms }}
-{body}"#,
-            state = self.state_dir.display(),
-            broker = self.broker_port,
-            modbus = self.modbus_port,
-            body = body.replace("{MODBUS}", &self.modbus_port.to_string()),
-        );
-        Config::parse(&yaml, Path::new("shadow.yaml")).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Pump `pump-1` bound to the classic shadow of thing `pump-1`, plus `extra_devices`.
-    fn config(&self, extra_devices: &str) -> Config {
-        let served = if extra_devices.contains("pump-2") { ", pump-2" } else { "" };
-        self.parse(&format!(
-            r#"{PUMP_PROFILE}
-devices:
-  pump-1:
-    bus: line
-    unit: 1
-    profile: pump
-    poll: 200ms
-    twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }}
-{extra_devices}
-simulators:
-  sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}
-"#
-        ))
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        if let Broker::Mosquitto(child) = &mut self.broker {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-async fn gateway(site: &Site) -> (Gateway, SimHandle) {
-    let gw = Gateway::start(&site.config("")).await.expect("start");
-    let sim = gw.simulator("sim").expect("sim").clone();
-    (gw, sim)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_value_is_written_and_reported_from_the_read_back() {
-    let site = Site::new("write");
+    let site = Site::new("write").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, sim) = gateway(&site).await;
     // The gateway creates the shadow (404 on get) with the device's values.
@@ -142,7 +40,7 @@ async fn a_desired_value_is_written_and_reported_from_the_read_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_desired_value_is_never_written_and_is_explained_in_reported() {
-    let site = Site::new("refused");
+    let site = Site::new("refused").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -160,7 +58,7 @@ async fn a_refused_desired_value_is_never_written_and_is_explained_in_reported()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_set_while_the_gateway_was_down_is_applied_after_it_returns_but_an_old_one_is_not() {
-    let site = Site::new("restart");
+    let site = Site::new("restart").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, _sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -185,7 +83,7 @@ async fn a_delta_set_while_the_gateway_was_down_is_applied_after_it_returns_but_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_commands_run_once_and_expired_ones_fail() {
-    let site = Site::new("commands");
+    let site = Site::new("commands").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let relay = free_port(); // a unique topic name
     let mut cloud = support::Cloud::connect(site.broker_port, &[&format!("cmd/{relay}/response")]).await;
@@ -222,7 +120,7 @@ async fn shadow_commands_run_once_and_expired_ones_fail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_cut_off_by_a_crash_is_reported_as_an_interrupted_failure_and_not_run_again() {
-    let site = Site::new("interrupted");
+    let site = Site::new("interrupted").await;
     // What a crash in the middle of command `s-1` leaves in the store.
     {
         let store = Store::open(&site.state_dir).expect("store");
@@ -255,7 +153,7 @@ async fn a_command_cut_off_by_a_crash_is_reported_as_an_interrupted_failure_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_conflict_on_a_report_is_recovered_by_fetching_the_shadow_again() {
-    let site = Site::new("conflict");
+    let site = Site::new("conflict").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, _sim) = gateway(&site).await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
@@ -271,7 +169,7 @@ async fn a_version_conflict_on_a_report_is_recovered_by_fetching_the_shadow_agai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_shadow_works_beside_a_classic_one() {
-    let site = Site::new("named");
+    let site = Site::new("named").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None), ("line-3", Some("pump-2"))]).await;
     let extra = "  pump-2:\n    bus: line\n    unit: 2\n    profile: pump\n    poll: 200ms\n    twin: { connection: aws, shadow: { thing: line-3, name: pump-2 } }\n";
     let gw = Gateway::start(&site.config(extra)).await.expect("start");
@@ -288,7 +186,7 @@ async fn a_named_shadow_works_beside_a_classic_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_command_reports_running_then_success_and_a_failed_check_is_a_failure() {
-    let site = Site::new("named-command");
+    let site = Site::new("named-command").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = site.parse(
         r#"
@@ -347,7 +245,7 @@ simulators:
 /// at every reconnect would be a plant incident).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_that_persists_is_applied_once_not_at_every_sync() {
-    let site = Site::new("persisting");
+    let site = Site::new("persisting").await;
     let svc = ShadowService::start(site.broker_port, &[("panel-1", None)]).await;
     let config = site.parse(
         r#"
@@ -393,7 +291,7 @@ simulators:
 /// value applied: same timestamp, different value, a new write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_values_written_within_one_second_are_both_applied() {
-    let site = Site::new("same-second");
+    let site = Site::new("same-second").await;
     // A frozen clock: every metadata timestamp is the same second.
     let svc = ShadowService::start_with_clock(site.broker_port, &[("pump-1", None)], std::sync::Arc::new(|| 1_800_000_000)).await;
     let (gw, sim) = gateway(&site).await;
@@ -438,7 +336,7 @@ simulators:
 /// desired value is applied, not lost until the next reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
-    let site = Site::new("busy");
+    let site = Site::new("busy").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = drive_config(&site, "      hold: { steps: [ { wait: 6s } ] }", "10s");
     let gw = Gateway::start(&config).await.expect("start");
@@ -465,7 +363,7 @@ async fn deltas_that_arrive_while_a_long_command_runs_are_not_lost() {
 /// stale, until the next reconnect: both are asked again after a delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_get_or_report_is_asked_again() {
-    let site = Site::new("throttled");
+    let site = Site::new("throttled").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     svc.set_desired("pump-1", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
     svc.fail_next_get("pump-1", None, 503);
@@ -492,7 +390,7 @@ async fn a_throttled_get_or_report_is_asked_again() {
 /// then would leave the command `RUNNING` in the shadow for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_report_is_not_sent_again_over_a_newer_one() {
-    let site = Site::new("stale-retry");
+    let site = Site::new("stale-retry").await;
     let svc = ShadowService::start(site.broker_port, &[("drive-1", None)]).await;
     let config = drive_config(&site, "      hold: { steps: [ { wait: 1s } ] }", "10s");
     let gw = Gateway::start(&config).await.expect("start");

@@ -551,3 +551,31 @@ async fn the_service_resubscribes_after_the_broker_restarts() {
     assert_eq!(topic, "get/accepted");
     assert_eq!(doc["state"]["delta"], json!({"a": 1}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_get_is_counted_but_never_answered() {
+    let (_broker, port, svc) = setup(&[("pump-1", None)]).await;
+    let mut dev = Device::connect(port, "pump-1", None).await;
+    svc.set_reported("pump-1", None, json!({"a": 1})).await;
+    svc.drop_next_gets("pump-1", None, 1);
+
+    dev.send("get", r#"{"clientToken":"lost"}"#).await;
+    dev.assert_quiet("get/accepted").await;
+    let (topic, doc) = dev.get(r#"{"clientToken":"next"}"#).await;
+    assert_eq!((topic.as_str(), doc["clientToken"].clone()), ("get/accepted", json!("next")), "only the first is lost");
+    assert_eq!(svc.gets_received("pump-1", None), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_deleted_long_ago_starts_again_at_version_1() {
+    let (_broker, port, svc) = setup(&[("pump-1", None)]).await;
+    let mut dev = Device::connect(port, "pump-1", None).await;
+    for a in 1..=3 {
+        dev.update(&json!({"state": {"reported": {"a": a}}})).await;
+    }
+    svc.delete_and_forget_version("pump-1", None).await;
+    let (topic, d) = dev.answer("delete", None).await;
+    assert_eq!((topic.as_str(), d["version"].clone()), ("delete/accepted", json!(3)));
+    let (_, a) = dev.update(&json!({"state": {"reported": {"a": 4}}})).await;
+    assert_eq!(a["version"], 1, "the version does not follow the deleted shadow's");
+}

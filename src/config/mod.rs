@@ -14,7 +14,9 @@
 //! also come from `password_file`. Inline passwords work but draw a warning.
 #![deny(missing_docs)]
 
+mod budget;
 mod raw;
+mod shadows;
 mod validate;
 
 use std::fmt;
@@ -83,6 +85,38 @@ pub struct Connection {
     pub reconnect_max: Duration,
     /// Bounds of the messages kept until the broker acknowledges them.
     pub outbox: OutboxSettings,
+    /// What the broker allows this connection (AWS IoT Core's quotas for
+    /// `*.amazonaws.com` unless configured): subscriptions are sent in
+    /// batches within them, publishes are paced to them.
+    pub limits: BrokerLimits,
+}
+
+/// What a broker allows one connection; `None` is no limit. `twinbus check`
+/// refuses a configuration that cannot stay within them, and at run time
+/// subscriptions go out in batches and publishes are paced to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BrokerLimits {
+    /// Most topic filters in one SUBSCRIBE (AWS: 8, hard).
+    pub filters_per_subscribe: Option<usize>,
+    /// Most subscriptions on one connection (AWS: 50 by default, adjustable).
+    pub subscriptions: Option<usize>,
+    /// Most publishes per second on one connection (AWS: 100, hard).
+    pub publishes_per_second: Option<u32>,
+    /// Most payload bytes per second on one connection (AWS: 512 KiB).
+    pub bytes_per_second: Option<usize>,
+    /// Largest payload of one publish (AWS: 128 KiB).
+    pub max_payload: Option<usize>,
+}
+
+impl BrokerLimits {
+    /// AWS IoT Core's message broker quotas (per connection).
+    pub const AWS_IOT_CORE: BrokerLimits = BrokerLimits {
+        filters_per_subscribe: Some(8),
+        subscriptions: Some(50),
+        publishes_per_second: Some(100),
+        bytes_per_second: Some(512 * 1024),
+        max_payload: Some(128 * 1024),
+    };
 }
 
 /// Bounds of a connection's outbox; past one, waiting messages are dropped
@@ -415,8 +449,23 @@ pub struct Twin {
     /// so that a command cannot make the gateway publish anywhere it may.
     /// Default: only `responses`.
     pub response_topics: Vec<String>,
-    /// The AWS IoT device shadow this device is the twin of.
-    pub shadow: Option<ShadowBinding>,
+    /// The AWS IoT device shadows this device is the twin of: none, one, or
+    /// several that share its points (a device too large for one shadow).
+    pub shadows: Vec<ShadowBinding>,
+}
+
+/// What one AWS IoT shadow may hold, and what the gateway puts in it:
+/// `twinbus check` sizes every shadow with these, the adapter keeps to them.
+pub mod shadow_document {
+    /// AWS IoT's limit on a shadow's state (desired and reported, without
+    /// metadata), in bytes.
+    pub const MAX_BYTES: usize = 8 * 1024;
+    /// Longest refusal reason (as JSON text) the adapter writes to a shadow.
+    pub const MAX_REASON_BYTES: usize = 96;
+    /// Command states kept under `reported.command`.
+    pub const REPORTED_COMMANDS: usize = 10;
+    /// Command id length counted when sizing a shadow.
+    pub const COUNTED_COMMAND_ID: usize = 64;
 }
 
 /// A classic or named AWS IoT shadow.
@@ -430,6 +479,8 @@ pub struct ShadowBinding {
     pub errors_key: String,
     /// How often a running command's RUNNING state is repeated.
     pub running_interval: Duration,
+    /// Indices of the device's points this shadow serves.
+    pub points: Vec<usize>,
 }
 
 impl ShadowBinding {

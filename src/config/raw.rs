@@ -163,6 +163,35 @@ pub(crate) struct RawConnection {
     pub(crate) reconnect: Option<RawReconnect>,
     /// Bounds of the messages kept on disk until the broker acknowledges them.
     pub(crate) outbox: Option<RawOutbox>,
+    /// What the broker allows this connection: subscriptions, publishes and
+    /// bytes per second, payload size (default: AWS IoT Core's quotas for
+    /// `*.amazonaws.com` hosts, none elsewhere). The gateway keeps within them.
+    #[schemars(with = "Option<RawLimits>")]
+    pub(crate) limits: Option<S<RawLimits>>,
+}
+
+/// What the broker allows one connection: a preset, and overrides of its values.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    /// `aws` (AWS IoT Core's quotas) or `none`.
+    #[schemars(with = "Option<String>")]
+    pub(crate) preset: Option<S<String>>,
+    /// Topic filters in one SUBSCRIBE.
+    #[schemars(with = "Option<i64>")]
+    pub(crate) filters_per_subscribe: Option<S<i64>>,
+    /// Subscriptions on one connection.
+    #[schemars(with = "Option<i64>")]
+    pub(crate) subscriptions: Option<S<i64>>,
+    /// Publishes per second on one connection.
+    #[schemars(with = "Option<i64>")]
+    pub(crate) publishes_per_second: Option<S<i64>>,
+    /// Payload bytes per second on one connection (a size: `512KiB`).
+    #[schemars(with = "Option<RawScalar>")]
+    pub(crate) bytes_per_second: Option<S<RawScalar>>,
+    /// Largest payload (a size: `128KiB`).
+    #[schemars(with = "Option<RawScalar>")]
+    pub(crate) max_payload: Option<S<RawScalar>>,
 }
 
 /// A scalar YAML may spell as a number or a string (`5`, `3.1.1`).
@@ -495,6 +524,9 @@ pub(crate) struct RawTwin {
     /// The AWS IoT device shadow this device is the twin of.
     #[schemars(with = "Option<RawShadow>")]
     pub(crate) shadow: Option<S<RawShadow>>,
+    /// Several shadows sharing the device's points (each with `points`).
+    #[schemars(with = "Option<Vec<RawShadow>>")]
+    pub(crate) shadows: Option<S<Vec<S<RawShadow>>>>,
 }
 
 /// A classic or named AWS IoT device shadow.
@@ -514,6 +546,10 @@ pub(crate) struct RawShadow {
     /// How often a running command's RUNNING state is repeated (default `10s`).
     #[schemars(with = "Option<String>")]
     pub(crate) running_interval: Option<S<String>>,
+    /// Which of the device's points this shadow serves: path prefixes
+    /// (`deviceAttrib`), or text prefixes ending in `*` (`deviceData.p1*`).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub(crate) points: Option<S<Vec<S<String>>>>,
 }
 
 /// One point: a path in the twin ⇄ one Modbus location, with its type,

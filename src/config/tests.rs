@@ -1310,19 +1310,6 @@ fn a_named_command_refuses_bad_steps_all_at_once() {
 }
 
 #[test]
-fn a_shadow_whose_report_can_exceed_8_kb_draws_a_warning() {
-    let mut points = String::new();
-    for n in 0..40 {
-        points += &format!("      deviceData.label{n}: {{ holding: {}, type: string, length: 200, access: read }}\n", n * 100);
-    }
-    let text = format!("{HEAD}{points}devices:\n  big:\n    bus: line\n    unit: 1\n    profile: pump\n    twin: {{ connection: cloud, shadow: {{ thing: big }} }}\n");
-    let c = valid(&text);
-    assert!(c.warnings.iter().any(|w| w.contains("8 KB")), "{:?}", c.warnings);
-    let small = valid(&format!("{HEAD}devices:\n  s:\n    bus: line\n    unit: 1\n    profile: pump\n    twin: {{ connection: cloud, shadow: {{ thing: s }} }}\n"));
-    assert!(!small.warnings.iter().any(|w| w.contains("8 KB")), "{:?}", small.warnings);
-}
-
-#[test]
 fn mask_write_comes_from_the_profile_unless_the_device_says_otherwise() {
     let text = insert_after(&with_devices("  a: { bus: line, unit: 1, profile: pump }\n  b: { bus: line, unit: 2, profile: pump, mask_write: false }\n  c: { bus: line, unit: 3, points: { x: { holding: 5, bit: 1 } }, mask_write: true }\n"), "  pump:\n", "    mask_write: true\n");
     let c = valid(&text);
@@ -1421,3 +1408,6 @@ fn the_committed_schema_is_the_one_the_types_generate() {
     assert!(point["properties"]["scale"]["description"].as_str().is_some_and(|d| d.contains("between two steps")));
     assert!(schema["properties"]["devices"].is_object() && schema["properties"]["http"].is_object());
 }
+
+mod budget;
+mod shadows;

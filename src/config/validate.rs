@@ -18,14 +18,14 @@ use crate::point::{Access, DataType, Label, Location, Number, Order, Point, Tabl
 /// First path segments that the telemetry and answer documents use themselves.
 const RESERVED_ROOTS: &[&str] = &["time", "online", "error", "id", "status", "values", "errors", "connected", "command"];
 
-struct Checker<'a> {
-    file: &'a Path,
-    problems: Vec<String>,
-    warnings: Vec<String>,
+pub(super) struct Checker<'a> {
+    pub(super) file: &'a Path,
+    pub(super) problems: Vec<String>,
+    pub(super) warnings: Vec<String>,
 }
 
 impl Checker<'_> {
-    fn at<T>(&mut self, spanned: &Spanned<T>, path: &str, message: impl std::fmt::Display) {
+    pub(super) fn at<T>(&mut self, spanned: &Spanned<T>, path: &str, message: impl std::fmt::Display) {
         let loc = spanned.referenced;
         if loc.line() > 0 {
             self.problems.push(format!("{}:{}:{}: {path}: {message}", self.file.display(), loc.line(), loc.column()));
@@ -34,11 +34,11 @@ impl Checker<'_> {
         }
     }
 
-    fn key(&mut self, key: &Key, path: &str, message: impl std::fmt::Display) {
+    pub(super) fn key(&mut self, key: &Key, path: &str, message: impl std::fmt::Display) {
         self.at(&key.0, path, message)
     }
 
-    fn int<T: TryFrom<i64>>(&mut self, v: &Spanned<i64>, path: &str, lo: i64, hi: i64, what: &str) -> Option<T> {
+    pub(super) fn int<T: TryFrom<i64>>(&mut self, v: &Spanned<i64>, path: &str, lo: i64, hi: i64, what: &str) -> Option<T> {
         if v.value < lo || v.value > hi {
             self.at(v, path, format!("{} is out of range for {what} (valid: {lo} to {hi})", v.value));
             return None;
@@ -46,13 +46,13 @@ impl Checker<'_> {
         T::try_from(v.value).ok()
     }
 
-    fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
+    pub(super) fn duration(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration) -> Duration {
         // No setting here needs more than a day; a bound also keeps
         // arithmetic on durations (backoff doubling) from overflowing.
         self.duration_within(v, path, default, min, Duration::from_secs(86_400))
     }
 
-    fn duration_within(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration, max: Duration) -> Duration {
+    pub(super) fn duration_within(&mut self, v: Option<&Spanned<String>>, path: &str, default: Duration, min: Duration, max: Duration) -> Duration {
         let Some(v) = v else { return default };
         match humantime::parse_duration(v.value.trim()) {
             Ok(d) if d > max => {
@@ -73,7 +73,7 @@ impl Checker<'_> {
 
     /// A size in bytes: a number, or a number with a unit (`64MiB`, `512KiB`,
     /// `1GB`).
-    fn size(&mut self, v: &Spanned<RawScalar>, path: &str, lo: u64, hi: u64) -> Option<usize> {
+    pub(super) fn size(&mut self, v: &Spanned<RawScalar>, path: &str, lo: u64, hi: u64) -> Option<usize> {
         let bytes = match &v.value {
             RawScalar::Int(n) => u64::try_from(*n).ok(),
             RawScalar::Float(_) => None,
@@ -94,7 +94,7 @@ impl Checker<'_> {
     }
 
     /// `${NAME}` → environment variable; `$${` → literal `${`.
-    fn interpolate(&mut self, v: &Spanned<String>, path: &str) -> String {
+    pub(super) fn interpolate(&mut self, v: &Spanned<String>, path: &str) -> String {
         let s = &v.value;
         let mut out = String::with_capacity(s.len());
         let mut rest = s.as_str();
@@ -131,6 +131,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
 
     let connections: Vec<Connection> =
         raw.connections.iter().filter_map(|(k, v)| connection(&mut c, k, v, &base)).collect();
+    super::budget::check_client_ids(&mut c, &raw.connections, &connections);
     let buses: Vec<Bus> = raw.buses.iter().filter_map(|(k, v)| bus(&mut c, k, v)).collect();
     check_bus_conflicts(&mut c, &raw.buses, &buses);
 
@@ -160,6 +161,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         None => std::env::var_os("STATE_DIRECTORY").map_or_else(|| base.join("twinbus-state"), PathBuf::from),
     };
     check_shadow_conflicts(&mut c, &raw.devices, &devices);
+    super::budget::check_demand(&mut c, &raw.connections, &raw.devices, &connections, &devices);
 
     let http = raw.http.as_ref().and_then(|h| http(&mut c, h, &base));
     let shutdown_timeout = c.duration_within(raw.shutdown_timeout.as_ref(), "shutdown_timeout", Duration::from_secs(10), Duration::from_secs(1), Duration::from_secs(600));
@@ -266,6 +268,7 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         reconnect_max = reconnect_min;
     }
     let outbox = outbox(c, raw.outbox.as_ref(), &path);
+    let limits = super::budget::limits(c, raw.limits.as_ref(), &path, broker.as_ref());
     Some(Connection {
         name: key.name().to_string(),
         broker: broker?,
@@ -279,6 +282,7 @@ fn connection(c: &mut Checker, key: &Key, raw: &RawConnection, base: &Path) -> O
         reconnect_min,
         reconnect_max,
         outbox,
+        limits,
     })
 }
 
@@ -765,35 +769,16 @@ fn device(
     };
     let read = read_limits(c, read_raw, &path);
     let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
-    let twin = match &raw.twin {
+    let mut twin = match &raw.twin {
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
     };
-    if twin.as_ref().is_some_and(|t| t.shadow.is_some()) {
-        let size = reported_size(&pts);
-        if size > 7 * 1024 {
-            c.warnings.push(format!(
-                "{}:{}: {path}: a full report of this device's points can reach about {size} bytes, near or above the 8 KB shadow limit; twinbus will split it into several updates",
-                c.file.display(),
-                key.0.referenced.line()
-            ));
-        }
+    if let (Some(t), Some(raw_twin)) = (twin.as_mut(), &raw.twin) {
+        super::shadows::assign(c, &raw_twin.value, &mut t.shadows, &pts, &format!("{path}.twin"));
+        super::shadows::check_sizes(c, &raw_twin.value, &t.shadows, &pts, &format!("{path}.twin"));
     }
     let mask_write = mask_write.unwrap_or(false);
     Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, commands, twin })
-}
-
-/// The largest `reported` document the device's points can make, roughly:
-/// each path as nested keys plus its widest value.
-fn reported_size(points: &[Point]) -> usize {
-    let value = |p: &Point| match p.data_type {
-        DataType::String { len } => usize::from(len) + 2,
-        _ if !p.labels.is_empty() => p.labels.iter().map(|l| l.name.len() + 2).max().unwrap_or(2),
-        DataType::Bool => 5,
-        _ => 24,
-    };
-    let overhead = 64 + 48; // {"state":{"reported":…},"clientToken":…}, connected/online
-    points.iter().filter(|p| p.access.readable()).map(|p| p.path.len() + 6 + value(p)).sum::<usize>() + overhead
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {
@@ -908,8 +893,16 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
             })
             .collect(),
     };
-    let shadow = raw.shadow.as_ref().map(|s| shadow(c, s, &format!("{path}.shadow")));
-    if raw.commands.is_none() && raw.telemetry.is_none() && raw.shadow.is_none() {
+    if let (Some(_), Some(list)) = (&raw.shadow, &raw.shadows) {
+        c.at(list, &format!("{path}.shadows"), "has both `shadow` and `shadows` (list every shadow under `shadows`)");
+    }
+    if raw.shadow.is_none() && raw.shadows.as_ref().is_some_and(|l| l.value.is_empty()) {
+        if let Some(list) = &raw.shadows {
+            c.at(list, &format!("{path}.shadows"), "is empty (write at least one `{ thing: name }`)");
+        }
+    }
+    let shadows: Vec<ShadowBinding> = super::shadows::raw_shadows(raw, path).into_iter().map(|(s, at)| shadow(c, s, &at)).collect();
+    if raw.commands.is_none() && raw.telemetry.is_none() && shadows.is_empty() {
         c.at(t, path, "binds nothing: give it `commands`/`responses`, `telemetry` or `shadow`");
     }
     Some(Twin {
@@ -922,7 +915,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),
         response_topics,
-        shadow,
+        shadows,
     })
 }
 
@@ -945,19 +938,24 @@ fn shadow(c: &mut Checker, s: &Spanned<RawShadow>, path: &str) -> ShadowBinding 
         }
     }
     let running_interval = c.duration(raw.running_interval.as_ref(), &format!("{path}.running_interval"), Duration::from_secs(10), Duration::from_millis(100));
-    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval }
+    // The points are set once the device's are known.
+    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval, points: Vec::new() }
 }
 
-/// One shadow has one owner: two devices writing one shadow would fight.
+/// One shadow has one owner: two devices (or one device twice) writing one
+/// shadow would fight.
 fn check_shadow_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Device]) {
-    let mut seen: BTreeMap<(usize, String), &str> = BTreeMap::new();
+    let mut seen: BTreeMap<(usize, String), String> = BTreeMap::new();
     for d in devices {
         let Some(t) = &d.twin else { continue };
-        let Some(s) = &t.shadow else { continue };
-        if let Some(first) = seen.insert((t.connection, s.prefix()), &d.name) {
-            let at = raw.iter().find(|(k, _)| k.name() == d.name).and_then(|(_, rd)| rd.twin.as_ref()).and_then(|t| t.value.shadow.as_ref());
-            if let Some(at) = at {
-                c.at(at, &format!("devices.{}.twin.shadow", d.name), format!("device `{first}` is already the twin of this shadow (give each device its own thing or shadow name)"));
+        let raw_twin = raw.iter().find(|(k, _)| k.name() == d.name).and_then(|(_, rd)| rd.twin.as_ref());
+        let raws = raw_twin.map(|rt| super::shadows::raw_shadows(&rt.value, &format!("devices.{}.twin", d.name))).unwrap_or_default();
+        for (i, s) in t.shadows.iter().enumerate() {
+            let here = raws.get(i).map_or_else(|| format!("devices.{}.twin.shadow", d.name), |(_, p)| p.clone());
+            if let Some(first) = seen.insert((t.connection, s.prefix()), here.clone()) {
+                if let Some((at, _)) = raws.get(i) {
+                    c.at(*at, &here, format!("{first} is already this shadow (give each its own thing or shadow name)"));
+                }
             }
         }
     }

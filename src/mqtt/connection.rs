@@ -30,8 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkEvent, Target};
-use super::outbox::{self, Class, DropReason, Dropped, Entry, Limits, Next, Outbox};
+use super::outbox::{self, Class, Coalesce, DropReason, Dropped, Entry, Limits, Next, Outbox, Pace};
 use super::session::{self, Client, Ev, EventLoop, Properties};
+use super::subscribe::{Step, Subscriber};
 use crate::config::{Broker, Connection, MqttVersion, ProxyKind};
 use crate::store::{Op, Pending, Store};
 
@@ -41,6 +42,9 @@ const WINDOW: usize = 64;
 const RESIDENT: usize = 256;
 /// How often old messages are looked for (`outbox.max_age`).
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+/// A connection held at its publish limit for long logs that it merges
+/// messages at most this often.
+const COALESCING_LOG: Duration = Duration::from_secs(300);
 
 /// An incoming message, handed to the twin adapter subscribed to its topic.
 #[derive(Clone, Debug)]
@@ -85,12 +89,22 @@ pub struct Publish {
     pub properties: Option<Properties>,
     /// Committed in the same store transaction as the message itself.
     pub records: Vec<Op>,
+    /// Whether, while the connection is held at its publish limit, it may
+    /// join a message still waiting on its topic (telemetry, value reports).
+    pub coalesce: Option<Coalesce>,
 }
 
 impl Publish {
     /// A message of `class` on `topic`.
     pub fn new(class: Class, topic: impl Into<String>, payload: impl Into<Bytes>) -> Publish {
-        Publish { topic: topic.into(), payload: payload.into(), class, retain: false, properties: None, records: Vec::new() }
+        Publish { topic: topic.into(), payload: payload.into(), class, retain: false, properties: None, records: Vec::new(), coalesce: None }
+    }
+
+    /// May join a message waiting on its topic when the connection is at its
+    /// publish limit; see [`Coalesce`].
+    pub fn coalescing(mut self, how: Coalesce) -> Publish {
+        self.coalesce = Some(how);
+        self
     }
 
     /// With MQTT 5 properties (an answer's correlation data).
@@ -179,9 +193,9 @@ pub async fn spawn_connection(
         max_messages: conn.outbox.max_messages,
         max_bytes: conn.outbox.max_bytes,
         max_age_ms: u64::try_from(conn.outbox.max_age.as_millis()).unwrap_or(u64::MAX),
-        max_payload: session::MAX_OUTGOING - 65_536,
+        max_payload: conn.limits.max_payload.unwrap_or(usize::MAX).min(session::MAX_OUTGOING - 65_536),
     };
-    let mut outbox = Outbox::new(limits, WINDOW, RESIDENT);
+    let mut outbox = Outbox::new(limits, WINDOW, RESIDENT).with_pace(Pace::new(conn.limits.publishes_per_second, conn.limits.bytes_per_second));
     let restored = restore(&store, &conn.name, &mut outbox)?;
     if restored > 0 {
         tracing::info!(connection = %conn.name, messages = restored, "sending first what was queued before the restart");
@@ -199,16 +213,20 @@ pub async fn spawn_connection(
     let (tx, rx) = mpsc::channel(1024);
     let (sessions_tx, sessions) = watch::channel(0u64);
     let (connected_tx, connected) = watch::channel(false);
+    let mut topics: Vec<String> = routes.keys().cloned().collect();
+    topics.sort();
     let actor = Actor {
         conn: conn.clone(),
         target: describe,
         client,
         routes,
-        topics: Vec::new(),
+        subscriber: Subscriber::new(topics, conn.limits.filters_per_subscribe),
         outbox,
         store,
         removals: Vec::new(),
         warned: HashMap::new(),
+        coalescing: None,
+        pace_until: None,
         connected: connected_tx,
         link_up,
         sessions: sessions_tx,
@@ -321,7 +339,9 @@ struct Actor {
     target: String,
     client: Client,
     routes: Routes,
-    topics: Vec<String>,
+    /// Subscribes after every CONNACK, in batches; a session counts as up
+    /// only once every filter is granted.
+    subscriber: Subscriber,
     outbox: Outbox,
     store: Store,
     /// Acknowledged or dropped entries to remove from the store, in one
@@ -330,6 +350,11 @@ struct Actor {
     /// Drop reasons already warned about in this episode (reset on connect),
     /// so an outage logs one line per reason, not one per message.
     warned: HashMap<(DropReason, Class), u64>,
+    /// When joined messages were last logged, while the pace has held
+    /// messages back ever since.
+    coalescing: Option<Instant>,
+    /// When the pace lets the next publish go.
+    pace_until: Option<Instant>,
     /// Whether the session is up (CONNACK seen, no error since).
     connected: watch::Sender<bool>,
     /// Set by the poll task: false as soon as it sees the link fail.
@@ -353,8 +378,6 @@ impl Actor {
         cancel: CancellationToken,
         poll_cancel: CancellationToken,
     ) {
-        self.topics = self.routes.keys().cloned().collect();
-        self.topics.sort();
         let mut persisting = Persisting::new();
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -369,6 +392,8 @@ impl Actor {
                 }
             }
             let deadline = closing.as_ref().map(|(d, _)| *d);
+            let resubscribe = self.subscriber.retry_at();
+            let pace_until = self.pace_until;
             tokio::select! {
                 () = cancel.cancelled() => break,
                 cmd = rx.recv(), if closing.is_none() => match cmd {
@@ -401,6 +426,11 @@ impl Actor {
                     self.report_drops(&gone);
                 }
                 () = sleep_until(deadline) => {}
+                () = sleep_until(pace_until) => {}
+                () = sleep_until(resubscribe) => {
+                    let step = self.subscriber.retry(Instant::now());
+                    self.subscribe(step);
+                }
             }
         }
         // Whatever is still being written must be on disk before we go.
@@ -434,11 +464,24 @@ impl Actor {
     /// Queues a message: into the outbox, and into the store (with the
     /// records that ride with it) before it may be sent.
     fn enqueue(&mut self, p: Publish, persisting: &mut Persisting) {
-        let Publish { topic, payload, class, retain, properties, mut records } = p;
-        let entry = Entry::new(class, topic, payload, retain, properties, crate::twin::now_ms());
+        let Publish { topic, payload, class, retain, properties, mut records, coalesce } = p;
+        let mut entry = Entry::new(class, topic, payload, retain, properties, crate::twin::now_ms());
+        entry.coalesce = coalesce;
         let record = (class != Class::Volatile).then(|| outbox::encode(&entry, entry.payload.as_deref().unwrap_or_default()));
         let pushed = self.outbox.push(entry);
         self.report_drops(&pushed.dropped);
+        if pushed.coalesced {
+            metrics::counter!("twinbus_mqtt_coalesced_total", "connection" => self.conn.name.clone(), "class" => class.name()).increment(1);
+            // Once per episode, and a sustained overload once in a while.
+            let quiet = self.coalescing.is_some_and(|since| since.elapsed() < COALESCING_LOG);
+            if !quiet {
+                self.coalescing = Some(Instant::now());
+                tracing::warn!(
+                    connection = %self.conn.name,
+                    "the broker's publish limit holds messages back: telemetry and shadow reports waiting on one topic are merged (newest values win) until the backlog clears; counted in twinbus_mqtt_coalesced_total"
+                );
+            }
+        }
         let mut put = None;
         if let (true, Some(record)) = (pushed.store, record) {
             records.insert(0, Op::OutboxPut { connection: self.conn.name.clone(), seq: pushed.seq, record });
@@ -515,18 +558,22 @@ impl Actor {
         metrics::gauge!("twinbus_mqtt_outbox_bytes", "connection" => self.conn.name.clone()).set(self.outbox.bytes() as f64);
     }
 
-    /// Hands waiting messages to rumqttc while connected and the window allows.
+    /// Hands waiting messages to rumqttc while connected and the window and
+    /// the pace allow.
     fn feed(&mut self) {
+        self.pace_until = None;
         if !*self.connected.borrow() || !self.link_up.load(Ordering::SeqCst) {
             return;
         }
         loop {
-            match self.outbox.next() {
+            let now = Instant::now();
+            match self.outbox.next(now) {
                 Next::Send(e) => {
                     let Some(payload) = e.payload.clone() else { break };
                     let topic = e.topic.clone();
-                    match self.client.try_publish(&topic, payload, e.retain, e.properties.as_ref()) {
-                        Ok(()) => self.outbox.mark_sent(),
+                    let (retain, properties) = (e.retain, e.properties.clone());
+                    match self.client.try_publish(&topic, payload, retain, properties.as_ref()) {
+                        Ok(()) => self.outbox.mark_sent(now),
                         Err(_) => break, // rumqttc's queue is full: retry after its next event
                     }
                 }
@@ -541,7 +588,16 @@ impl Actor {
                     let lost = self.outbox.loaded(&seqs, found);
                     self.report_drops(&lost);
                 }
-                Next::Wait => break,
+                Next::Paced(at) => {
+                    self.pace_until = Some(at);
+                    break;
+                }
+                Next::Wait => {
+                    if self.outbox.len() == 0 {
+                        self.coalescing = None;
+                    }
+                    break;
+                }
             }
         }
     }
@@ -554,11 +610,8 @@ impl Actor {
                 self.last_error = None;
                 self.link_error = None;
                 self.warned.clear();
-                if self.topics.is_empty() {
-                    self.sessions.send_modify(|n| *n += 1);
-                } else if let Err(e) = self.client.try_subscribe(&self.topics) {
-                    tracing::warn!(connection = %self.conn.name, "subscribe failed: {e}");
-                }
+                let step = self.subscriber.on_connected();
+                self.subscribe(step);
                 let stale = self.outbox.on_connected(session_present);
                 self.report_drops(&stale);
                 if let Some(p) = self.conn.presence.clone() {
@@ -566,13 +619,9 @@ impl Actor {
                     self.outbox.push_front(Entry::new(Class::Volatile, p.topic, p.online.into(), retain, None, crate::twin::now_ms()));
                 }
             }
-            Ev::SubAck { refused } => {
-                if refused == 0 {
-                    tracing::debug!(connection = %self.conn.name, topics = ?self.topics, "subscribed");
-                } else {
-                    tracing::error!(connection = %self.conn.name, refused, "the broker refused {refused} subscription(s): check its ACL for {:?}", self.topics);
-                }
-                self.sessions.send_modify(|n| *n += 1);
+            Ev::SubAck { granted } => {
+                let step = self.subscriber.on_suback(&granted, Instant::now());
+                self.subscribe(step);
             }
             Ev::Publish { topic, payload, properties } => self.route(Message { topic, payload, properties, oversized: None }, persisting),
             Ev::PubAck { pkid, refused } => {
@@ -609,6 +658,38 @@ impl Actor {
         }
     }
 
+    /// Carries out a step of subscribing: the next SUBSCRIBE, the session
+    /// counted as up, or a refusal reported (and asked again later).
+    fn subscribe(&mut self, mut step: Step) {
+        loop {
+            match step {
+                Step::Send(batch) => match self.client.try_subscribe(&batch) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(connection = %self.conn.name, "cannot queue a SUBSCRIBE: {e}");
+                        step = self.subscriber.on_send_failed(Instant::now());
+                    }
+                },
+                Step::Up => {
+                    tracing::debug!(connection = %self.conn.name, "subscribed");
+                    self.sessions.send_modify(|n| *n += 1);
+                    return;
+                }
+                Step::Refused(topics) => {
+                    let retry_in = self.subscriber.retry_at().map(|at| at.saturating_duration_since(Instant::now()));
+                    tracing::error!(
+                        connection = %self.conn.name,
+                        ?retry_in,
+                        "the broker refused {} subscription(s) {topics:?}: their twins get no messages until it grants them (check the broker's ACL or IoT policy, and its subscription quota); asking again",
+                        topics.len()
+                    );
+                    return;
+                }
+                Step::Wait => return,
+            }
+        }
+    }
+
     /// Takes in what the link reported before rumqttc's next event: a cause
     /// for the error it brings, or an oversized message that came before
     /// the publish it brings (the link reports before relaying further).
@@ -629,6 +710,8 @@ impl Actor {
     }
 
     fn on_error(&mut self, error: String) {
+        self.subscriber.on_link_lost();
+        self.outbox.on_link_lost();
         let was_connected = *self.connected.borrow();
         self.set_connected(false);
         let cause = session::cause(error, self.link_error.take());

@@ -15,13 +15,14 @@ mod connection;
 mod link;
 mod outbox;
 mod session;
+mod subscribe;
 mod tls;
 mod topic;
 
 #[cfg(feature = "embedded-broker")]
 pub use broker::{Access, EmbeddedBroker, Permissions};
 pub use connection::{spawn_connection, ConnectionHandle, Inbox, Message, Publish, Routes};
-pub use outbox::Class;
+pub use outbox::{Class, Coalesce};
 pub use session::Properties;
 pub use topic::{allowed_by, matches as topic_matches, valid_filter, valid_topic};
 
@@ -35,5 +36,5 @@ pub fn encode_publish(p: &Publish) -> Vec<u8> {
 /// Reads back what [`encode_publish`] wrote; `None` for damaged bytes.
 pub fn decode_publish(bytes: &[u8]) -> Option<Publish> {
     let e = outbox::decode(0, bytes, true)?;
-    Some(Publish { topic: e.topic, payload: e.payload.unwrap_or_default(), class: e.class, retain: e.retain, properties: e.properties, records: Vec::new() })
+    Some(Publish { topic: e.topic, payload: e.payload.unwrap_or_default(), class: e.class, retain: e.retain, properties: e.properties, records: Vec::new(), coalesce: None })
 }

@@ -17,12 +17,28 @@
 //! states (see [`Class`]); entries in flight are never dropped. Only the
 //! first entries keep their payload in memory; the others are read back from
 //! the store when their turn comes, so a long outage costs disk, not memory.
+//!
+//! Paced, when the broker limits a connection's publishes (AWS IoT Core: 100
+//! per second, 512 KiB per second): [`Outbox::next`] then says when the next
+//! one may go ([`Next::Paced`]), answers, command states and shadow requests
+//! go before waiting telemetry and reports (order is kept within each of the
+//! two), and while the pace holds messages back a new telemetry document or
+//! shadow report joins the one still waiting on its topic ([`Coalesce`])
+//! instead of lengthening the queue. Only what was queued on this connection
+//! is joined: a backlog from an outage is history, and goes out whole.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use super::session::Properties;
+
+mod coalesce;
+mod pace;
+
+pub use coalesce::Coalesce;
+pub(crate) use pace::Pace;
 
 /// What a message is, which decides what is dropped first when the outbox is
 /// full, and whether it is worth keeping across a restart.
@@ -80,11 +96,19 @@ pub(crate) struct Entry {
     pub(crate) properties: Option<Properties>,
     /// Epoch ms when it was queued, for `max_age`.
     pub(crate) created_ms: u64,
+    /// Whether a newer message on its topic may join it while it waits (not
+    /// kept in the store: after a restart it is history).
+    pub(crate) coalesce: Option<Coalesce>,
 }
 
 impl Entry {
     pub(crate) fn new(class: Class, topic: String, payload: Bytes, retain: bool, properties: Option<Properties>, created_ms: u64) -> Entry {
-        Entry { seq: 0, class, size: payload.len(), topic, payload: Some(payload), retain, properties, created_ms }
+        Entry { seq: 0, class, size: payload.len(), topic, payload: Some(payload), retain, properties, created_ms, coalesce: None }
+    }
+
+    /// Answers, command states and shadow requests: what a cloud waits for.
+    fn is_prompt(&self) -> bool {
+        matches!(self.class, Class::Answer | Class::Volatile)
     }
 }
 
@@ -146,6 +170,8 @@ pub(crate) struct Pushed {
     /// What had to leave to make room (possibly the message itself, when it
     /// can never be sent or is the least important one).
     pub(crate) dropped: Vec<Dropped>,
+    /// It joined the message waiting on its topic (`seq` is that one's).
+    pub(crate) coalesced: bool,
 }
 
 /// What the connection actor should do next to move the queue.
@@ -157,6 +183,8 @@ pub(crate) enum Next<'a> {
     Load(Vec<u64>),
     /// Nothing can go now (empty, window full, or the next one is not on disk yet).
     Wait,
+    /// The next one may go at this instant (the broker's publish limit).
+    Paced(Instant),
 }
 
 #[derive(Debug)]
@@ -188,6 +216,25 @@ pub(crate) struct Outbox {
     resident: usize,
     per_class: [usize; 4],
     bytes: usize,
+    /// The broker's publish limit, if it has one.
+    pace: Option<Pace>,
+    /// Waiting answers and shadow requests, which go first when paced.
+    prompt: BTreeSet<u64>,
+    /// The pace is holding messages back (set by [`Outbox::next`], cleared
+    /// once nothing waits or the link is lost): new ones may join waiting ones.
+    congested: bool,
+    /// The first sequence number queued on the current connection: older
+    /// entries are history and are never joined.
+    joinable_from: u64,
+    /// Per topic, the newest waiting entry a newer message may join.
+    last_on_topic: HashMap<String, u64>,
+}
+
+/// Which entry [`Outbox::next`] offers; [`Outbox::mark_sent`] finds it again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pick {
+    Urgent,
+    Waiting(u64),
 }
 
 impl Outbox {
@@ -202,7 +249,18 @@ impl Outbox {
             resident: resident.max(window),
             per_class: [0; 4],
             bytes: 0,
+            pace: None,
+            prompt: BTreeSet::new(),
+            congested: false,
+            joinable_from: u64::MAX,
+            last_on_topic: HashMap::new(),
         }
+    }
+
+    /// Paces what is handed to the client (the broker's publish limit).
+    pub(crate) fn with_pace(mut self, pace: Option<Pace>) -> Self {
+        self.pace = pace;
+        self
     }
 
     /// Takes back what the store kept from before a restart (already stored,
@@ -211,6 +269,9 @@ impl Outbox {
         for entry in entries {
             self.next_seq = self.next_seq.max(entry.seq + 1);
             self.account(&entry, true);
+            if entry.is_prompt() {
+                self.prompt.insert(entry.seq);
+            }
             self.waiting.insert(entry.seq, Waiting { entry, ready: true, stored: true });
         }
         self.evict();
@@ -228,19 +289,51 @@ impl Outbox {
 
     /// Queues a message; see [`Pushed`].
     pub(crate) fn push(&mut self, mut entry: Entry) -> Pushed {
+        if entry.size > self.limits.max_payload {
+            entry.seq = self.next_seq;
+            self.next_seq += 1;
+            let dropped = dropped(&entry, DropReason::TooLarge, false);
+            return Pushed { seq: entry.seq, store: false, dropped: vec![dropped], coalesced: false };
+        }
+        if let Some(seq) = self.join(&entry) {
+            return Pushed { seq, store: true, dropped: self.enforce_bounds(), coalesced: true };
+        }
         entry.seq = self.next_seq;
         self.next_seq += 1;
         let seq = entry.seq;
-        if entry.size > self.limits.max_payload {
-            let dropped = dropped(&entry, DropReason::TooLarge, false);
-            return Pushed { seq, store: false, dropped: vec![dropped] };
-        }
         let volatile = entry.class == Class::Volatile;
         self.account(&entry, true);
+        if entry.is_prompt() {
+            self.prompt.insert(seq);
+        }
+        if entry.coalesce.is_some() {
+            self.last_on_topic.insert(entry.topic.clone(), seq);
+        }
         self.waiting.insert(seq, Waiting { entry, ready: volatile, stored: false });
         let dropped = self.enforce_bounds();
         let store = !volatile && self.waiting.contains_key(&seq);
-        Pushed { seq, store, dropped }
+        Pushed { seq, store, dropped, coalesced: false }
+    }
+
+    /// While the pace holds messages back, a joinable message joins the one
+    /// waiting on its topic, if that one was queued on this connection, is
+    /// still in memory and is of its kind. Returns that one's sequence
+    /// number; its new content must be stored again.
+    fn join(&mut self, entry: &Entry) -> Option<u64> {
+        let how = entry.coalesce?;
+        if !self.congested {
+            return None;
+        }
+        let seq = *self.last_on_topic.get(&entry.topic)?;
+        let w = self.waiting.get_mut(&seq).filter(|w| seq >= self.joinable_from && w.entry.class == entry.class && w.entry.coalesce.is_some())?;
+        let joined = coalesce::join(w.entry.payload.as_deref()?, entry.payload.as_deref()?, how)?;
+        self.bytes = self.bytes - w.entry.size + joined.len();
+        w.entry.size = joined.len();
+        w.entry.payload = Some(joined);
+        // Not sendable until the joined content is on disk too.
+        w.ready = false;
+        w.stored = false;
+        Some(seq)
     }
 
     /// Puts a volatile message ahead of everything waiting (the `online` presence).
@@ -261,23 +354,49 @@ impl Outbox {
         self.evict();
     }
 
-    /// What to do next; see [`Next`].
-    pub(crate) fn next(&self) -> Next<'_> {
-        if let Some(e) = self.urgent.front() {
-            return Next::Send(e);
+    /// What to do next; see [`Next`]. `now` is for the pace.
+    pub(crate) fn next(&mut self, now: Instant) -> Next<'_> {
+        if self.waiting.is_empty() {
+            self.congested = false;
         }
-        if self.sent.len() >= self.window {
-            return Next::Wait;
+        let Some(pick) = self.pick() else { return Next::Wait };
+        let entry = match pick {
+            Pick::Urgent => self.urgent.front(),
+            Pick::Waiting(seq) => self.waiting.get(&seq).map(|w| &w.entry),
+        };
+        let Some(entry) = entry else { return Next::Wait };
+        if let Some(at) = self.pace.as_ref().and_then(|p| p.wait(entry.size, now, entry.is_prompt())) {
+            self.congested = true;
+            return Next::Paced(at);
         }
-        let Some(front) = self.waiting.values().next() else { return Next::Wait };
-        if !front.ready {
-            return Next::Wait;
+        if entry.payload.is_some() {
+            return Next::Send(entry);
         }
-        if front.entry.payload.is_some() {
-            return Next::Send(&front.entry);
+        if self.prompt.contains(&entry.seq) && self.pace.is_some() {
+            return Next::Load(vec![entry.seq]);
         }
         let missing = self.waiting.values().take(self.resident).filter(|w| w.entry.payload.is_none()).map(|w| w.entry.seq).take(self.window);
         Next::Load(missing.collect())
+    }
+
+    /// The entry to offer next, if one may go (in order; when paced, prompt
+    /// ones first).
+    fn pick(&self) -> Option<Pick> {
+        if !self.urgent.is_empty() {
+            return Some(Pick::Urgent);
+        }
+        if self.sent.len() >= self.window {
+            return None;
+        }
+        if self.pace.is_some() {
+            if let Some(&seq) = self.prompt.first() {
+                if self.waiting.get(&seq).is_some_and(|w| w.ready) {
+                    return Some(Pick::Waiting(seq));
+                }
+            }
+        }
+        let front = self.waiting.values().next()?;
+        front.ready.then_some(Pick::Waiting(front.entry.seq))
     }
 
     /// Payloads read back from the store. An entry the store no longer has
@@ -289,7 +408,7 @@ impl Outbox {
             match (found.remove(seq), self.waiting.get_mut(seq)) {
                 (Some(payload), Some(w)) => w.entry.payload = Some(payload),
                 (None, Some(_)) => {
-                    if let Some(w) = self.waiting.remove(seq) {
+                    if let Some(w) = self.take_waiting(*seq) {
                         self.account(&w.entry, false);
                         lost.push(dropped(&w.entry, DropReason::Expired, false));
                     }
@@ -300,14 +419,40 @@ impl Outbox {
         lost
     }
 
-    /// The entry from [`Outbox::next`] was accepted by rumqttc.
-    pub(crate) fn mark_sent(&mut self) {
-        if let Some(entry) = self.urgent.pop_front() {
-            self.sent.push_back(Sent { entry, stored: false, pkid: None });
-        } else if let Some((_, w)) = self.waiting.pop_first() {
-            self.per_class[w.entry.class.index()] -= 1;
-            self.sent.push_back(Sent { entry: w.entry, stored: w.stored, pkid: None });
+    /// The entry from [`Outbox::next`] was accepted by rumqttc at `now`.
+    pub(crate) fn mark_sent(&mut self, now: Instant) {
+        let entry = match self.pick() {
+            Some(Pick::Urgent) => match self.urgent.pop_front() {
+                Some(entry) => {
+                    self.sent.push_back(Sent { entry, stored: false, pkid: None });
+                    self.sent.back().map(|s| &s.entry)
+                }
+                None => None,
+            },
+            Some(Pick::Waiting(seq)) => match self.take_waiting(seq) {
+                Some(w) => {
+                    self.per_class[w.entry.class.index()] -= 1;
+                    self.sent.push_back(Sent { entry: w.entry, stored: w.stored, pkid: None });
+                    self.sent.back().map(|s| &s.entry)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let size = entry.map(|e| e.size);
+        if let (Some(pace), Some(size)) = (self.pace.as_mut(), size) {
+            pace.sent(size, now);
         }
+    }
+
+    /// Removes a waiting entry and what points at it.
+    fn take_waiting(&mut self, seq: u64) -> Option<Waiting> {
+        let w = self.waiting.remove(&seq)?;
+        self.prompt.remove(&seq);
+        if self.last_on_topic.get(&w.entry.topic) == Some(&seq) {
+            self.last_on_topic.remove(&w.entry.topic);
+        }
+        Some(w)
     }
 
     /// rumqttc wrote a publish with this packet id: the oldest one without an id.
@@ -334,6 +479,7 @@ impl Outbox {
     /// Volatile entries of the old connection (an old presence, a `get`) are
     /// dropped and returned.
     pub(crate) fn on_connected(&mut self, session_present: bool) -> Vec<Dropped> {
+        self.joinable_from = self.next_seq;
         let mut stale = Vec::new();
         while let Some(entry) = self.urgent.pop_front() {
             self.bytes -= entry.size;
@@ -349,9 +495,19 @@ impl Outbox {
                 continue;
             }
             self.per_class[s.entry.class.index()] += 1;
+            if s.entry.is_prompt() {
+                self.prompt.insert(s.entry.seq);
+            }
             self.waiting.insert(s.entry.seq, Waiting { entry: s.entry, ready: true, stored: s.stored });
         }
         stale
+    }
+
+    /// The link is lost: what is queued from now on is history (never
+    /// joined), and nothing is held back by the pace any more.
+    pub(crate) fn on_link_lost(&mut self) {
+        self.congested = false;
+        self.joinable_from = u64::MAX;
     }
 
     /// Drops waiting entries older than `max_age`.
@@ -372,7 +528,7 @@ impl Outbox {
     }
 
     fn drop_waiting(&mut self, seq: u64, reason: DropReason) -> Option<Dropped> {
-        let w = self.waiting.remove(&seq)?;
+        let w = self.take_waiting(seq)?;
         self.account(&w.entry, false);
         // An entry not yet stored may still be on its way there: remove it anyway.
         Some(dropped(&w.entry, reason, w.entry.class != Class::Volatile))
@@ -465,7 +621,7 @@ pub(crate) fn decode(seq: u64, record: &[u8], with_payload: bool) -> Option<Entr
     };
     let size = r.0.len();
     let payload = with_payload.then(|| Bytes::copy_from_slice(r.0));
-    Some(Entry { seq, class, topic, payload, size, retain, properties, created_ms })
+    Some(Entry { seq, class, topic, payload, size, retain, properties, created_ms, coalesce: None })
 }
 
 /// The payload of an encoded entry.

@@ -46,7 +46,8 @@ pub struct Properties {
 #[derive(Debug)]
 pub(crate) enum Ev {
     ConnAck { session_present: bool },
-    SubAck { refused: usize },
+    /// A SUBACK: per filter of the SUBSCRIBE it answers, whether it was granted.
+    SubAck { granted: Vec<bool> },
     Publish { topic: String, payload: Bytes, properties: Option<Properties> },
     /// A PUBACK; `refused` carries an MQTT 5 reason code of 0x80 or above.
     PubAck { pkid: u16, refused: Option<String> },
@@ -184,7 +185,7 @@ impl EventLoop {
             EventLoop::V4(ev) => match ev.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => Ok(Ev::ConnAck { session_present: a.session_present }),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) => Ok(Ev::SubAck {
-                    refused: a.return_codes.iter().filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)).count(),
+                    granted: a.return_codes.iter().map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure)).collect(),
                 }),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ok(Ev::Publish {
                     topic: String::from_utf8_lossy(p.topic.as_ref()).into_owned(),
@@ -199,7 +200,7 @@ impl EventLoop {
             EventLoop::V5(ev) => match ev.poll().await {
                 Ok(rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(a))) => Ok(Ev::ConnAck { session_present: a.session_present }),
                 Ok(rumqttc::v5::Event::Incoming(p5::Packet::SubAck(a))) => Ok(Ev::SubAck {
-                    refused: a.return_codes.iter().filter(|c| !matches!(c, p5::SubscribeReasonCode::Success(_))).count(),
+                    granted: a.return_codes.iter().map(|c| matches!(c, p5::SubscribeReasonCode::Success(_))).collect(),
                 }),
                 Ok(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p))) => {
                     let properties = p.properties.map(|pp| Properties {

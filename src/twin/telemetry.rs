@@ -17,7 +17,7 @@ use super::epoch_ms;
 use super::json::{insert, to_json};
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Health, Snapshot};
-use crate::mqtt::{Class, ConnectionHandle};
+use crate::mqtt::{Class, Coalesce, ConnectionHandle, Publish};
 use crate::point::{Point, Value};
 
 /// Publishes the device's telemetry until `stop` fires.
@@ -46,17 +46,19 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
         if snap.health == Health::Unknown || sent == Some(snap.at) {
             continue;
         }
+        // At the broker's publish limit, a document still waiting on the
+        // topic takes in the next: a full one replaces it, a change merges.
         let doc = if full_due || snap.health != reported.health {
             full_due = false;
-            Some(reported.full(&device.points, &snap))
+            Some((reported.full(&device.points, &snap), Coalesce::Replace))
         } else if twin.report_on_change {
-            reported.changes(&device.points, &snap)
+            reported.changes(&device.points, &snap).map(|d| (d, Coalesce::Merge))
         } else {
             None
         };
-        if let Some(doc) = doc {
+        if let Some((doc, how)) = doc {
             sent = Some(snap.at);
-            conn.publish(Class::Telemetry, &topic, doc.to_string().into_bytes()).await;
+            conn.send(Publish::new(Class::Telemetry, topic.as_str(), doc.to_string().into_bytes()).coalescing(how)).await;
         }
     }
 }

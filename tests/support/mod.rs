@@ -1,11 +1,14 @@
 //! Shared test doubles: a gateway on free loopback ports with its embedded
 //! broker and simulator, the cloud's side of raw commands and telemetry
 //! ([`Cloud`]), and the AWS shadow service (`shadow`), both over the one test
-//! MQTT client (`mqtt`).
+//! MQTT client (`mqtt`); `quota` puts AWS IoT Core's per-connection quotas
+//! in front of a test broker.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod mqtt;
+pub mod quota;
 pub mod shadow;
+pub mod site;
 
 use std::path::Path;
 use std::time::Duration;

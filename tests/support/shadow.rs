@@ -28,7 +28,9 @@
 //! so the service never hears its own answers.
 //!
 //! Simplified: no things registry (any configured thing exists), no 48 h limit on
-//! version continuity after a delete, no 429 throttling, no persistent sessions.
+//! version continuity after a delete (a test asks for one with
+//! [`ShadowService::delete_and_forget_version`]), no 429 throttling unless
+//! injected, no persistent sessions.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, VecDeque};
@@ -124,6 +126,8 @@ struct Entry {
     deletes: usize,
     fail_next: VecDeque<u16>,
     fail_next_get: VecDeque<u16>,
+    /// Get requests still to leave unanswered, as a lost message would.
+    drop_gets: usize,
 }
 
 #[derive(Default)]
@@ -364,6 +368,21 @@ impl ShadowService {
         self.inner.lock().entries.entry(key(thing, name)).or_default().fail_next_get.push_back(code);
     }
 
+    /// Leaves the next `count` get requests for this shadow unanswered (as if
+    /// the request or its answer were lost); they are still counted.
+    pub fn drop_next_gets(&self, thing: &str, name: Option<&str>, count: usize) {
+        self.inner.lock().entries.entry(key(thing, name)).or_default().drop_gets += count;
+    }
+
+    /// Deletes the shadow as the application would, long enough ago that the
+    /// next one starts again at version 1 (AWS keeps the version across a
+    /// delete for 48 hours only). Publishes `delete/accepted`.
+    pub async fn delete_and_forget_version(&self, thing: &str, name: Option<&str>) {
+        self.delete(thing, name).await;
+        self.inner.lock().entries.entry(key(thing, name)).or_default().last_version = 0;
+        self.inner.bump();
+    }
+
     /// Moves the clock by `secs` (negative: into the past) for what follows.
     pub fn set_clock_offset(&self, secs: i64) {
         self.inner.offset.store(secs, Ordering::SeqCst);
@@ -577,6 +596,12 @@ impl Inner {
         match op {
             Op::Get => {
                 entry.gets += 1;
+                if entry.drop_gets > 0 {
+                    entry.drop_gets -= 1;
+                    drop(st);
+                    self.bump();
+                    return;
+                }
                 let injected = entry.fail_next_get.pop_front();
                 match (simple_request(payload), injected) {
                     (Err(r), _) => out.push((format!("{prefix}/get/rejected"), r.to_json(now))),
