@@ -445,9 +445,10 @@ pub struct Twin {
     pub acknowledge: bool,
     /// Whether `{"shutdown": true}` may stop the gateway.
     pub allow_shutdown: bool,
-    /// Topic filters an MQTT 5 Response Topic may name; others are refused,
-    /// so that a command cannot make the gateway publish anywhere it may.
-    /// Default: only `responses`.
+    /// Topic filters the gateway may publish to at a cloud's request: an
+    /// MQTT 5 Response Topic, a shadow `relay-command`'s topic, a command's
+    /// `response_topic`. Others are refused, so that a command cannot make
+    /// the gateway publish anywhere it may. Default: only `responses`.
     pub response_topics: Vec<String>,
     /// The AWS IoT device shadows this device is the twin of: none, one, or
     /// several that share its points (a device too large for one shadow).
@@ -481,6 +482,9 @@ pub struct ShadowBinding {
     pub running_interval: Duration,
     /// Indices of the device's points this shadow serves.
     pub points: Vec<usize>,
+    /// Topic filters a `relay-command`'s topic or a command's
+    /// `response_topic` must fall under (the twin's `response_topics`).
+    pub reply_topics: Vec<String>,
 }
 
 impl ShadowBinding {

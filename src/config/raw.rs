@@ -518,7 +518,9 @@ pub(crate) struct RawTwin {
     pub(crate) acknowledge: Option<bool>,
     /// Whether `{"shutdown": true}` may stop the gateway (default false).
     pub(crate) allow_shutdown: Option<bool>,
-    /// Topic filters an MQTT 5 Response Topic may name (default: only `responses`).
+    /// Topic filters the gateway may publish to at a cloud's request: an MQTT 5
+    /// Response Topic, a shadow relay-command's topic, a command's
+    /// response_topic (default: only `responses`).
     #[schemars(with = "Option<Vec<String>>")]
     pub(crate) response_topics: Option<Vec<S<String>>>,
     /// The AWS IoT device shadow this device is the twin of.

@@ -880,7 +880,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
     let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
-    let response_topics = match &raw.response_topics {
+    let response_topics: Vec<String> = match &raw.response_topics {
         None => responses.iter().cloned().collect(),
         Some(list) => list
             .iter()
@@ -901,7 +901,10 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
             c.at(list, &format!("{path}.shadows"), "is empty (write at least one `{ thing: name }`)");
         }
     }
-    let shadows: Vec<ShadowBinding> = super::shadows::raw_shadows(raw, path).into_iter().map(|(s, at)| shadow(c, s, &at)).collect();
+    let shadows: Vec<ShadowBinding> = super::shadows::raw_shadows(raw, path)
+        .into_iter()
+        .map(|(s, at)| ShadowBinding { reply_topics: response_topics.clone(), ..shadow(c, s, &at) })
+        .collect();
     if raw.commands.is_none() && raw.telemetry.is_none() && shadows.is_empty() {
         c.at(t, path, "binds nothing: give it `commands`/`responses`, `telemetry` or `shadow`");
     }
@@ -938,8 +941,8 @@ fn shadow(c: &mut Checker, s: &Spanned<RawShadow>, path: &str) -> ShadowBinding 
         }
     }
     let running_interval = c.duration(raw.running_interval.as_ref(), &format!("{path}.running_interval"), Duration::from_secs(10), Duration::from_millis(100));
-    // The points are set once the device's are known.
-    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval, points: Vec::new() }
+    // The points are set once the device's are known, the reply topics by the twin.
+    ShadowBinding { thing: raw.thing.value.clone(), name: raw.name.as_ref().map(|n| n.value.clone()), errors_key, running_interval, points: Vec::new(), reply_topics: Vec::new() }
 }
 
 /// One shadow has one owner: two devices (or one device twice) writing one

@@ -108,7 +108,7 @@ devices:
     unit: 1
     profile: pump
     poll: 200ms
-    twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }}
+    twin: {{ connection: aws, response_topics: ["cmd/+/response"], shadow: {{ thing: pump-1 }} }}
 {extra_devices}
 simulators:
   sim: {{ listen: "127.0.0.1:{{MODBUS}}", serves: [pump-1{served}], initial: {{ deviceData.temperature: 21.5, deviceAttrib.setpoint: 40 }} }}

@@ -30,7 +30,7 @@ use super::clock::ServiceClock;
 use super::doc::{at_path, command_id, merge, metadata_timestamp, newest_timestamp, prune, short_reason};
 use crate::config::{CommandDef, ShadowBinding};
 use crate::device::{Health, Outcome, Snapshot};
-use crate::mqtt::{Class, Coalesce, Publish};
+use crate::mqtt::{topic_matches, valid_topic, Class, Coalesce, Publish};
 use crate::point::{Encoded, Point, Value};
 use crate::store::{Applied, CommandState, Op};
 use crate::twin::json::{from_json, insert, leaves, to_json};
@@ -604,8 +604,13 @@ impl Core {
         match name.as_str() {
             "relay-command" => {
                 let topic = body["topic"].as_str().unwrap_or_default();
-                if topic.is_empty() || topic.contains(['+', '#']) {
+                if !valid_topic(topic) {
                     return self.finish_command(id, &body, failure("relay-command needs a \"topic\" without wildcards".into()), out);
+                }
+                if !self.may_publish_to(topic) {
+                    // Short: a shadow keeps 96 bytes of a reason.
+                    let reason = format!("topic {topic:?} is not in the twin's response_topics");
+                    return self.finish_command(id, &body, failure(reason), out);
                 }
                 let msg = json!({"msg": body["message"], "deviceId": self.setup.binding.thing});
                 let relay = Publish::new(Class::Answer, topic, msg.to_string().into_bytes());
@@ -677,9 +682,21 @@ impl Core {
         self.report(json!({"command": Json::Object(states)}), out);
     }
 
-    /// Sends a command's state to its `response_topic`, when it named one.
+    /// Whether a cloud may make the gateway publish on `topic`: only on the
+    /// twin's `response_topics` (else a shadow command could write another
+    /// device's command topic).
+    fn may_publish_to(&self, topic: &str) -> bool {
+        self.setup.binding.reply_topics.iter().any(|f| topic_matches(f, topic))
+    }
+
+    /// Sends a command's state to its `response_topic`, when it named one
+    /// the twin allows (see [`Core::may_publish_to`]).
     fn publish_state(&self, body: &Json, id: &str, state: &Json, out: &mut Vec<Action>) {
-        if let Some(topic) = body["response_topic"].as_str().filter(|t| !t.is_empty() && !t.contains(['+', '#'])) {
+        if let Some(topic) = body["response_topic"].as_str().filter(|t| valid_topic(t)) {
+            if !self.may_publish_to(topic) {
+                tracing::warn!(shadow = %self.setup.binding.prefix(), %id, topic, "a command's response_topic is not among the twin's response_topics: its state is only reported in the shadow");
+                return;
+            }
             let mut doc = state.clone();
             doc["id"] = json!(id);
             out.push(Action::Publish(Publish::new(Class::Answer, topic, doc.to_string().into_bytes())));

@@ -20,7 +20,7 @@ profiles:
     commands:
       hold: { steps: [ { wait: 5s } ] }
 devices:
-  pump-1: { bus: line, unit: 1, profile: pump, twin: { connection: aws, shadow: { thing: pump-1, running_interval: 1s } } }
+  pump-1: { bus: line, unit: 1, profile: pump, twin: { connection: aws, response_topics: [relay/out], shadow: { thing: pump-1, running_interval: 1s } } }
 "#;
     Config::parse(yaml, std::path::Path::new("core.yaml")).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -451,4 +451,17 @@ fn a_report_over_8_kb_is_not_sent_nor_split() {
     core.report(json!({"deviceData": {"log": "x".repeat(MAX_DOCUMENT)}}), &mut out);
     assert!(published(&out).is_empty());
     let _ = t0;
+}
+
+#[test]
+fn a_relay_command_to_a_topic_the_twin_does_not_allow_fails_and_publishes_nothing() {
+    let (mut core, t0, token) = started(Remembered::default());
+    core.handle(message("/get/accepted", get_doc(&token, 1, json!({}), T)), t0);
+    let cmd = json!({"relay-command": {"id": "evil", "message": "m", "topic": "site/boiler/cmd"}});
+    let out = core.handle(message("/update/delta", delta_doc(2, json!({"command": [cmd]}), T, T)), t0);
+    assert!(runs(&out).is_empty(), "not run");
+    assert!(!published(&out).iter().any(|(t, _)| t == "site/boiler/cmd"), "nothing relayed");
+    let r = reported(&out);
+    let reason = r["command"]["evil"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("site/boiler/cmd") && reason.contains("response_topics"), "{r}");
 }
