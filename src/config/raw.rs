@@ -286,6 +286,7 @@ pub(crate) struct RawPoint {
     pub(crate) max: Option<S<RawNumber>>,
     pub(crate) allowed: Option<S<Vec<S<RawNumber>>>>,
     pub(crate) deadband: Option<S<f64>>,
+    pub(crate) trigger: Option<S<bool>>,
 }
 
 /// A limit as written: a whole number without a point or an exponent stays
