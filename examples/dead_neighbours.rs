@@ -1,13 +1,13 @@
 //! Benchmark: does a dead device on a line slow down the healthy one?
 //!
 //! Starts a gateway in-process on one Modbus TCP bus (timeout 300 ms, the
-//! default one retry) against the built-in simulator, with some units made
-//! silent (dead), for three lines: 1 dead of 2 units, 10 dead of 11, and
-//! 20 dead of 200. Every unit is polled every second (two requests a poll).
-//! Unit 1 is healthy and has a raw command twin; the bench plays the cloud.
+//! default one retry) against the built-in simulator, for three lines: 1
+//! dead of 2 units, 10 dead of 11, and 20 dead of 200. Every unit is polled
+//! every second (two requests a poll) and has a telemetry twin. Unit 1 is
+//! healthy and also takes raw commands; the bench plays the cloud.
 //!
-//! After a warm-up that lets the gateway find the dead units, it measures for
-//! a while:
+//! The dead units never answer. After a warm-up in which the gateway finds
+//! them dead, the bench measures:
 //! - command latency: MQTT publish of a `set` → its answer on the response
 //!   topic (the value written and read back), one command at a time with a
 //!   random pause of 50–250 ms between them, so commands arrive at every
@@ -18,6 +18,12 @@
 //!
 //! Targets (issue 8): command p99 ≤ 400 ms, and poll gap ≤ poll period
 //! (1 s) + 400 ms.
+//!
+//! Two more lines, for information (no target): units that were answering
+//! all go silent at the same moment (a section of the plant loses power),
+//! measured from that moment. Each of them must time out once before the
+//! gateway can know it is dead, so the line is busy with those timeouts for a
+//! while.
 //!
 //! Run: `cargo run --release --example dead_neighbours [SECONDS]` (seconds
 //! measured per line, default 30). Figures on a shared machine vary.
@@ -31,7 +37,8 @@ use twinbus::gateway::Gateway;
 
 const TIMEOUT_MS: u64 = 300;
 const POLL_MS: u64 = 1000;
-const WARM_UP: Duration = Duration::from_secs(8);
+/// Long enough for the first poll round to find the dead units dead.
+const WARM_UP: Duration = Duration::from_secs(10);
 
 fn config(mqtt: u16, modbus: u16, units: u8, tag: &str) -> String {
     let mut yaml = format!(
@@ -55,7 +62,10 @@ devices:
 "#
     );
     for u in 2..=units {
-        yaml.push_str(&format!("  u{u}: {{ bus: line, unit: {u}, profile: pump, poll: {POLL_MS}ms }}\n"));
+        // Each with a telemetry twin, as on a real site (and because a device
+        // without any twin stopped at once before issue 8).
+        let twin = format!("{{ connection: local, telemetry: bench/u{u}/data }}");
+        yaml.push_str(&format!("  u{u}: {{ bus: line, unit: {u}, profile: pump, poll: {POLL_MS}ms, twin: {twin} }}\n"));
     }
     let served: Vec<String> = (1..=units).map(|u| format!("u{u}")).collect();
     yaml.push_str(&format!("simulators:\n  sim: {{ listen: \"127.0.0.1:{modbus}\", serves: [{}] }}\n", served.join(", ")));
@@ -116,21 +126,39 @@ fn figures(mut ms: Vec<f64>) -> Figures {
     Figures { n: ms.len(), p50: at(0.5), p99: at(0.99), max: at(1.0) }
 }
 
-async fn line(dead: u8, units: u8, seconds: u64) -> anyhow::Result<()> {
+/// When the dead units stop answering.
+#[derive(Clone, Copy, PartialEq)]
+enum Death {
+    /// Before the gateway starts: they never answer.
+    Before,
+    /// All at once, after every unit answered for a few seconds.
+    Together,
+}
+
+async fn line(dead: u8, units: u8, death: Death, seconds: u64) -> anyhow::Result<()> {
     let (mqtt, modbus) = (free_port()?, free_port()?);
     let yaml = config(mqtt, modbus, units, &format!("{dead}-{units}"));
     let config = Config::parse(&yaml, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let gateway = Gateway::start(&config).await?;
     let sim = gateway.simulator("sim").ok_or_else(|| anyhow::anyhow!("no simulator"))?.clone();
-    for u in (units - dead + 1)..=units {
-        sim.set_silent(u, true);
+    let silence = || {
+        for u in (units - dead + 1)..=units {
+            sim.set_silent(u, true);
+        }
+    };
+    if death == Death::Before {
+        silence();
     }
     if !gateway.wait_ready(Duration::from_secs(10)).await {
         anyhow::bail!("the gateway's MQTT session did not come up");
     }
     let (client, mut answers) = cloud(mqtt).await?;
-    tokio::time::sleep(WARM_UP).await;
-
+    if death == Death::Before {
+        tokio::time::sleep(WARM_UP).await;
+    } else {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        silence();
+    }
     let started = Instant::now();
     let end = started + Duration::from_secs(seconds);
     let mut latencies = Vec::new();
@@ -165,18 +193,23 @@ async fn line(dead: u8, units: u8, seconds: u64) -> anyhow::Result<()> {
     }
     let stopped = Instant::now();
 
-    let polls: Vec<Instant> = sim
-        .request_log()
-        .into_iter()
-        .filter(|r| r.unit == 1 && r.function == 4 && r.at >= started && r.at <= stopped)
-        .map(|r| r.at)
-        .collect();
+    let log: Vec<_> = sim.request_log().into_iter().filter(|r| r.at >= started && r.at <= stopped).collect();
+    let polls: Vec<Instant> = log.iter().filter(|r| r.unit == 1 && r.function == 4).map(|r| r.at).collect();
+    let unanswered = log.iter().filter(|r| !r.answered).count();
     let gaps: Vec<f64> = polls.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0).collect();
     let c = figures(latencies);
     let g = figures(gaps);
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    let label = match death {
+        Death::Before => format!("{dead:>2} dead of {units:>3}"),
+        Death::Together => format!("{dead:>2} of {units:>3} die"),
+    };
+    let verdict = |ok: bool| match death {
+        Death::Before => verdict(ok),
+        Death::Together => "no target",
+    };
     println!(
-        "{dead:>2} dead of {units:>3}: commands n={:<4} p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({failed} failed, {lost} unanswered; target p99 ≤ 400 ms: {})",
+        "{label}: commands n={:<4} p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({failed} failed, {lost} unanswered; target p99 ≤ 400 ms: {})",
         c.n,
         c.p50,
         c.p99,
@@ -184,7 +217,7 @@ async fn line(dead: u8, units: u8, seconds: u64) -> anyhow::Result<()> {
         verdict(c.p99 <= 400.0)
     );
     println!(
-        "                poll gaps n={:<4} p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  (target max ≤ {} ms: {})",
+        "                  poll gaps n={:<4} p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  (target max ≤ {} ms: {}); {unanswered} requests to dead units",
         g.n,
         g.p50,
         g.p99,
@@ -199,10 +232,15 @@ async fn line(dead: u8, units: u8, seconds: u64) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let seconds: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(30);
-    println!("one Modbus TCP line, timeout {TIMEOUT_MS} ms, 1 retry, every unit polled every {POLL_MS} ms; {seconds} s measured per line after {WARM_UP:?} of warm-up");
+    println!("one Modbus TCP line, timeout {TIMEOUT_MS} ms, 1 retry, every unit polled every {POLL_MS} ms; {seconds} s measured per line");
     println!("command latency: MQTT publish of a set → its answer (written and read back)");
+    println!("dead from the start, measured after {WARM_UP:?} of warm-up:");
     for (dead, units) in [(1, 2), (10, 11), (20, 200)] {
-        line(dead, units, seconds).await?;
+        line(dead, units, Death::Before, seconds).await?;
+    }
+    println!("answering for 4 s, then silent all at once, measured from that moment:");
+    for (dead, units) in [(10, 11), (20, 200)] {
+        line(dead, units, Death::Together, seconds).await?;
     }
     Ok(())
 }
