@@ -155,7 +155,7 @@ impl Waiting for LeaseAsk {
 
 #[derive(Debug)]
 enum Msg {
-    Poll(Job, PollKind),
+    Poll(Job),
     Lease(LeaseAsk),
     Call(LeaseId, Job),
 }
@@ -173,7 +173,7 @@ impl BusHandle {
     pub async fn poll(&self, unit: u8, ops: Vec<Op>, kind: PollKind) -> PendingPoll {
         let (job, answer) = Job::new(unit, ops, Some(kind));
         // A failed send drops the job: the receiver then says the bus is gone.
-        let _ = self.tx.send(Msg::Poll(job, kind)).await;
+        let _ = self.tx.send(Msg::Poll(job)).await;
         answer
     }
 
@@ -320,7 +320,10 @@ impl BusOwner {
 
 fn accept(queue: &mut Queue<Job, LeaseAsk>, msg: Msg) {
     match msg {
-        Msg::Poll(job, kind) => queue.push_poll(job, kind),
+        Msg::Poll(job) => {
+            let kind = job.kind.unwrap_or(PollKind::Routine);
+            queue.push_poll(job, kind);
+        }
         Msg::Lease(ask) => queue.push_lease(ask),
         // A call under a lease already released was abandoned with it:
         // dropping it answers "closed".
