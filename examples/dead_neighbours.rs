@@ -166,7 +166,7 @@ async fn line(dead: u8, units: u8, death: Death, seconds: u64) -> anyhow::Result
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut i = 0u64;
     while Instant::now() < end {
-        let value = if i % 2 == 0 { "on" } else { "off" };
+        let value = if i.is_multiple_of(2) { "on" } else { "off" };
         let cmd = format!(r#"{{"id":"{i}","set":{{"deviceAttrib":{{"motorStatus":"{value}"}}}}}}"#);
         let sent = Instant::now();
         client.publish("bench/cmd", QoS::AtLeastOnce, false, cmd).await?;

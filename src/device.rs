@@ -24,7 +24,7 @@
 mod liveness;
 mod verify;
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -149,9 +149,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
 
 /// A jitter seed that differs between devices and between runs.
 fn seed(name: &str, unit: u8) -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    (name, unit).hash(&mut h);
-    h.finish()
+    std::collections::hash_map::RandomState::new().hash_one((name, unit))
 }
 
 struct DeviceActor {
@@ -240,8 +238,7 @@ impl DeviceActor {
 
     /// Takes in a cycle's answers; returns the cycle if it goes on (a retry).
     async fn on_poll_answer(&mut self, cycle: Cycle, answers: Vec<Done>) -> Option<Cycle> {
-        let mut block = cycle.first;
-        for done in answers {
+        for (block, done) in (cycle.first..).zip(answers) {
             let Some(b) = self.blocks.get(block).cloned() else { break };
             match &done.result {
                 Ok(reply) => {
@@ -265,7 +262,6 @@ impl DeviceActor {
                     return self.end_cycle();
                 }
             }
-            block += 1;
         }
         // Fewer answers than reads, without a failure, means the bus has
         // stopped (shutdown): nothing to conclude about the device.
