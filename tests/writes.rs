@@ -131,3 +131,36 @@ async fn a_write_to_a_device_known_offline_costs_one_request() {
     assert_eq!(h.sim.requests() - before, 1, "one write, nothing more");
     h.gateway.shutdown().await;
 }
+
+/// Tools outside the device actors (commissioning) use one-off calls: a
+/// read is asked again after silence, a write is sent once whatever the
+/// retries, since nothing there reads it back first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_off_call_asks_a_read_again_but_sends_a_write_once() {
+    use twinbus::modbus::{spawn_bus, BusError, Op, Priority, Reply};
+
+    let h = start(CONFIG).await;
+    let config = twinbus::config::Config::parse(
+        &CONFIG.replace("{MQTT}", "1883").replace("{MODBUS}", &h.sim.addr.port().to_string()),
+        std::path::Path::new("test.yaml"),
+    )
+    .expect("valid");
+    let (tasks, _failures) = twinbus::lifecycle::Tasks::new();
+    let bus = spawn_bus(config.buses[0].clone(), &tasks);
+
+    let read = bus.call(Priority::Command, 1, Op::ReadHoldingRegisters(20, 2), 2).await;
+    assert_eq!(read, Ok(Reply::Words(vec![0, 0])));
+
+    h.sim.set_silent(1, true);
+    let before = h.sim.requests();
+    let write = bus.call(Priority::Command, 1, Op::WriteRegisters(20, vec![1]), 2).await;
+    assert!(matches!(write, Err(BusError::Timeout(_))), "{write:?}");
+    assert_eq!(h.sim.requests() - before, 1, "a write is sent once");
+    let before = h.sim.requests();
+    let read = bus.call(Priority::Poll, 1, Op::ReadHoldingRegisters(20, 1), 2).await;
+    assert!(matches!(read, Err(BusError::Timeout(_))), "{read:?}");
+    assert_eq!(h.sim.requests() - before, 3, "a read is asked again twice");
+    tasks.stopping();
+    drop(bus);
+    h.gateway.shutdown().await;
+}

@@ -53,6 +53,13 @@ pub enum Op {
     MaskWriteRegister(u16, u16, u16),
 }
 
+impl Op {
+    /// Whether it changes the device.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Op::WriteCoils(..) | Op::WriteRegisters(..) | Op::MaskWriteRegister(..))
+    }
+}
+
 /// What a successful transaction returned.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
@@ -160,6 +167,15 @@ enum Msg {
     Call(LeaseId, Job),
 }
 
+/// Which tier a one-off transaction ([`BusHandle::call`]) waits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Ahead of every poll, like a command.
+    Command,
+    /// With the routine polls.
+    Poll,
+}
+
 /// The sending side of a bus; cheap to clone, one per device actor.
 #[derive(Clone, Debug)]
 pub struct BusHandle {
@@ -175,6 +191,29 @@ impl BusHandle {
         // A failed send drops the job: the receiver then says the bus is gone.
         let _ = self.tx.send(Msg::Poll(job)).await;
         answer
+    }
+
+    /// One transaction for a caller that is not a device actor (commissioning
+    /// tools): `retries` extra attempts after silence for a read; a write is
+    /// sent once, since only a read-back could tell whether sending it again
+    /// is safe (device actors do that).
+    pub async fn call(&self, priority: Priority, unit: u8, op: Op, retries: u8) -> Result<Reply, BusError> {
+        let attempts = if op.is_write() { 1 } else { u16::from(retries) + 1 };
+        let lease = match priority {
+            Priority::Command => Some(self.lease(unit).await?),
+            Priority::Poll => None,
+        };
+        let mut last = Done::closed();
+        for _ in 0..attempts {
+            last = match &lease {
+                Some(lease) => lease.call(op.clone()).await,
+                None => self.poll(unit, vec![op.clone()], PollKind::Routine).await.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed),
+            };
+            if !matches!(&last.result, Err(e) if e.is_unreachable()) {
+                break;
+            }
+        }
+        last.result
     }
 
     /// Waits until the line is free of other commands and of the transaction
