@@ -3,27 +3,40 @@
 //! It polls the device's readable points on a schedule, executes writes and
 //! reads asked for by twin adapters, and reads written points back so that
 //! the cloud learns what the device really holds. It publishes a [`Snapshot`]
-//! after every poll: values plus health. A device that stops answering is
-//! marked offline with the reason, its values are dropped (never reported
-//! stale), and it is polled on a backoff schedule until it answers again.
+//! after every poll, and at once when a command finds the device online or
+//! offline: values plus health. A device that stops answering is marked
+//! offline with the reason, its values are dropped (never reported stale),
+//! and it is probed on a backoff schedule until it answers again; the first
+//! answer to any transaction, a command's included, brings it back.
 //!
-//! Commands are served between the reads of a poll cycle, and the bus owner
-//! puts them ahead of other devices' polls. The actor never sees MQTT or JSON:
-//! it gets validated, encoded writes ([`Encoded`]) and returns typed values.
+//! The actor never waits for its own polls: it hands each read to the bus
+//! and keeps taking commands while the read waits in the bus queue. A
+//! command takes the line ahead of every poll ([`BusHandle::lease`]) and
+//! holds it for its writes, verifications and read-back. The decisions live
+//! in plain structs: `liveness.rs` (health and poll schedule) and
+//! `verify.rs` (what to do when a write gets no answer); this file is the
+//! I/O around them. Answers are ordered by the bus's transaction numbers, so
+//! a poll's reply read after a command's never overwrites the newer value.
+//!
+//! The actor never sees MQTT or JSON: it gets validated, encoded writes
+//! ([`Encoded`]) and returns typed values.
 
+mod liveness;
+mod verify;
+
+use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::liveness::{Change, Liveness};
+use self::verify::{Expect, Step, Verdict, WriteCheck};
 use crate::config::{Device, ReadLimits};
-use crate::modbus::{plan_reads, plan_writes, BusError, BusHandle, Op, Priority, Reply, WriteOp};
+use crate::modbus::{plan_reads, plan_writes, BusError, BusHandle, Done, Lease, Op, PendingPoll, PollKind, ReadBlock, Reply, WriteOp};
 use crate::point::{Encoded, Point, Value};
-
-/// Longest wait between two polls of an offline device.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Whether the device answers.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,7 +116,8 @@ impl DeviceHandle {
     }
 }
 
-/// Starts the actor of one device on `tasks`. When `cancel` fires it stops
+/// Starts the actor of one device on `tasks`. It polls until `cancel` fires,
+/// whether or not anything holds its handle. When `cancel` fires it stops
 /// polling at once (a poll on the wire finishes there: the bus owner never
 /// cuts a transaction), finishes the command it is executing, and answers
 /// those still queued with "shutting down" without touching the device.
@@ -113,59 +127,82 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
     let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now() };
     let (state_tx, state) = watch::channel(Arc::new(empty.clone()));
     let (tx, rx) = mpsc::channel(32);
+    let readable: Vec<usize> = (0..n).filter(|&i| points[i].access.readable()).collect();
     let actor = DeviceActor {
         name: device.name.clone(),
         unit: device.unit,
+        blocks: plan_reads(&points, &readable, &device.read),
         points: points.clone(),
         limits: device.read,
         mask_write: device.mask_write,
-        poll: device.poll,
         retries,
         bus,
         rx,
         state_tx,
         current: empty,
-        failures: 0,
+        seen: vec![0; n],
+        liveness: Liveness::new(device.poll, Instant::now().into_std(), seed(&device.name, device.unit)),
     };
     tasks.spawn(&format!("device {}", device.name), actor.run(cancel));
     DeviceHandle { name: device.name.clone(), points, tx, state }
+}
+
+/// A jitter seed that differs between devices and between runs.
+fn seed(name: &str, unit: u8) -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one((name, unit))
 }
 
 struct DeviceActor {
     name: String,
     unit: u8,
     points: Arc<Vec<Point>>,
+    /// The reads of one poll cycle, planned once.
+    blocks: Vec<ReadBlock>,
     limits: ReadLimits,
     mask_write: bool,
-    poll: Duration,
     retries: u8,
     bus: BusHandle,
     rx: mpsc::Receiver<Msg>,
     state_tx: watch::Sender<Arc<Snapshot>>,
     current: Snapshot,
-    /// Consecutive poll cycles that found the device unreachable.
-    failures: u32,
+    /// Per point: the bus transaction number its value (or error) came from.
+    seen: Vec<u64>,
+    liveness: Liveness,
+}
+
+/// A poll cycle under way: the blocks asked for (from `first` on), which
+/// attempt, and their answers.
+struct Cycle {
+    first: usize,
+    attempt: u8,
+    pending: PendingPoll,
 }
 
 impl DeviceActor {
     async fn run(mut self, cancel: CancellationToken) {
-        let mut next_poll = Instant::now();
+        let mut cycle: Option<Cycle> = None;
+        let mut inbox_open = true;
         loop {
+            let due = Instant::from_std(self.liveness.due());
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                msg = self.rx.recv() => match msg {
-                    Some(msg) => self.handle(msg).await,
-                    None => break,
-                },
-                () = tokio::time::sleep_until(next_poll) => {
-                    if !self.poll_cycle(&cancel).await {
-                        break;
-                    }
-                    next_poll = Instant::now() + self.poll_delay();
+                done = answer(&mut cycle) => {
+                    cycle = match cycle.take() {
+                        Some(c) => self.on_poll_answer(c, done).await,
+                        None => None,
+                    };
                 }
+                msg = self.rx.recv(), if inbox_open => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    // No adapter left (or none ever): keep polling until cancelled.
+                    None => inbox_open = false,
+                },
+                () = tokio::time::sleep_until(due), if cycle.is_none() => cycle = self.start_cycle().await,
             }
         }
+        // Dropping `cycle` withdraws a poll still waiting in the bus queue.
+        drop(cycle);
         // Answer what is still queued without touching the device: with dead
         // devices on the line, executing it could outlast any stop deadline.
         self.rx.close();
@@ -180,77 +217,91 @@ impl DeviceActor {
         tracing::debug!(device = %self.name, "device actor stopped");
     }
 
-    fn poll_delay(&self) -> Duration {
-        if self.failures == 0 {
-            return self.poll;
+    async fn start_cycle(&mut self) -> Option<Cycle> {
+        if self.blocks.is_empty() {
+            // Nothing to read: health comes from commands alone.
+            self.liveness.cycle_done(std::time::Instant::now());
+            return None;
         }
-        let factor = 1u32 << self.failures.min(6);
-        (self.poll * factor).min(MAX_BACKOFF.max(self.poll))
+        Some(self.ask_blocks(0, 1).await)
     }
 
-    async fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Write { writes, reply } => {
-                let outcome = self.write(writes).await;
-                let _ = reply.send(outcome);
-            }
-            Msg::Read { points, reply } => {
-                let outcome = self.read(&points, Priority::Command).await;
-                let _ = reply.send(outcome);
-            }
-        }
+    /// Asks the bus for blocks `first..` in one go: they run back to back.
+    async fn ask_blocks(&mut self, first: usize, attempt: u8) -> Cycle {
+        let ops = self.blocks[first..].iter().map(ReadBlock::op).collect();
+        // A retry waits with the probes: this device has just failed to
+        // answer, and must not hold up the ones that do.
+        let kind = if attempt > 1 { PollKind::Probe } else { self.liveness.kind() };
+        let pending = self.bus.poll(self.unit, ops, kind).await;
+        Cycle { first, attempt, pending }
     }
 
-    /// One poll of every readable point; false when `cancel` fired in the
-    /// middle (the cycle is abandoned, nothing is published).
-    async fn poll_cycle(&mut self, cancel: &CancellationToken) -> bool {
-        let readable: Vec<usize> = (0..self.points.len()).filter(|&i| self.points[i].access.readable()).collect();
-        let blocks = plan_reads(&self.points, &readable, &self.limits);
-        let mut unreachable = None;
-        for block in blocks {
-            // Commands go ahead of the rest of the cycle.
-            while let Ok(msg) = self.rx.try_recv() {
-                self.handle(msg).await;
-            }
-            let call = self.bus.call(Priority::Poll, self.unit, block.op(), self.retries);
-            let result = tokio::select! {
-                biased;
-                // Dropping the call withdraws it from the bus's queue.
-                () = cancel.cancelled() => return false,
-                r = call => r,
-            };
-            match result {
+    /// Takes in a cycle's answers; returns the cycle if it goes on (a retry).
+    async fn on_poll_answer(&mut self, cycle: Cycle, answers: Vec<Done>) -> Option<Cycle> {
+        for (block, done) in (cycle.first..).zip(answers) {
+            let Some(b) = self.blocks.get(block).cloned() else { break };
+            match &done.result {
                 Ok(reply) => {
-                    for (i, v) in decode_block(&self.points, block.start, &block.points, &reply) {
-                        self.store(i, v);
+                    for (i, v) in decode_block(&self.points, b.start, &b.points, reply) {
+                        self.store(i, v, done.seq);
                     }
+                    self.heard(done.seq);
                 }
-                Err(e) if e.is_unreachable() => {
-                    unreachable = Some(e);
-                    break;
+                Err(e) if !e.is_unreachable() => {
+                    for &i in &b.points {
+                        self.store(i, Err(e.to_string()), done.seq);
+                    }
+                    self.heard(done.seq);
+                }
+                Err(_) if cycle.attempt < self.liveness.attempts(self.retries) => {
+                    return Some(self.ask_blocks(block, cycle.attempt + 1).await);
                 }
                 Err(e) => {
-                    for &i in &block.points {
-                        self.store(i, Err(e.to_string()));
-                    }
+                    // The bus stopped the cycle there: the rest would only add timeouts.
+                    self.lost(e, done.seq);
+                    return self.end_cycle();
                 }
             }
         }
-        match unreachable {
-            Some(e) => {
-                self.failures = self.failures.saturating_add(1);
-                self.set_offline(&e);
-            }
-            None => {
-                self.failures = 0;
-                self.set_health(Health::Online);
-            }
-        }
-        self.publish();
-        true
+        // Fewer answers than reads, without a failure, means the bus has
+        // stopped (shutdown): nothing to conclude about the device.
+        self.end_cycle()
     }
 
-    fn store(&mut self, i: usize, v: Result<Value, String>) {
+    fn end_cycle(&mut self) -> Option<Cycle> {
+        self.liveness.cycle_done(std::time::Instant::now());
+        self.publish();
+        None
+    }
+
+    /// The device answered transaction `seq`.
+    fn heard(&mut self, seq: u64) {
+        if self.liveness.answered(seq, std::time::Instant::now()) == Change::CameOnline {
+            if matches!(self.current.health, Health::Offline(_)) {
+                tracing::info!(device = %self.name, unit = self.unit, "device back online");
+            }
+            self.current.health = Health::Online;
+        }
+    }
+
+    /// Transaction `seq` was the last attempt of a request, and got no answer.
+    fn lost(&mut self, e: &BusError, seq: u64) {
+        if self.liveness.unreachable(seq) != Change::WentOffline {
+            return;
+        }
+        tracing::warn!(device = %self.name, unit = self.unit, reason = %e, "device offline");
+        self.current.health = Health::Offline(e.to_string());
+        self.current.values.iter_mut().for_each(|v| *v = None);
+        self.current.errors.iter_mut().for_each(|v| *v = None);
+        // Older readings still on their way are stale now.
+        self.seen.iter_mut().for_each(|s| *s = (*s).max(seq));
+    }
+
+    fn store(&mut self, i: usize, v: Result<Value, String>, seq: u64) {
+        if seq < self.seen[i] {
+            return; // a newer answer (a command's read-back) is already in
+        }
+        self.seen[i] = seq;
         match v {
             Ok(v) => {
                 self.current.values[i] = Some(v);
@@ -263,76 +314,137 @@ impl DeviceActor {
         }
     }
 
-    fn set_offline(&mut self, e: &BusError) {
-        if self.current.health == Health::Online || self.current.health == Health::Unknown {
-            tracing::warn!(device = %self.name, unit = self.unit, reason = %e, "device offline");
-        }
-        self.set_health(Health::Offline(e.to_string()));
-        self.current.values.iter_mut().for_each(|v| *v = None);
-        self.current.errors.iter_mut().for_each(|v| *v = None);
-    }
-
-    fn set_health(&mut self, health: Health) {
-        if health == Health::Online && matches!(self.current.health, Health::Offline(_)) {
-            tracing::info!(device = %self.name, unit = self.unit, "device back online");
-        }
-        self.current.health = health;
-    }
-
     fn publish(&mut self) {
         self.current.at = SystemTime::now();
         self.state_tx.send_replace(Arc::new(self.current.clone()));
     }
 
-    /// Reads points now, with command priority; updates the snapshot too.
-    async fn read(&mut self, indices: &[usize], priority: Priority) -> Outcome {
+    async fn handle(&mut self, msg: Msg) {
+        let health = self.current.health.clone();
+        let (outcome, reply) = match self.bus.lease(self.unit).await {
+            Ok(lease) => match msg {
+                Msg::Write { writes, reply } => (self.write(&lease, writes).await, reply),
+                Msg::Read { points, reply } => (self.read(&lease, &points).await, reply),
+            },
+            Err(e) => {
+                let outcome = Outcome { values: vec![], error: Some(format!("nothing was done: {e}")) };
+                match msg {
+                    Msg::Write { reply, .. } | Msg::Read { reply, .. } => (outcome, reply),
+                }
+            }
+        };
+        // The lease is gone: the line is free before the answer goes out.
+        if self.current.health != health {
+            // Telemetry learns at once that the device is back (or gone).
+            self.publish();
+        }
+        let _ = reply.send(outcome);
+    }
+
+    /// Runs `op` under the lease, again after silence while attempts remain.
+    /// Only the final silence counts against the device's health.
+    async fn call(&mut self, lease: &Lease, op: Op) -> Done {
+        let attempts = self.liveness.attempts(self.retries);
+        let mut attempt = 1;
+        loop {
+            let done = lease.call(op.clone()).await;
+            match &done.result {
+                Err(e) if e.is_unreachable() && attempt < attempts => attempt += 1,
+                Err(e) if e.is_unreachable() => {
+                    self.lost(e, done.seq);
+                    return done;
+                }
+                _ => {
+                    self.heard(done.seq);
+                    return done;
+                }
+            }
+        }
+    }
+
+    /// Reads points now, ahead of polls; updates the snapshot too.
+    async fn read(&mut self, lease: &Lease, indices: &[usize]) -> Outcome {
         let readable: Vec<usize> = indices.iter().copied().filter(|&i| self.points[i].access.readable()).collect();
         let mut outcome = Outcome::default();
         for block in plan_reads(&self.points, &readable, &self.limits) {
-            match self.bus.call(priority, self.unit, block.op(), self.retries).await {
+            let done = self.call(lease, block.op()).await;
+            match &done.result {
                 Ok(reply) => {
-                    for (i, v) in decode_block(&self.points, block.start, &block.points, &reply) {
+                    for (i, v) in decode_block(&self.points, block.start, &block.points, reply) {
                         match &v {
                             Ok(value) => outcome.values.push((i, value.clone())),
                             Err(e) => note(&mut outcome.error, format!("reading {}: {e}", self.points[i].path)),
                         }
-                        self.store(i, v);
+                        self.store(i, v, done.seq);
                     }
                 }
                 Err(e) => {
-                    let paths = block.points.iter().map(|&i| self.points[i].path.as_str()).collect::<Vec<_>>().join(", ");
-                    note(&mut outcome.error, format!("reading {paths}: {e}"));
+                    note(&mut outcome.error, format!("reading {}: {e}", self.paths(&block.points)));
                     if e.is_unreachable() {
-                        self.set_offline(&e);
-                        self.publish();
-                        return outcome;
+                        return outcome; // the other blocks would only add timeouts
                     }
                 }
             }
         }
-        self.set_health(Health::Online);
         outcome.values.sort_by_key(|(i, _)| *i);
         outcome
     }
 
-    async fn write(&mut self, writes: Vec<(usize, Encoded)>) -> Outcome {
+    async fn write(&mut self, lease: &Lease, writes: Vec<(usize, Encoded)>) -> Outcome {
         let targets: Vec<usize> = writes.iter().map(|(i, _)| *i).collect();
+        // A device known to be offline gets one attempt and no verify read:
+        // a second timeout would tell nothing new.
+        let known_offline = self.liveness.is_offline();
         let mut error = None;
+        let mut unreachable = false;
         for op in plan_writes(&self.points, &writes) {
-            let (result, points) = match op {
-                WriteOp::Write { op, points } => (self.bus.call(Priority::Command, self.unit, op, self.retries).await, points),
-                WriteOp::RegisterBits { address, bits, points } => (self.write_bits(address, &bits).await, points),
+            let paths = self.paths(op.points());
+            let trigger = op.points().iter().any(|&i| self.points[i].trigger);
+            let planned = match op {
+                WriteOp::Write { op, .. } => match Expect::of(&op) {
+                    Some(expect) => Ok((op, expect)),
+                    None => Err(BusError::Transport(format!("{op:?} is not a write"))),
+                },
+                WriteOp::RegisterBits { address, bits, .. } => self.register_bits(lease, address, &bits).await,
             };
-            if let Err(e) = result {
-                let paths = points.iter().map(|&i| self.points[i].path.as_str()).collect::<Vec<_>>().join(", ");
-                tracing::warn!(device = %self.name, points = %paths, reason = %e, "write failed");
-                error = Some(format!("writing {paths}: {e}"));
+            let verdict = match planned {
+                Ok((op, expect)) => {
+                    let attempts = self.liveness.attempts(self.retries);
+                    self.send_write(lease, WriteCheck::new(op, expect, trigger, attempts, known_offline)).await
+                }
+                // The read of a read-modify-write failed: nothing was sent.
+                Err(e) => {
+                    unreachable = e.is_unreachable();
+                    error = Some(format!("writing {paths}: {e}; nothing was written"));
+                    break;
+                }
+            };
+            let failure = match verdict {
+                Verdict::Written => None,
+                Verdict::Landed => {
+                    tracing::info!(device = %self.name, points = %paths, "a write's reply was lost; the read-back shows it landed, so it is not sent again");
+                    None
+                }
+                Verdict::Refused(e) => Some(format!("writing {paths}: {e}")),
+                Verdict::NotApplied { error: e, trigger: true } => {
+                    Some(format!("writing {paths}: {e}, and the device does not hold the value; a trigger point is never sent twice"))
+                }
+                Verdict::NotApplied { error: e, trigger: false } => Some(format!("writing {paths}: {e}, and the device does not hold the value")),
+                Verdict::Unknown(e) => {
+                    unreachable = true;
+                    Some(format!("writing {paths}: {e}; whether the device took the write is unknown"))
+                }
+            };
+            if let Some(f) = failure {
+                tracing::warn!(device = %self.name, points = %paths, reason = %f, "write failed");
+                error = Some(f);
                 break;
             }
         }
         // Read back even after a failure: the cloud must learn what the device
         // holds now, including what an earlier write of this command changed.
-        let mut outcome = self.read(&targets, Priority::Command).await;
+        // Not when it stopped answering: that would only add a timeout.
+        let mut outcome = if unreachable { Outcome::default() } else { self.read(lease, &targets).await };
         if let Some(e) = error {
             outcome.error = Some(match outcome.error {
                 Some(read_error) => format!("{e}; {read_error}"),
@@ -342,28 +454,72 @@ impl DeviceActor {
         outcome
     }
 
-    /// Single bits of a holding register: with `mask_write`, one function 22
-    /// request that the device applies to its current value; otherwise a
-    /// read, the bits changed, and the whole register written back (a bit the
-    /// device changes in between is overwritten).
-    async fn write_bits(&mut self, address: u16, bits: &[(u8, bool)]) -> Result<Reply, BusError> {
+    /// Drives one write's [`WriteCheck`] on the wire.
+    async fn send_write(&mut self, lease: &Lease, mut check: WriteCheck) -> Verdict {
+        let mut step = check.start();
+        let mut silence = None;
+        loop {
+            let (op, verifying) = match step {
+                Step::Done(verdict) => {
+                    if let (Verdict::Unknown(e), Some(seq)) = (&verdict, silence) {
+                        self.lost(e, seq);
+                    }
+                    return verdict;
+                }
+                Step::Send(op) => (op, false),
+                Step::Verify(op) => (op, true),
+            };
+            let done = lease.call(op).await;
+            match &done.result {
+                Err(e) if e.is_unreachable() => silence = Some(done.seq),
+                _ => self.heard(done.seq),
+            }
+            step = if verifying { check.on_verify(&done.result) } else { check.on_write(&done.result) };
+        }
+    }
+
+    /// Bits of one holding register: with `mask_write`, one function 22
+    /// request that the device applies to its current value; otherwise the
+    /// register is read, the bits changed, and all of it written back (a
+    /// bit the device changes in between is overwritten). Either way only
+    /// these bits are verified.
+    async fn register_bits(&mut self, lease: &Lease, address: u16, bits: &[(u8, bool)]) -> Result<(Op, Expect), BusError> {
+        let expect = Expect::bits(address, bits);
         if self.mask_write {
             let (and_mask, or_mask) = masks(bits);
-            return self.bus.call(Priority::Command, self.unit, Op::MaskWriteRegister(address, and_mask, or_mask), self.retries).await;
+            return Ok((Op::MaskWriteRegister(address, and_mask, or_mask), expect));
         }
-        let reply = self.bus.call(Priority::Command, self.unit, Op::ReadHoldingRegisters(address, 1), self.retries).await?;
-        let Reply::Words(words) = reply else {
-            return Err(BusError::Transport("unexpected reply to a register read".to_string()));
+        let done = self.call(lease, Op::ReadHoldingRegisters(address, 1)).await;
+        let word = match done.result {
+            Ok(Reply::Words(words)) => words.first().copied(),
+            Ok(_) => None,
+            Err(e) => return Err(e),
         };
-        let mut word = *words.first().ok_or_else(|| BusError::Transport("the device returned no register".to_string()))?;
+        let Some(mut word) = word else {
+            return Err(BusError::Transport("the device returned no register".to_string()));
+        };
         for &(bit, on) in bits {
+            let b = 1u16.checked_shl(u32::from(bit)).unwrap_or(0);
             if on {
-                word |= 1 << bit;
+                word |= b;
             } else {
-                word &= !(1 << bit);
+                word &= !b;
             }
         }
-        self.bus.call(Priority::Command, self.unit, Op::WriteRegisters(address, vec![word]), self.retries).await
+        Ok((Op::WriteRegisters(address, vec![word]), expect))
+    }
+
+    fn paths(&self, indices: &[usize]) -> String {
+        indices.iter().map(|&i| self.points[i].path.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The answers of the poll cycle under way; never resolves when there is none.
+async fn answer(cycle: &mut Option<Cycle>) -> Vec<Done> {
+    match cycle {
+        // The bus dropped the request unanswered: it has stopped.
+        Some(c) => (&mut c.pending).await.unwrap_or_default(),
+        None => std::future::pending().await,
     }
 }
 
@@ -372,9 +528,10 @@ impl DeviceActor {
 fn masks(bits: &[(u8, bool)]) -> (u16, u16) {
     let (mut and_mask, mut or_mask) = (0xFFFF_u16, 0_u16);
     for &(bit, on) in bits {
-        and_mask &= !(1 << bit);
+        let b = 1u16.checked_shl(u32::from(bit)).unwrap_or(0);
+        and_mask &= !b;
         if on {
-            or_mask |= 1 << bit;
+            or_mask |= b;
         }
     }
     (and_mask, or_mask)
@@ -396,7 +553,7 @@ fn decode_block(points: &[Point], start: u16, indices: &[usize], reply: &Reply) 
         .iter()
         .map(|&i| {
             let p = &points[i];
-            let offset = usize::from(p.location.address - start);
+            let offset = usize::from(p.location.address.saturating_sub(start));
             let width = usize::from(p.width());
             let value = match reply {
                 Reply::Bits(bits) => bits.get(offset..offset + width).ok_or_else(short).and_then(|b| p.decode_bits(b)),

@@ -255,6 +255,10 @@ pub struct Point {
     pub allowed: Vec<Number>,
     /// Smallest change that counts as a change for report-on-change.
     pub deadband: f64,
+    /// A pulse, reset or counter-like register: a write of it is sent once
+    /// and never again, not even after its reply is lost, and never merged
+    /// with another point's write (a retry of the other would resend it).
+    pub trigger: bool,
 }
 
 /// What a write turns into on the wire.

@@ -613,6 +613,11 @@ pub(crate) struct RawPoint {
     /// The smallest change reported between full reports.
     #[schemars(with = "Option<f64>")]
     pub(crate) deadband: Option<S<f64>>,
+    /// A pulse, reset or counter-like register (default false): its write is
+    /// never sent twice nor merged with others, and the answer shows what
+    /// the read-back found.
+    #[schemars(with = "Option<bool>")]
+    pub(crate) trigger: Option<S<bool>>,
 }
 
 /// A limit as written: a whole number without a point or an exponent stays

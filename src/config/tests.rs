@@ -614,6 +614,28 @@ fn limits_on_a_labelled_point_are_refused() {
 }
 
 #[test]
+fn a_trigger_point_is_marked_and_other_points_are_not() {
+    let config = valid(&with_points("reset: { holding: 20, trigger: true }\nstart: { coil: 3, trigger: false }\nspeed: { holding: 21 }"));
+    assert!(point_of(&config, "reset").trigger);
+    assert!(!point_of(&config, "start").trigger);
+    assert!(!point_of(&config, "speed").trigger, "off by default");
+}
+
+#[test]
+fn a_trigger_on_a_point_that_is_never_written_is_refused() {
+    let text = with_points("count: { input: 3, trigger: true }");
+    only_problem(&text, line_of(&text, "trigger"), "devices.d.points.count.trigger", &["written", "read-only"]);
+    let text = with_points("count: { holding: 3, access: read, trigger: true }");
+    only_problem(&text, line_of(&text, "trigger"), "devices.d.points.count.trigger", &["written"]);
+}
+
+#[test]
+fn a_trigger_that_is_not_a_boolean_is_a_structural_error() {
+    let message = structure(&with_points("reset: { holding: 20, trigger: yes please }"));
+    assert!(message.contains("trigger") || message.contains("bool"), "{message}");
+}
+
+#[test]
 fn bit_16_is_refused() {
     let text = with_points("x: { holding: 0, bit: 16 }");
     only_problem(&text, line_of(&text, "bit: 16"), "devices.d.points.x.bit", &["16", "0 to 15"]);

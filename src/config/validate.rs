@@ -1121,7 +1121,11 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
         max: p.max.as_ref().map(|v| number(v.value)),
         allowed: p.allowed.as_ref().map(|v| v.value.iter().map(|a| number(a.value)).collect()).unwrap_or_default(),
         deadband: p.deadband.as_ref().map_or(0.0, |v| v.value),
+        trigger: p.trigger.as_ref().is_some_and(|t| t.value),
     };
+    if let Some(t) = p.trigger.as_ref().filter(|t| t.value && !access.writable()) {
+        c.at(t, &format!("{path}.trigger"), "applies to points that are written (this one is read-only)");
+    }
     check_limits(c, p, &point, path);
     if let Some(v) = &p.values {
         for l in &point.labels {

@@ -2,14 +2,25 @@
 //!
 //! RS-485 is half duplex and a Modbus TCP connection carries one transaction
 //! at a time, so every request for a line goes through this task, one after
-//! the other. Two queues decide the order: commands (cloud writes and their
-//! read-backs) always go before routine polls. A poll that times out does not
-//! retry at once: its next attempt goes behind any waiting command, so a
-//! command for a healthy device waits for at most one dead-device timeout.
+//! the other, in the order [`Queue`](super::queue) decides: a command holds
+//! the line for all of its transactions and goes ahead of every poll; polls
+//! of answering devices go ahead of probes of offline ones. The task keeps
+//! taking requests while a transaction is on the wire, so that a device actor
+//! asking for the line never waits for the line to be free just to queue.
 //!
-//! Every call has a timeout (tokio-modbus has none). After a timeout or an I/O
-//! error the transport is dropped and reopened for the next request: on TCP a
-//! late reply would otherwise answer the next request.
+//! A poll is a device's whole poll cycle: its reads run back to back (only
+//! commands may go between them), and the cycle stops at the first read
+//! that gets no answer, so a dying device costs one timeout, not one per
+//! read. Nothing is sent twice here: retries and write verification are the
+//! device actor's decisions, since only it knows whether a request may be. Every call has a timeout (tokio-modbus has none). After a
+//! timeout or an I/O error the transport is dropped and reopened for the next
+//! request: on TCP a late reply would otherwise answer the next request. The
+//! configured `delay` of silence is kept between transactions. A transaction
+//! that has started always finishes (or times out): requests are withdrawn
+//! only while they wait, so a frame is never cut.
+//!
+//! Every transaction gets a sequence number, rising in the order the line
+//! ran them, so that a device actor can tell which of two answers is newer.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -20,6 +31,7 @@ use tokio_modbus::client::{Client, Context, Reader, Writer};
 use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
+use super::queue::{LeaseId, Next, PollKind, Queue, Waiting};
 use crate::config::Bus;
 
 /// One Modbus function with its arguments.
@@ -41,6 +53,13 @@ pub enum Op {
     MaskWriteRegister(u16, u16, u16),
 }
 
+impl Op {
+    /// Whether it changes the device.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Op::WriteCoils(..) | Op::WriteRegisters(..) | Op::MaskWriteRegister(..))
+    }
+}
+
 /// What a successful transaction returned.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
@@ -53,7 +72,7 @@ pub enum Reply {
 }
 
 /// Why a transaction failed. A device that answers with an exception is
-/// alive; the other two mean the device or the line is not answering.
+/// alive; the others mean the device or the line is not answering.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BusError {
     /// No answer within the bus timeout.
@@ -84,122 +103,292 @@ impl fmt::Display for BusError {
     }
 }
 
-/// Which queue a request goes into.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Priority {
-    /// Cloud commands and their read-backs.
-    Command,
-    /// Routine polling.
-    Poll,
+/// The outcome of one transaction, with its place in the line's order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Done {
+    /// Rises with every transaction the line runs; 0 when none ran (the bus
+    /// had stopped). A larger number is a newer answer.
+    pub seq: u64,
+    /// What the device answered.
+    pub result: Result<Reply, BusError>,
 }
+
+impl Done {
+    fn closed() -> Done {
+        Done { seq: 0, result: Err(BusError::Closed) }
+    }
+}
+
+/// A poll cycle waiting for its answers: one [`Done`] per read that ran, in
+/// order; the last is the failure that stopped the cycle, if one did.
+pub type PendingPoll = oneshot::Receiver<Vec<Done>>;
 
 #[derive(Debug)]
 struct Job {
     unit: u8,
-    op: Op,
-    attempts_left: u8,
-    /// A command keeps its priority through its retries.
-    command: bool,
-    reply: oneshot::Sender<Result<Reply, BusError>>,
+    /// Still to run, in order.
+    ops: VecDeque<Op>,
+    done: Vec<Done>,
+    /// The tier a poll goes back to between its reads; `None` for a call
+    /// under a lease (one transaction).
+    kind: Option<PollKind>,
+    reply: oneshot::Sender<Vec<Done>>,
+}
+
+impl Job {
+    fn new(unit: u8, ops: impl IntoIterator<Item = Op>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
+        let (reply, answer) = oneshot::channel();
+        (Job { unit, ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
+    }
+}
+
+impl Waiting for Job {
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+#[derive(Debug)]
+struct LeaseAsk {
+    unit: u8,
+    grant: oneshot::Sender<Lease>,
+}
+
+impl Waiting for LeaseAsk {
+    fn abandoned(&self) -> bool {
+        self.grant.is_closed()
+    }
+}
+
+#[derive(Debug)]
+enum Msg {
+    Poll(Job),
+    Lease(LeaseAsk),
+    Call(LeaseId, Job),
+}
+
+/// Which tier a one-off transaction ([`BusHandle::call`]) waits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Ahead of every poll, like a command.
+    Command,
+    /// With the routine polls.
+    Poll,
 }
 
 /// The sending side of a bus; cheap to clone, one per device actor.
 #[derive(Clone, Debug)]
 pub struct BusHandle {
-    commands: mpsc::Sender<Job>,
-    polls: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
 }
 
 impl BusHandle {
-    /// Runs one transaction on the line, queued by priority.
+    /// Queues the reads of one poll cycle and returns at once; the answers
+    /// come on the returned receiver. Dropping the receiver withdraws what
+    /// has not started.
+    pub async fn poll(&self, unit: u8, ops: Vec<Op>, kind: PollKind) -> PendingPoll {
+        let (job, answer) = Job::new(unit, ops, Some(kind));
+        // A failed send drops the job: the receiver then says the bus is gone.
+        let _ = self.tx.send(Msg::Poll(job)).await;
+        answer
+    }
+
+    /// One transaction for a caller that is not a device actor (commissioning
+    /// tools): `retries` extra attempts after silence for a read; a write is
+    /// sent once, since only a read-back could tell whether sending it again
+    /// is safe (device actors do that).
     pub async fn call(&self, priority: Priority, unit: u8, op: Op, retries: u8) -> Result<Reply, BusError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job { unit, op, attempts_left: retries.saturating_add(1), command: priority == Priority::Command, reply };
-        let queue = match priority {
-            Priority::Command => &self.commands,
-            Priority::Poll => &self.polls,
+        let attempts = if op.is_write() { 1 } else { u16::from(retries) + 1 };
+        let lease = match priority {
+            Priority::Command => Some(self.lease(unit).await?),
+            Priority::Poll => None,
         };
-        queue.send(job).await.map_err(|_| BusError::Closed)?;
-        answer.await.unwrap_or(Err(BusError::Closed))
+        let mut last = Done::closed();
+        for _ in 0..attempts {
+            last = match &lease {
+                Some(lease) => lease.call(op.clone()).await,
+                None => self.poll(unit, vec![op.clone()], PollKind::Routine).await.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed),
+            };
+            if !matches!(&last.result, Err(e) if e.is_unreachable()) {
+                break;
+            }
+        }
+        last.result
+    }
+
+    /// Waits until the line is free of other commands and of the transaction
+    /// on the wire, then holds it for a command's transactions until the
+    /// returned [`Lease`] is dropped. Polls wait meanwhile.
+    pub async fn lease(&self, unit: u8) -> Result<Lease, BusError> {
+        let (grant, granted) = oneshot::channel();
+        self.tx.send(Msg::Lease(LeaseAsk { unit, grant })).await.map_err(|_| BusError::Closed)?;
+        granted.await.map_err(|_| BusError::Closed)
     }
 }
 
-/// Starts the owner task of one bus on `tasks`. It ends when every handle is
-/// dropped (its device actors have stopped).
+/// The line, held for one command. Hold it only across calls on it: the
+/// line waits for the holder, so awaiting anything else meanwhile stalls
+/// every device on the bus.
+#[derive(Debug)]
+pub struct Lease {
+    id: LeaseId,
+    unit: u8,
+    tx: mpsc::Sender<Msg>,
+    /// Dropped with the lease, which tells the bus owner the line is free.
+    _held: oneshot::Sender<()>,
+}
+
+impl Lease {
+    /// Runs one transaction with the lease's unit, next on the wire.
+    pub async fn call(&self, op: Op) -> Done {
+        let (job, answer) = Job::new(self.unit, [op], None);
+        if self.tx.send(Msg::Call(self.id, job)).await.is_err() {
+            return Done::closed();
+        }
+        answer.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed)
+    }
+}
+
+/// Starts the owner task of one bus on `tasks`. It ends when every handle
+/// and lease is dropped (its device actors have stopped).
 pub fn spawn_bus(bus: Bus, tasks: &crate::lifecycle::Tasks) -> BusHandle {
-    let (commands, command_rx) = mpsc::channel(64);
-    let (polls, poll_rx) = mpsc::channel(64);
+    // Device actors never wait long on this channel: the owner empties it
+    // into its queue even while a transaction is on the wire.
+    let (tx, rx) = mpsc::channel(256);
     let name = format!("bus {}", bus.name);
-    let owner = BusOwner { bus, ctx: None, last_done: None, commands: command_rx, polls: poll_rx, retry: VecDeque::new() };
+    let line = Line { bus, ctx: None, last_done: None, seq: 0 };
+    let owner = BusOwner { line, rx, open: true, queue: Queue::new(), released: None, leases: tx.downgrade() };
     tasks.spawn(&name, owner.run());
-    BusHandle { commands, polls }
+    BusHandle { tx }
 }
 
 struct BusOwner {
-    bus: Bus,
-    ctx: Option<Context>,
-    last_done: Option<Instant>,
-    commands: mpsc::Receiver<Job>,
-    polls: mpsc::Receiver<Job>,
-    /// Polls waiting for another attempt, served after waiting commands.
-    retry: VecDeque<Job>,
+    line: Line,
+    rx: mpsc::Receiver<Msg>,
+    /// False once every handle and lease is gone and `rx` is empty.
+    open: bool,
+    queue: Queue<Job, LeaseAsk>,
+    /// Fires when the lease holding the line is dropped.
+    released: Option<oneshot::Receiver<()>>,
+    /// Upgraded for each lease's calls. Weak, so that `rx` ends when the
+    /// last device actor and lease are gone.
+    leases: mpsc::WeakSender<Msg>,
 }
 
 impl BusOwner {
     async fn run(mut self) {
-        tracing::debug!(bus = %self.bus.name, "bus owner started");
-        while let Some(job) = self.next_job().await {
-            let is_command = job.command;
-            if job.reply.is_closed() {
-                continue; // the asker gave up (shutdown): do not touch the wire
+        tracing::debug!(bus = %self.line.bus.name, "bus owner started");
+        loop {
+            while let Ok(msg) = self.rx.try_recv() {
+                accept(&mut self.queue, msg);
             }
-            let result = self.transact(job.unit, &job.op).await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(BusError::Timeout(_)) => "timeout",
-                Err(BusError::Exception(_)) => "exception",
-                Err(_) => "error",
-            };
-            metrics::counter!("twinbus_modbus_transactions_total", "bus" => self.bus.name.clone(), "outcome" => outcome).increment(1);
-            let retry = matches!(&result, Err(e) if e.is_unreachable()) && job.attempts_left > 1;
-            if retry {
-                let job = Job { attempts_left: job.attempts_left - 1, ..job };
-                if is_command {
-                    // Commands retry at once: nothing waits ahead of them.
-                    self.retry.push_front(job);
-                } else {
-                    self.retry.push_back(job);
-                }
-            } else {
-                let _ = job.reply.send(result);
+            match self.queue.next() {
+                Next::Run(job) => self.run_job(job).await,
+                Next::Grant(id, ask) => self.grant(id, ask),
+                Next::WaitForHolder => tokio::select! {
+                    biased;
+                    msg = self.rx.recv(), if self.open => match msg {
+                        Some(msg) => accept(&mut self.queue, msg),
+                        None => self.open = false,
+                    },
+                    () = released(&mut self.released) => {
+                        if let Some(id) = self.queue.holder() {
+                            self.queue.release(id);
+                        }
+                        self.released = None;
+                    }
+                },
+                Next::Idle if !self.open => break,
+                Next::Idle => match self.rx.recv().await {
+                    Some(msg) => accept(&mut self.queue, msg),
+                    None => break,
+                },
             }
         }
-        if let Some(mut ctx) = self.ctx.take() {
+        if let Some(mut ctx) = self.line.ctx.take() {
             let _ = tokio::time::timeout(Duration::from_millis(200), ctx.disconnect()).await;
         }
-        tracing::debug!(bus = %self.bus.name, "bus owner stopped");
+        tracing::debug!(bus = %self.line.bus.name, "bus owner stopped");
     }
 
-    /// Command retries, new commands, then polls due for a retry, then new polls.
-    async fn next_job(&mut self) -> Option<Job> {
-        if self.retry.front().is_some_and(|j| j.command) {
-            return self.retry.pop_front();
-        }
-        if let Ok(job) = self.commands.try_recv() {
-            return Some(job);
-        }
-        if let Some(job) = self.retry.pop_front() {
-            return Some(job);
-        }
-        tokio::select! {
-            biased;
-            Some(job) = self.commands.recv() => Some(job),
-            Some(job) = self.polls.recv() => Some(job),
-            else => None,
+    fn grant(&mut self, id: LeaseId, ask: LeaseAsk) {
+        let Some(tx) = self.leases.upgrade() else {
+            // Nobody could call under it: every handle is gone.
+            self.queue.release(id);
+            return;
+        };
+        let (held, released) = oneshot::channel();
+        let lease = Lease { id, unit: ask.unit, tx, _held: held };
+        match ask.grant.send(lease) {
+            Ok(()) => self.released = Some(released),
+            // The asker gave up while waiting: the line is free again.
+            Err(_) => self.queue.release(id),
         }
     }
 
-    async fn transact(&mut self, unit: u8, op: &Op) -> Result<Reply, BusError> {
+    /// Runs the next transaction of `job`, taking new requests while it is
+    /// on the wire; the rest of a poll cycle goes back to the front of its
+    /// tier.
+    async fn run_job(&mut self, mut job: Job) {
+        let Some(op) = job.ops.pop_front() else {
+            let _ = job.reply.send(job.done);
+            return;
+        };
+        let transaction = self.line.transact(job.unit, &op);
+        tokio::pin!(transaction);
+        let done = loop {
+            tokio::select! {
+                biased;
+                done = &mut transaction => break done,
+                msg = self.rx.recv(), if self.open => match msg {
+                    Some(msg) => accept(&mut self.queue, msg),
+                    None => self.open = false,
+                },
+            }
+        };
+        let silent = matches!(&done.result, Err(e) if e.is_unreachable());
+        job.done.push(done);
+        match job.kind {
+            Some(kind) if !silent && !job.ops.is_empty() => self.queue.push_front_poll(job, kind),
+            _ => {
+                let _ = job.reply.send(job.done);
+            }
+        }
+    }
+}
+
+fn accept(queue: &mut Queue<Job, LeaseAsk>, msg: Msg) {
+    match msg {
+        Msg::Poll(job) => {
+            let kind = job.kind.unwrap_or(PollKind::Routine);
+            queue.push_poll(job, kind);
+        }
+        Msg::Lease(ask) => queue.push_lease(ask),
+        // A call under a lease already released was abandoned with it:
+        // dropping it answers "closed".
+        Msg::Call(id, job) => drop(queue.push_call(id, job)),
+    }
+}
+
+async fn released(lease: &mut Option<oneshot::Receiver<()>>) {
+    match lease {
+        Some(r) => {
+            let _ = r.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The wire of one bus: the transport, the inter-frame delay, the timeout.
+struct Line {
+    bus: Bus,
+    ctx: Option<Context>,
+    last_done: Option<Instant>,
+    seq: u64,
+}
+
+impl Line {
+    async fn transact(&mut self, unit: u8, op: &Op) -> Done {
         if let Some(last) = self.last_done {
             let ready = last + self.bus.delay;
             if ready > Instant::now() {
@@ -208,11 +397,19 @@ impl BusOwner {
         }
         let result = self.transact_now(unit, op).await;
         self.last_done = Some(Instant::now());
+        self.seq += 1;
         if matches!(result, Err(BusError::Timeout(_)) | Err(BusError::Transport(_))) {
             // Rebuild the transport: a late reply must not answer the next request.
             self.ctx = None;
         }
-        result
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(BusError::Timeout(_)) => "timeout",
+            Err(BusError::Exception(_)) => "exception",
+            Err(_) => "error",
+        };
+        metrics::counter!("twinbus_modbus_transactions_total", "bus" => self.bus.name.clone(), "outcome" => outcome).increment(1);
+        Done { seq: self.seq, result }
     }
 
     async fn transact_now(&mut self, unit: u8, op: &Op) -> Result<Reply, BusError> {

@@ -4,7 +4,8 @@
 //! polling crawl. Here points of one table that sit next to each other (or
 //! within `max_gap` unconfigured addresses) share one request, up to the
 //! device's per-request limit. Writes are merged the same way when their
-//! addresses are contiguous.
+//! addresses are contiguous, except a trigger point's: its write goes alone,
+//! so that no retry of a neighbour's value can send it a second time.
 
 use crate::config::ReadLimits;
 use crate::point::{Encoded, Point, Table};
@@ -82,14 +83,25 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// Indices of the points written.
+    pub fn points(&self) -> &[usize] {
+        match self {
+            WriteOp::Write { points, .. } | WriteOp::RegisterBits { points, .. } => points,
+        }
+    }
+}
+
 /// Plans the writes of already-validated values. Writes go out in the order
 /// given (a setpoint written before the motor is switched on must stay
-/// first); a write merges with the one before it when it continues it.
+/// first); a write merges with the one before it when it continues it and
+/// neither carries a trigger point.
 pub fn plan_writes(points: &[Point], writes: &[(usize, Encoded)]) -> Vec<WriteOp> {
     let mut ops: Vec<WriteOp> = Vec::new();
     for (i, enc) in writes {
         let addr = points[*i].location.address;
-        match (ops.last_mut(), enc) {
+        let alone = points[*i].trigger || ops.last().is_some_and(|op| op.points().iter().any(|&j| points[j].trigger));
+        match (ops.last_mut().filter(|_| !alone), enc) {
             (Some(WriteOp::Write { op: Op::WriteCoils(start, bits), points: ps }), Encoded::Bits(new))
                 if usize::from(*start) + bits.len() == usize::from(addr) && bits.len() + new.len() <= 1968 =>
             {
@@ -138,6 +150,7 @@ mod tests {
             max: None,
             allowed: vec![],
             deadband: 0.0,
+            trigger: false,
         }
     }
 
@@ -197,5 +210,23 @@ mod tests {
             WriteOp::Write { op: Op::WriteRegisters(10, vec![1, 2, 3]), points: vec![0, 1] },
             WriteOp::Write { op: Op::WriteCoils(0, vec![true]), points: vec![3] },
         ]);
+    }
+
+    #[test]
+    fn a_trigger_point_is_written_alone_even_between_contiguous_neighbours() {
+        let trigger = Point { trigger: true, ..pt(Table::HoldingRegister, 11, DataType::U16) };
+        let points = vec![pt(Table::HoldingRegister, 10, DataType::U16), trigger, pt(Table::HoldingRegister, 12, DataType::U16)];
+        let writes = vec![(0, Encoded::Words(vec![1])), (1, Encoded::Words(vec![2])), (2, Encoded::Words(vec![3]))];
+        assert_eq!(plan_writes(&points, &writes), vec![
+            WriteOp::Write { op: Op::WriteRegisters(10, vec![1]), points: vec![0] },
+            WriteOp::Write { op: Op::WriteRegisters(11, vec![2]), points: vec![1] },
+            WriteOp::Write { op: Op::WriteRegisters(12, vec![3]), points: vec![2] },
+        ]);
+        let bits = vec![
+            Point { location: Location { table: Table::HoldingRegister, address: 5, bit: Some(0) }, trigger: true, ..pt(Table::HoldingRegister, 5, DataType::Bool) },
+            Point { location: Location { table: Table::HoldingRegister, address: 5, bit: Some(1) }, ..pt(Table::HoldingRegister, 5, DataType::Bool) },
+        ];
+        let writes = vec![(0, Encoded::RegisterBit { bit: 0, value: true }), (1, Encoded::RegisterBit { bit: 1, value: true })];
+        assert_eq!(plan_writes(&bits, &writes).len(), 2, "not even two bits of one register");
     }
 }

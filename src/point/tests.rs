@@ -32,6 +32,7 @@ fn point(table: Table, data_type: DataType) -> Point {
         max: None,
         allowed: Vec::new(),
         deadband: 0.0,
+        trigger: false,
     }
 }
 

@@ -7,13 +7,16 @@
 //! coil), and `drift` points wander slowly (a temperature). It refuses
 //! addresses no point covers (Modbus exception 2), never answers a unit it
 //! does not serve (a dead device), and records every write it receives so
-//! that tests can prove what was, and was not, written.
+//! that tests can prove what was, and was not, written. Tests can also make a
+//! unit go silent, or carry out a request and lose its reply (the case that
+//! tempts a gateway to write twice), and read a log of when each unit was
+//! asked what (benchmarks measure poll gaps from it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -39,6 +42,23 @@ pub struct WriteRecord {
     pub function: u8,
 }
 
+/// One request the simulator received, for the request log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// When it arrived.
+    pub at: Instant,
+    /// Unit id asked.
+    pub unit: u8,
+    /// The Modbus function code.
+    pub function: u8,
+    /// Whether a reply (or an exception) was sent back.
+    pub answered: bool,
+}
+
+/// The request log keeps this many of the latest requests: enough for a
+/// benchmark's minutes, bounded for a simulator that runs for days.
+const LOG_LIMIT: usize = 1 << 16;
+
 #[derive(Debug, Default)]
 struct Unit {
     bits: HashMap<(Table, u16), bool>,
@@ -47,6 +67,8 @@ struct Unit {
     drift: Vec<(usize, f64)>,
     mirror: Vec<(usize, usize)>,
     silent: bool,
+    /// Requests still to be carried out without a reply.
+    drop_replies: u32,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +76,7 @@ struct State {
     units: HashMap<u8, Unit>,
     writes: Vec<WriteRecord>,
     requests: u64,
+    log: VecDeque<RequestRecord>,
 }
 
 /// A running simulator; cloning shares it. Dropping the last clone does not
@@ -85,6 +108,19 @@ impl SimHandle {
         if let Some(u) = self.lock().units.get_mut(&unit) {
             u.silent = silent;
         }
+    }
+
+    /// Makes a unit carry out its next `count` requests (writes included)
+    /// and send no reply, as if each reply were lost on the way back.
+    pub fn drop_replies(&self, unit: u8, count: u32) {
+        if let Some(u) = self.lock().units.get_mut(&unit) {
+            u.drop_replies = count;
+        }
+    }
+
+    /// The latest requests received (up to 65536), oldest first.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.lock().log.iter().copied().collect()
     }
 
     /// The value a point of a unit holds now, decoded as the gateway would.
@@ -282,7 +318,20 @@ impl tokio_modbus::server::Service for Service {
     fn call(&self, req: Self::Request) -> Self::Future {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.requests += 1;
-        ready(serve(&mut st, req.slave, req.request))
+        let function = req.request.function_code().value();
+        let mut answer = serve(&mut st, req.slave, req.request);
+        if let Some(u) = st.units.get_mut(&req.slave) {
+            if u.drop_replies > 0 && !u.silent {
+                u.drop_replies -= 1;
+                answer = Ok(None);
+            }
+        }
+        if st.log.len() >= LOG_LIMIT {
+            st.log.pop_front();
+        }
+        let answered = !matches!(answer, Ok(None));
+        st.log.push_back(RequestRecord { at: Instant::now(), unit: req.slave, function, answered });
+        ready(answer)
     }
 }
 
