@@ -87,6 +87,7 @@ pub struct DeviceHandle {
     pub points: Arc<Vec<Point>>,
     tx: mpsc::Sender<Msg>,
     state: watch::Receiver<Arc<Snapshot>>,
+    journal: crate::journal::Journal,
 }
 
 impl DeviceHandle {
@@ -113,6 +114,11 @@ impl DeviceHandle {
     /// Follows the device's snapshots.
     pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.state.clone()
+    }
+
+    /// The device's last commands, recorded by whoever answers them.
+    pub fn journal(&self) -> &crate::journal::Journal {
+        &self.journal
     }
 }
 
@@ -144,7 +150,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
         liveness: Liveness::new(device.poll, Instant::now().into_std(), seed(&device.name, device.unit)),
     };
     tasks.spawn(&format!("device {}", device.name), actor.run(cancel));
-    DeviceHandle { name: device.name.clone(), points, tx, state }
+    DeviceHandle { name: device.name.clone(), points, tx, state, journal: Default::default() }
 }
 
 /// A jitter seed that differs between devices and between runs.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod gateway;
 pub mod http;
+pub mod journal;
 pub mod lifecycle;
 pub mod logs;
 pub mod modbus;

@@ -26,6 +26,7 @@ use super::command::{answer, check_get, check_set, parse, render, summary, too_l
 use super::now_ms;
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Outcome};
+use crate::journal::{Entry, Source};
 use crate::mqtt::{decode_publish, encode_publish, topic_matches, valid_topic, Class, ConnectionHandle, Inbox, Message, Properties, Publish};
 use crate::store::{CommandState, Op, Store};
 
@@ -293,6 +294,7 @@ fn prune(shared: &Shared) {
 async fn execute(twin: &Twin, shared: &Shared, device: &DeviceHandle, conn: &ConnectionHandle, cmd: Command, reply: &ReplyTo) -> Publish {
     let Command { id, id_text, request } = cmd;
     let started = std::time::Instant::now();
+    let journal_kind = request.as_ref().map_or("invalid", Request::kind);
     let doc = match request {
         Err(why) => {
             tracing::info!(device = %device.name, reason = %why, "command rejected");
@@ -337,6 +339,7 @@ async fn execute(twin: &Twin, shared: &Shared, device: &DeviceHandle, conn: &Con
             doc
         }
     };
+    device.journal().record(Entry::from_answer(Source::Raw, id_text.as_deref(), journal_kind, &doc, started.elapsed()));
     let outcome = doc["status"].as_str().unwrap_or("unknown").to_string();
     metrics::counter!("twinbus_commands_total", "device" => device.name.clone(), "outcome" => outcome).increment(1);
     let bytes = render(&doc, id_text.as_deref());

@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use self::core::{Action, Core, Input, Remembered, Setup, Work};
 use crate::config::{CommandDef, ShadowBinding};
 use crate::device::DeviceHandle;
+use crate::journal::{Entry, Source};
 use crate::mqtt::{ConnectionHandle, Inbox, Message, Publish};
 use crate::store::Store;
 
@@ -200,7 +202,12 @@ impl Shell {
                 }
                 Action::Write(writes) => {
                     let device = self.device.clone();
-                    self.operation = Some(Box::pin(async move { Input::Written(device.write(writes).await) }));
+                    self.operation = Some(Box::pin(async move {
+                        let started = std::time::Instant::now();
+                        let outcome = device.write(writes).await;
+                        device.journal().record(Entry::from_outcome(Source::Shadow, None, "desired", &device.points, &outcome, started.elapsed()));
+                        Input::Written(outcome)
+                    }));
                 }
                 Action::Run { id, started, work } => {
                     // At most once: recorded before it runs, or not run at all.
@@ -212,12 +219,15 @@ impl Shell {
                     match work {
                         Work::Relay(p) => {
                             self.conn.send(p).await;
+                            self.device.journal().record(Entry::from_result(Source::Shadow, Some(&id), "relay-command", &Ok(()), Duration::ZERO));
                             queue.extend(self.core.handle(Input::Ran { id, result: Ok(()) }, Instant::now()));
                         }
                         Work::Sequence { def, body } => {
                             let device = self.device.clone();
                             self.operation = Some(Box::pin(async move {
+                                let started = std::time::Instant::now();
                                 let result = super::sequence::run(&def, &body, &device).await;
+                                device.journal().record(Entry::from_result(Source::Shadow, Some(&id), &def.name, &result, started.elapsed()));
                                 Input::Ran { id, result }
                             }));
                         }
