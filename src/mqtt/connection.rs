@@ -134,6 +134,7 @@ pub struct ConnectionHandle {
     tx: mpsc::Sender<Cmd>,
     sessions: watch::Receiver<u64>,
     connected: watch::Receiver<bool>,
+    last_error: watch::Receiver<Option<(String, std::time::SystemTime)>>,
 }
 
 impl ConnectionHandle {
@@ -158,6 +159,12 @@ impl ConnectionHandle {
     /// Whether the connection is up right now.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
+    }
+
+    /// Why the last attempt failed or the link was lost (as logged), and
+    /// when; kept after a reconnect, so a flapping link shows its cause.
+    pub fn last_error(&self) -> watch::Receiver<Option<(String, std::time::SystemTime)>> {
+        self.last_error.clone()
     }
 
     /// Graceful close: publishes `offline` presence, waits until every queued
@@ -213,6 +220,7 @@ pub async fn spawn_connection(
     let (tx, rx) = mpsc::channel(1024);
     let (sessions_tx, sessions) = watch::channel(0u64);
     let (connected_tx, connected) = watch::channel(false);
+    let (last_error_tx, last_error) = watch::channel(None);
     let mut topics: Vec<String> = routes.keys().cloned().collect();
     topics.sort();
     let actor = Actor {
@@ -231,11 +239,12 @@ pub async fn spawn_connection(
         link_up,
         sessions: sessions_tx,
         last_error: None,
+        shown_error: last_error_tx,
         link,
         link_error: None,
     };
     tasks.spawn(&format!("connection {}", conn.name), actor.run(rx, events, cancel, poll_cancel));
-    Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions, connected })
+    Ok(ConnectionHandle { name: conn.name.clone(), tx, sessions, connected, last_error })
 }
 
 /// Loads the messages a previous run left in the store. Only the first
@@ -361,6 +370,8 @@ struct Actor {
     link_up: Arc<AtomicBool>,
     sessions: watch::Sender<u64>,
     last_error: Option<String>,
+    /// The last error's line and time, for [`ConnectionHandle::last_error`].
+    shown_error: watch::Sender<Option<(String, std::time::SystemTime)>>,
     /// What the link reports: why an attempt failed, oversized messages.
     link: mpsc::UnboundedReceiver<LinkEvent>,
     /// The link's cause for the current attempt's failure, until rumqttc's error comes.
@@ -725,6 +736,7 @@ impl Actor {
         } else {
             tracing::debug!(connection = %self.conn.name, "still cannot connect: {line}");
         }
+        self.shown_error.send_replace(Some((line, std::time::SystemTime::now())));
         self.last_error = Some(hint);
     }
 }
