@@ -49,13 +49,23 @@ pub struct Config {
     pub http: Option<HttpSettings>,
 }
 
-/// The HTTP listener (metrics, health).
+/// The HTTP listener (metrics, health, console).
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     /// Address to listen on (loopback unless a login is set).
     pub listen: SocketAddr,
     /// Basic authentication asked of every request, if set.
     pub credentials: Option<Credentials>,
+    /// The local web console on `/console/`, if enabled.
+    pub console: Option<ConsoleSettings>,
+}
+
+/// The local web console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleSettings {
+    /// Whether a person may write points from it (validation ensures the
+    /// listener then has a login).
+    pub write: bool,
 }
 
 /// One MQTT session.

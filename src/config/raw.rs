@@ -91,8 +91,9 @@ pub(crate) struct RawConfig {
     /// (default `10s`; keep it below the service manager's stop timeout).
     #[schemars(with = "Option<String>")]
     pub(crate) shutdown_timeout: Option<S<String>>,
-    /// One HTTP listener for Prometheus metrics (`/metrics`) and health
-    /// (`/healthz`, `/readyz`). Off unless set.
+    /// One HTTP listener for Prometheus metrics (`/metrics`), health
+    /// (`/healthz`, `/readyz`) and the local web console (`/console/`, with
+    /// `console: true`). Off unless set.
     #[schemars(with = "Option<RawHttp>")]
     pub(crate) http: Option<S<RawHttp>>,
 }
@@ -113,6 +114,63 @@ pub(crate) struct RawHttp {
     /// A file holding the password (a regular file, at most 64 KiB).
     #[schemars(with = "Option<String>")]
     pub(crate) password_file: Option<S<String>>,
+    /// The local web console on `/console/` (default off): devices online or
+    /// offline, every point's live value and recent history, the last
+    /// commands, the cloud links, pushed to the page as they change. `true`
+    /// shows it read-only; `{ write: true }` also lets a person write points
+    /// from it.
+    #[schemars(with = "Option<RawConsole>")]
+    pub(crate) console: Option<S<RawConsole>>,
+}
+
+/// `console: true | false`, or `console: { write: true }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawConsole {
+    pub(crate) enabled: bool,
+    pub(crate) write: bool,
+}
+
+/// The long form of `console`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConsoleOptions {
+    /// Let a person write points from the console (default false), through
+    /// the checks of a cloud command (writable, type, labels, limits), read
+    /// back, logged with the login name and listed in the device's commands.
+    /// Needs `username` and a password on the listener, even on loopback.
+    #[serde(default)]
+    pub(crate) write: bool,
+}
+
+impl<'de> Deserialize<'de> for RawConsole {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawConsole;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false or { write: true }")
+            }
+            fn visit_bool<E>(self, enabled: bool) -> Result<RawConsole, E> {
+                Ok(RawConsole { enabled, write: false })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawConsole, A::Error> {
+                let o = RawConsoleOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawConsole { enabled: true, write: o.write })
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+impl JsonSchema for RawConsole {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RawConsole".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let options = generator.subschema_for::<RawConsoleOptions>();
+        schemars::json_schema!({ "anyOf": [{ "type": "boolean" }, options] })
+    }
 }
 
 /// One MQTT session: `embedded` (a broker inside the gateway) or `url`.

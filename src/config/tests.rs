@@ -1373,6 +1373,26 @@ fn an_http_listener_beyond_loopback_needs_a_login() {
 }
 
 #[test]
+fn the_console_is_off_unless_asked_and_writing_from_it_needs_a_login() {
+    let console = |text: &str| valid(&(base() + text)).http.and_then(|h| h.console);
+    assert_eq!(console("http: { listen: 127.0.0.1:9180 }\n"), None);
+    assert_eq!(console("http: { listen: 127.0.0.1:9180, console: false }\n"), None);
+    assert_eq!(console("http: { listen: 127.0.0.1:9180, console: true }\n"), Some(ConsoleSettings { write: false }));
+    assert_eq!(console("http: { listen: 127.0.0.1:9180, console: {} }\n"), Some(ConsoleSettings { write: false }));
+    let login = "username: ops, password: \"${HOME}\"";
+    assert_eq!(console(&format!("http: {{ listen: 127.0.0.1:9180, {login}, console: {{ write: true }} }}\n")), Some(ConsoleSettings { write: true }));
+
+    // Even on loopback: a write must say who made it.
+    let text = base() + "http:\n  listen: 127.0.0.1:9180\n  console: { write: true }\n";
+    only_problem(&text, line_of(&text, "write: true"), "http.console.write", &["needs a login", "username", "password_file"]);
+    let text = base() + "http:\n  listen: 127.0.0.1:9180\n  console: { write: yes, history: 1h }\n";
+    let e = structure(&text);
+    assert!(e.contains("history"), "{e}");
+    let e = structure(&(base() + "http: { listen: 127.0.0.1:9180, console: 3 }\n"));
+    assert!(e.contains("true, false or { write: true }"), "{e}");
+}
+
+#[test]
 fn an_embedded_broker_beyond_loopback_needs_users_and_their_filters_are_checked() {
     let open = base().replace("listen: 127.0.0.1:1883", "listen: 0.0.0.0:1883");
     only_problem(&open, line_of(&open, "0.0.0.0:1883"), "connections.cloud.embedded.listen", &["reachable from other machines", "users"]);

@@ -353,7 +353,16 @@ fn http(c: &mut Checker, raw: &Spanned<RawHttp>, base: &Path) -> Option<HttpSett
         c.at(&h.listen, "http.listen", format!("{listen} is reachable from other machines: set `username` and `password_file` (or `password`), or listen on 127.0.0.1"));
         return None;
     }
-    Some(HttpSettings { listen, credentials })
+    let console = match &h.console {
+        Some(s) if s.value.write && credentials.as_ref().is_none_or(|c| c.password.expose().is_empty()) => {
+            // A write changes the plant: who did it must be known, also on loopback.
+            c.at(s, "http.console.write", "writing from the console needs a login: set `username` and `password_file` (or `password`) under `http`, or `write: false`");
+            return None;
+        }
+        Some(s) if s.value.enabled => Some(ConsoleSettings { write: s.value.write }),
+        _ => None,
+    };
+    Some(HttpSettings { listen, credentials, console })
 }
 
 /// `username` with `password` or `password_file`, for a broker or a proxy.
