@@ -23,6 +23,8 @@ pub const MAX_ID_BYTES: usize = 256;
 const MAX_ERRORS: usize = 20;
 /// Known points listed in an "unknown point" reason.
 const MAX_LISTED: usize = 20;
+/// The key under which `cap` says how many more fields are invalid.
+const MORE: &str = "...";
 
 /// What a command asks for, after parsing (not yet checked against points).
 #[derive(Debug, Clone, PartialEq)]
@@ -279,7 +281,7 @@ fn cap(mut errors: BTreeMap<String, String>) -> BTreeMap<String, String> {
         let extra = errors.len() - MAX_ERRORS;
         let kept: BTreeMap<String, String> = std::mem::take(&mut errors).into_iter().take(MAX_ERRORS).collect();
         errors = kept;
-        errors.insert("...".to_string(), format!("{extra} more fields are invalid"));
+        errors.insert(MORE.to_string(), format!("{extra} more fields are invalid"));
     }
     errors
 }
@@ -354,8 +356,12 @@ pub fn render(doc: &Json, id_text: Option<&str>) -> Vec<u8> {
 
 /// The one-line summary of per-field errors.
 pub fn summary(errors: &BTreeMap<String, String>) -> String {
-    let n = errors.len();
-    let first = errors.iter().next().map(|(p, e)| format!("{p}: {e}")).unwrap_or_default();
+    // A capped map counts the fields it left out under MORE ("21 more ..."),
+    // and that entry is no field to lead with ("..." sorts first).
+    let more = errors.get(MORE).and_then(|m| m.split(' ').next()?.parse::<usize>().ok()).unwrap_or(0);
+    let mut fields = errors.iter().filter(|(p, _)| p.as_str() != MORE);
+    let n = fields.clone().count() + more;
+    let first = fields.next().map(|(p, e)| format!("{p}: {e}")).unwrap_or_default();
     if n == 1 {
         format!("nothing was written: {first}")
     } else {

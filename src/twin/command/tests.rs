@@ -683,3 +683,15 @@ fn a_json_number_reads_as_the_f64_nearest_to_its_digits() {
         assert_eq!(read.to_bits(), nearest.to_bits(), "{text} read as {read:?}, not {nearest:?}");
     }
 }
+
+#[test]
+fn the_summary_counts_every_invalid_field_also_past_the_cap() {
+    // 25 unknown points: 20 listed, "..." says 5 more; the summary counted
+    // the listed entries and led with "...: 5 more fields are invalid".
+    let leaves: Vec<(String, Json)> = (0..25).map(|i| (format!("k{i:02}"), json!(i))).collect();
+    let Err(errors) = check_set(&points(), &leaves) else { panic!("unknown points are refused") };
+    assert_eq!(errors.len(), 21);
+    assert_eq!(errors["..."], "5 more fields are invalid");
+    let said = summary(&errors);
+    assert!(said.starts_with("nothing was written: 25 fields are invalid (k00: unknown point (known: "), "{said}");
+}
