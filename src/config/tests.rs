@@ -655,6 +655,20 @@ fn labels_on_a_float_are_refused() {
 }
 
 #[test]
+fn labels_where_none_apply_are_one_problem_not_one_per_label() {
+    // Each label used to be refused again by the codec, for a float with an
+    // "internal: cannot encode Int(0) as f32" (found by the bad-input corpus).
+    for point in [
+        "x: { holding: 0, type: f32, values: { low: 0, high: 1 } }",
+        "x: { holding: 0, type: string, length: 4, values: { low: 0, high: 1 } }",
+        "x: { holding: 0, scale: 0.1, values: { low: 0, high: 1 } }",
+    ] {
+        let text = with_points(point);
+        only_problem(&text, line_of(&text, "low: 0"), "devices.d.points.x.values", &["enum labels apply to bool and unscaled integer"]);
+    }
+}
+
+#[test]
 fn a_label_worth_2_on_a_coil_is_refused() {
     let text = with_points("x: { coil: 0, values: { on: 1, off: 0, broken: 2 } }");
     only_problem(&text, line_of(&text, "broken"), "devices.d.points.x.values.broken", &["2"]);

@@ -1075,9 +1075,13 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
     }
 
     let mut labels = Vec::new();
+    // Labels on a point that cannot have them are one problem, said once: not
+    // also a refusal of each label by the codec (an "internal" one for a float).
+    let mut labels_apply = true;
     if let Some(values) = &p.values {
         if matches!(data_type, DataType::F32 | DataType::F64 | DataType::String { .. }) || scale != 1.0 || offset != 0.0 {
             c.at(values, &format!("{path}.values"), "enum labels apply to bool and unscaled integer points");
+            labels_apply = false;
         }
         for (name, raw) in &values.value {
             let raw = match raw {
@@ -1110,7 +1114,7 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
         deadband: p.deadband.as_ref().map_or(0.0, |v| v.value),
     };
     check_limits(c, p, &point, path);
-    if let Some(v) = &p.values {
+    if let Some(v) = p.values.as_ref().filter(|_| labels_apply) {
         for l in &point.labels {
             if let Err(e) = point.encode_device_value(&Value::Text(l.name.clone())) {
                 c.at(v, &format!("{path}.values.{}", l.name), e);
