@@ -21,7 +21,7 @@ use std::fmt;
 mod number;
 
 pub use number::Number;
-use number::{Scaling, Step};
+use number::{shown, Scaling, Step};
 
 /// A typed value as it flows between the twin adapters and the device actors.
 ///
@@ -60,7 +60,7 @@ impl fmt::Display for Value {
             Value::Bool(b) => write!(f, "{b}"),
             Value::Int(i) => write!(f, "{i}"),
             Value::UInt(u) => write!(f, "{u}"),
-            Value::Float(x) => write!(f, "{x}"),
+            Value::Float(x) => f.write_str(&shown(*x)),
             Value::Text(s) => write!(f, "{s:?}"),
         }
     }
@@ -605,24 +605,25 @@ impl Point {
                 let around: Vec<String> = [f.floor(), f.ceil()]
                     .iter()
                     .filter(|x| Number::Float(**x) >= Number::Int(lo) && Number::Float(**x) <= Number::Int(hi))
-                    .map(|x| x.to_string())
+                    .map(|x| shown(*x))
                     .collect();
                 let nearest = match around.as_slice() {
                     [] => String::new(),
                     [one] => format!(" (nearest valid value {one})"),
                     [a, b, ..] => format!(" (nearest valid values {a} and {b})"),
                 };
-                return Err(format!("{f} is not a whole number, and a {} holds whole numbers{nearest}", t.name()));
+                return Err(format!("{} is not a whole number, and a {} holds whole numbers{nearest}", shown(f), t.name()));
             }
             Number::Float(f) => {
                 if Number::Float(f) < Number::Int(lo) || Number::Float(f) > Number::Int(hi) {
-                    return Err(fits(&f));
+                    return Err(fits(&shown(f)));
                 }
                 if f.abs() >= TWO_POW_53 {
                     // Beyond 2^53 a float stands for several integers: the
                     // digits written may not be the ones it holds.
                     return Err(format!(
-                        "{f} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only"
+                        "{} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only",
+                        shown(f)
                     ));
                 }
                 f as i128
@@ -651,13 +652,13 @@ impl Point {
             Step::Outside(q) => Err(fits(&format!("{asked} (raw {})", raw_text(q)))),
             Step::Between(below, above) => {
                 let offset =
-                    if self.offset != 0.0 { format!(" from the offset {}", self.offset) } else { String::new() };
+                    if self.offset != 0.0 { format!(" from the offset {}", shown(self.offset)) } else { String::new() };
                 let nearest = match (below, above) {
-                    (Some(b), Some(a)) => format!("nearest valid values {b} and {a}"),
-                    (Some(x), None) | (None, Some(x)) => format!("nearest valid value {x}"),
+                    (Some(b), Some(a)) => format!("nearest valid values {} and {}", shown(b), shown(a)),
+                    (Some(x), None) | (None, Some(x)) => format!("nearest valid value {}", shown(x)),
                     (None, None) => "no valid value near".to_string(),
                 };
-                Err(format!("{asked} is between two steps of {}{offset}: {nearest}", self.scale))
+                Err(format!("{asked} is between two steps of {}{offset}: {nearest}", shown(self.scale)))
             }
         }
     }

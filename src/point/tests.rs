@@ -1191,3 +1191,21 @@ fn span_does_not_overflow_at_the_top_of_the_address_space() {
     p.location.address = u16::MAX;
     assert_eq!(p.span(), (65_535, 65_538));
 }
+
+#[test]
+fn numbers_in_reasons_are_written_as_a_person_reads_them() {
+    // 1e300 written out is 301 digits, and -0.5 lies between -1 and 0, not -0
+    // (both found by the bad-input corpus).
+    let mut p = holding(DataType::F64);
+    p.max = Some(Number::Float(1e300));
+    assert_eq!(refusal(&p, Value::Float(1.0000000000000002e300)), "1.0000000000000002e300 is above the maximum 1e300");
+    assert_eq!(refusal(&p, Value::Text("x".into())), "expected a number; got \"x\"");
+    assert_eq!(
+        refusal(&holding(DataType::U64), Value::Float(-0.5)),
+        "-0.5 is not a whole number, and a u64 holds whole numbers (nearest valid value 0)"
+    );
+    assert!(refusal(&holding(DataType::I64), Value::Float(-1e30)).starts_with("-1e30 does not fit in a i64"));
+    assert_eq!(Value::Float(2.5e-8).to_string(), "2.5e-8");
+    assert_eq!(Value::Float(-0.0).to_string(), "0");
+    assert_eq!(Value::Float(123.25).to_string(), "123.25");
+}
