@@ -824,6 +824,17 @@ fn a_url_without_a_scheme_or_with_a_bad_port_is_refused() {
 }
 
 #[test]
+fn a_host_with_a_space_or_a_control_character_is_refused() {
+    // Accepted before, to fail only at run time (found by the bad-input corpus).
+    let text = base().replace("host: 10.0.0.5", "host: \"10.0.0.5\\a\"");
+    only_problem(&text, line_of(&text, "10.0.0.5"), "buses.plc.tcp.host", &[r#""10.0.0.5\u{7}" is not a host name or address"#]);
+    let text = base().replace("host: 10.0.0.5", "host: plc 7");
+    only_problem(&text, line_of(&text, "plc 7"), "buses.plc.tcp.host", &["has a space or a control character"]);
+    let text = insert_after(&base(), "connections:\n", "  remote:\n    url: \"mqtt://broker\\n.example.com\"\n");
+    only_problem(&text, line_of(&text, "mqtt://broker"), "connections.remote.url", &["the host has a space or a control character"]);
+}
+
+#[test]
 fn remote_urls_give_host_port_and_tls() {
     let text = insert_after(
         &base(),

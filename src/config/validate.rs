@@ -542,6 +542,9 @@ fn split_authority(rest: &str, default_port: u16) -> Result<(String, u16), Strin
     if host.is_empty() {
         return Err("no host (write e.g. mqtts://broker.example.com:8883)".to_string());
     }
+    if !plain_host(host) {
+        return Err("the host has a space or a control character".to_string());
+    }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
@@ -550,6 +553,13 @@ fn split_authority(rest: &str, default_port: u16) -> Result<(String, u16), Strin
         },
     };
     Ok((host.to_string(), port))
+}
+
+/// No host name or address has spaces or control characters: one that does
+/// is a typo (or a stray `\n` from an environment variable), which would
+/// otherwise surface only as a failed name lookup at run time.
+fn plain_host(host: &str) -> bool {
+    !host.chars().any(|ch| ch.is_whitespace() || ch.is_control())
 }
 
 fn tls_settings(c: &mut Checker, t: &RawTls, path: &str, base: &Path) -> Tls {
@@ -606,6 +616,8 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
             let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
             if host.trim().is_empty() {
                 c.at(&t.host, &format!("{path}.tcp.host"), "is empty (write the device's address, e.g. 192.168.1.50)");
+            } else if !plain_host(&host) {
+                c.at(&t.host, &format!("{path}.tcp.host"), format!("{:?} is not a host name or address (it has a space or a control character)", t.host.value));
             }
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
             Some(Transport::Tcp { host, port: port? })
