@@ -810,6 +810,17 @@ fn serial_settings_outside_their_ranges_are_refused() {
 }
 
 #[test]
+fn a_bad_serial_setting_does_not_hide_the_rest_of_the_bus() {
+    // An invalid baud used to end the bus's checks: its retries and timeout
+    // went unchecked until the baud was fixed (found by the bad-input corpus).
+    let text = base().replace("      baud: 9600\n", "      baud: 0\n    retries: 99\n    timeout: 1ms\n");
+    let ps = problems(&text);
+    expect_problem(&ps, line_of(&text, "baud: 0"), "buses.line.rtu.baud", &["300 to 4000000"]);
+    expect_problem(&ps, line_of(&text, "retries: 99"), "buses.line.retries", &["0 to 10"]);
+    expect_problem(&ps, line_of(&text, "timeout: 1ms"), "buses.line.timeout", &["too short"]);
+}
+
+#[test]
 fn an_ftp_url_is_refused() {
     let text = insert_after(&base(), "connections:\n", "  remote:\n    url: ftp://x\n");
     only_problem(&text, line_of(&text, "ftp://x"), "connections.remote.url", &["unknown scheme \"ftp\"", "mqtt, mqtts"]);

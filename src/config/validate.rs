@@ -609,7 +609,11 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
                 RawParity::Even => Parity::Even,
                 RawParity::Odd => Parity::Odd,
             };
-            Some(Transport::Rtu(SerialSettings { port, baud: baud?, parity, data_bits: data_bits?, stop_bits: stop_bits? }))
+            // Not `?`: that would leave the bus's other fields unchecked.
+            match (baud, data_bits, stop_bits) {
+                (Some(baud), Some(data_bits), Some(stop_bits)) => Some(Transport::Rtu(SerialSettings { port, baud, parity, data_bits, stop_bits })),
+                _ => None,
+            }
         }
         (None, Some(t)) => {
             let t = &t.value;
@@ -620,7 +624,7 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
                 c.at(&t.host, &format!("{path}.tcp.host"), format!("{:?} is not a host name or address (it has a space or a control character)", t.host.value));
             }
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
-            Some(Transport::Tcp { host, port: port? })
+            port.map(|port| Transport::Tcp { host, port })
         }
         (Some(_), Some(_)) => {
             c.key(key, &path, "has both `rtu` and `tcp` (choose one)");
