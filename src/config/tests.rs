@@ -655,6 +655,19 @@ fn labels_on_a_float_are_refused() {
 }
 
 #[test]
+fn a_label_or_an_initial_value_of_the_wrong_kind_says_what_would_be_valid() {
+    // Not "data did not match any variant of untagged enum RawLabel" (found
+    // by the bad-input corpus).
+    let text = with_points(r#"x: { holding: 0, values: { on: "1" } }"#);
+    let message = structure(&text);
+    assert_line_col_prefix(&message, line_of(&text, r#"on: "1""#));
+    assert!(message.contains(r#"invalid type: string "1", expected true, false or a whole number"#), "{message}");
+    let text = format!("{}simulators:\n  sim: {{ listen: 127.0.0.1:5020, serves: [pump-1], initial: {{ deviceAttrib.setpoint: [1] }} }}\n", base());
+    let message = structure(&text);
+    assert!(message.contains("invalid type: sequence, expected a point's value: true, false, a number or a string"), "{message}");
+}
+
+#[test]
 fn labels_where_none_apply_are_one_problem_not_one_per_label() {
     // Each label used to be refused again by the codec, for a float with an
     // "internal: cannot encode Int(0) as f32" (found by the bad-input corpus).
