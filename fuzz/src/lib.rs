@@ -73,8 +73,11 @@ pub fn command(data: &[u8]) {
 /// Parses `data` as a command and checks what would be written or read.
 pub fn check_command(points: &[Point], data: &[u8]) {
     let cmd = parse(data);
-    if data.is_empty() || data.len() > MAX_COMMAND_BYTES || std::str::from_utf8(data).is_err() {
-        assert!(cmd.request.is_err() && cmd.id.is_none(), "an empty, oversized or binary payload must be refused without an id: {cmd:?}");
+    if data.is_empty() || std::str::from_utf8(data).is_err() {
+        assert!(cmd.request.is_err() && cmd.id.is_none(), "an empty or binary payload must be refused without an id: {cmd:?}");
+    }
+    if data.len() > MAX_COMMAND_BYTES {
+        assert!(cmd.request.as_ref().is_err_and(|why| why.contains("the limit is")), "an oversized payload must be refused by its size: {cmd:?}");
     }
     if let Some(text) = &cmd.id_text {
         assert!(text.len() <= MAX_ID_BYTES, "an id longer than {MAX_ID_BYTES} bytes is kept: {} bytes", text.len());

@@ -76,7 +76,13 @@ pub fn parse(payload: &[u8]) -> Command {
         return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
     }
     if payload.len() > MAX_COMMAND_BYTES {
-        return too_large(payload.len());
+        // Refused unparsed, but with its id when one can be read (the link
+        // hands over payloads up to 1 MiB), so the cloud knows which it was.
+        let mut cmd = too_large(payload.len());
+        if let Some((id, id_text)) = std::str::from_utf8(payload).ok().and_then(id_of) {
+            (cmd.id, cmd.id_text) = (Some(id), Some(id_text));
+        }
+        return cmd;
     }
     let Ok(text) = std::str::from_utf8(payload) else {
         return reject("the payload is binary (not UTF-8 text); commands are JSON objects".to_string());
@@ -141,6 +147,19 @@ pub fn parse(payload: &[u8]) -> Command {
         _ => Err(format!("the command has {} at once; send one per command", asked.join(" and "))),
     };
     with_id(request)
+}
+
+/// The id of a command too large to handle: its JSON and its exact text,
+/// when it is one a command could have (a string or a number, not too long).
+fn id_of(text: &str) -> Option<(Json, String)> {
+    // Only an object has an id (a struct would also read `[1]` by position).
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let raw = serde_json::from_str::<IdProbe>(text).ok()?.id?;
+    let id: Json = serde_json::from_str(raw.get()).ok()?;
+    let fits = (id.is_string() || id.is_number()) && raw.get().len() <= MAX_ID_BYTES;
+    fits.then(|| (id, raw.get().to_string()))
 }
 
 /// The first key found twice in one JSON object of `text`, if any.

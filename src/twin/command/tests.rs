@@ -105,6 +105,25 @@ fn a_payload_over_256_kib_is_rejected_by_size() {
 }
 
 #[test]
+fn a_payload_over_256_kib_is_refused_with_its_id_when_it_has_one() {
+    // As the README says: up to 1 MiB a command is read, so its refusal carries its id.
+    let padded = |head: &str| {
+        let mut p = head.as_bytes().to_vec();
+        p.resize(300 * 1024, b' ');
+        p
+    };
+    let cmd = parse(&padded(r#"{"id":7.50,"get":"*"}"#));
+    assert_eq!((cmd.id, cmd.id_text.as_deref()), (Some(json!(7.5)), Some("7.50")));
+    assert!(cmd.request.is_err_and(|why| why.contains("307200 bytes")));
+    for head in [r#"{"id":[1],"get":"*"}"#, r#"{"id":"a","id":"b"}"#, "[1]", "not json"] {
+        let cmd = parse(&padded(head));
+        assert!(cmd.id.is_none() && cmd.id_text.is_none() && cmd.request.is_err(), "{head}: {cmd:?}");
+    }
+    let long = format!(r#"{{"id":"{}"}}"#, "i".repeat(300));
+    assert!(parse(&padded(&long)).id.is_none(), "an id over 256 bytes is not echoed");
+}
+
+#[test]
 fn a_payload_of_exactly_the_limit_is_parsed() {
     let mut payload = br#"{"get":"*"}"#.to_vec();
     payload.resize(MAX_COMMAND_BYTES, b' ');
