@@ -464,7 +464,7 @@ impl Point {
         let v = asked.to_f64();
         let exact = match self.data_type {
             DataType::F64 if !self.is_scaled() => held.to_f64().to_bits() == v.to_bits(),
-            DataType::F32 if !self.is_scaled() => (held.to_f64() as f32).to_bits() == (v as f32).to_bits(),
+            DataType::F32 if !self.is_scaled() => (held.to_f64() as f32).to_bits() == nearest_f32(asked).to_bits(),
             // A scaled float holds the float nearest to (v - offset) / scale:
             // there is no step to be on, and the reading is what the device has.
             DataType::F32 | DataType::F64 => true,
@@ -580,7 +580,12 @@ impl Point {
 
     /// f32 and f64: the float nearest to (value - offset) / scale.
     fn raw_float(&self, asked: Number) -> Result<RawWrite, String> {
-        let raw = (asked.to_f64() - self.offset) / self.scale;
+        let raw = match asked {
+            // An integer rounded once, to its nearest f32: through an f64 it
+            // could round twice and land on the f32 on its other side.
+            Number::Int(i) if self.data_type == DataType::F32 && !self.is_scaled() => f64::from(i as f32),
+            _ => (asked.to_f64() - self.offset) / self.scale,
+        };
         let fits = match self.data_type {
             DataType::F32 => raw.abs() <= f64::from(f32::MAX),
             _ => raw.is_finite(),
@@ -723,6 +728,14 @@ fn arr<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(&bytes[..N]);
     a
+}
+
+/// The f32 nearest to a number, rounded once.
+fn nearest_f32(n: Number) -> f32 {
+    match n {
+        Number::Int(i) => i as f32,
+        Number::Float(f) => f as f32,
+    }
 }
 
 /// A raw value worked out in floating point, for a message.

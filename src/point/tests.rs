@@ -1209,3 +1209,20 @@ fn numbers_in_reasons_are_written_as_a_person_reads_them() {
     assert_eq!(Value::Float(-0.0).to_string(), "0");
     assert_eq!(Value::Float(123.25).to_string(), "123.25");
 }
+
+#[test]
+fn an_integer_on_an_f32_point_is_rounded_once_to_its_nearest_f32() {
+    // 2^60 + 2^36 + 1 lies just above the midpoint of two f32s; as an f64 it
+    // is the midpoint itself, which rounds to even: 2^60, the farther one
+    // (found by the `write` fuzz target).
+    let p = holding(DataType::F32);
+    let n: i64 = (1 << 60) + (1 << 36) + 1;
+    let nearest = (1u64 << 60) + (1 << 37);
+    // A read gives the f32 as its shortest decimal.
+    let read = |x: f32| Value::Float(x.to_string().parse().expect("a float"));
+    for value in [Value::Int(n), Value::UInt(n as u64)] {
+        assert_eq!(decoded(&p, &words_for(&p, value.clone())), read(nearest as f32), "{value:?}");
+    }
+    assert_eq!(decoded(&p, &words_for(&p, Value::Int(-n))), read(-(nearest as f32)));
+    assert_eq!(nearest as f32, n as f32);
+}
