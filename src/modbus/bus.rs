@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -126,6 +127,8 @@ pub type PendingPoll = oneshot::Receiver<Vec<Done>>;
 #[derive(Debug)]
 struct Job {
     unit: u8,
+    /// Whose transactions these are, for the metrics.
+    device: Arc<str>,
     /// Still to run, in order.
     ops: VecDeque<Op>,
     done: Vec<Done>,
@@ -136,9 +139,9 @@ struct Job {
 }
 
 impl Job {
-    fn new(unit: u8, ops: impl IntoIterator<Item = Op>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
+    fn new(unit: u8, device: &Arc<str>, ops: impl IntoIterator<Item = Op>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
         let (reply, answer) = oneshot::channel();
-        (Job { unit, ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
+        (Job { unit, device: device.clone(), ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
     }
 }
 
@@ -151,6 +154,7 @@ impl Waiting for Job {
 #[derive(Debug)]
 struct LeaseAsk {
     unit: u8,
+    device: Arc<str>,
     grant: oneshot::Sender<Lease>,
 }
 
@@ -180,14 +184,22 @@ pub enum Priority {
 #[derive(Clone, Debug)]
 pub struct BusHandle {
     tx: mpsc::Sender<Msg>,
+    /// The device whose actor holds this handle (its transactions are
+    /// counted under its name), or what else uses the line.
+    device: Arc<str>,
 }
 
 impl BusHandle {
+    /// This handle, for the actor of device `name`.
+    pub fn for_device(&self, name: &str) -> BusHandle {
+        BusHandle { tx: self.tx.clone(), device: Arc::from(name) }
+    }
+
     /// Queues the reads of one poll cycle and returns at once; the answers
     /// come on the returned receiver. Dropping the receiver withdraws what
     /// has not started.
     pub async fn poll(&self, unit: u8, ops: Vec<Op>, kind: PollKind) -> PendingPoll {
-        let (job, answer) = Job::new(unit, ops, Some(kind));
+        let (job, answer) = Job::new(unit, &self.device, ops, Some(kind));
         // A failed send drops the job: the receiver then says the bus is gone.
         let _ = self.tx.send(Msg::Poll(job)).await;
         answer
@@ -221,7 +233,7 @@ impl BusHandle {
     /// returned [`Lease`] is dropped. Polls wait meanwhile.
     pub async fn lease(&self, unit: u8) -> Result<Lease, BusError> {
         let (grant, granted) = oneshot::channel();
-        self.tx.send(Msg::Lease(LeaseAsk { unit, grant })).await.map_err(|_| BusError::Closed)?;
+        self.tx.send(Msg::Lease(LeaseAsk { unit, device: self.device.clone(), grant })).await.map_err(|_| BusError::Closed)?;
         granted.await.map_err(|_| BusError::Closed)
     }
 }
@@ -233,6 +245,7 @@ impl BusHandle {
 pub struct Lease {
     id: LeaseId,
     unit: u8,
+    device: Arc<str>,
     tx: mpsc::Sender<Msg>,
     /// Dropped with the lease, which tells the bus owner the line is free.
     _held: oneshot::Sender<()>,
@@ -241,7 +254,7 @@ pub struct Lease {
 impl Lease {
     /// Runs one transaction with the lease's unit, next on the wire.
     pub async fn call(&self, op: Op) -> Done {
-        let (job, answer) = Job::new(self.unit, [op], None);
+        let (job, answer) = Job::new(self.unit, &self.device, [op], None);
         if self.tx.send(Msg::Call(self.id, job)).await.is_err() {
             return Done::closed();
         }
@@ -259,7 +272,7 @@ pub fn spawn_bus(bus: Bus, tasks: &crate::lifecycle::Tasks) -> BusHandle {
     let line = Line { bus, ctx: None, last_done: None, seq: 0 };
     let owner = BusOwner { line, rx, open: true, queue: Queue::new(), released: None, leases: tx.downgrade() };
     tasks.spawn(&name, owner.run());
-    BusHandle { tx }
+    BusHandle { tx, device: Arc::from("(commissioning)") }
 }
 
 struct BusOwner {
@@ -318,7 +331,7 @@ impl BusOwner {
             return;
         };
         let (held, released) = oneshot::channel();
-        let lease = Lease { id, unit: ask.unit, tx, _held: held };
+        let lease = Lease { id, unit: ask.unit, device: ask.device, tx, _held: held };
         match ask.grant.send(lease) {
             Ok(()) => self.released = Some(released),
             // The asker gave up while waiting: the line is free again.
@@ -334,7 +347,8 @@ impl BusOwner {
             let _ = job.reply.send(job.done);
             return;
         };
-        let transaction = self.line.transact(job.unit, &op);
+        let device = job.device.clone();
+        let transaction = self.line.transact(job.unit, &device, &op);
         tokio::pin!(transaction);
         let done = loop {
             tokio::select! {
@@ -388,13 +402,14 @@ struct Line {
 }
 
 impl Line {
-    async fn transact(&mut self, unit: u8, op: &Op) -> Done {
+    async fn transact(&mut self, unit: u8, device: &str, op: &Op) -> Done {
         if let Some(last) = self.last_done {
             let ready = last + self.bus.delay;
             if ready > Instant::now() {
                 tokio::time::sleep_until(ready.into()).await;
             }
         }
+        let started = Instant::now();
         let result = self.transact_now(unit, op).await;
         self.last_done = Some(Instant::now());
         self.seq += 1;
@@ -408,7 +423,12 @@ impl Line {
             Err(BusError::Exception(_)) => "exception",
             Err(_) => "error",
         };
-        metrics::counter!("twinbus_modbus_transactions_total", "bus" => self.bus.name.clone(), "outcome" => outcome).increment(1);
+        let (bus, device) = (self.bus.name.clone(), device.to_string());
+        metrics::counter!("twinbus_modbus_transactions_total", "bus" => bus.clone(), "device" => device.clone(), "outcome" => outcome).increment(1);
+        if matches!(outcome, "ok" | "exception") {
+            // A round trip: what the line and the device take to answer.
+            metrics::histogram!("twinbus_modbus_transaction_seconds", "bus" => bus, "device" => device).record(started.elapsed().as_secs_f64());
+        }
         Done { seq: self.seq, result }
     }
 
