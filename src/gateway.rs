@@ -68,6 +68,8 @@ pub struct Gateway {
     brokers: Vec<(usize, crate::mqtt::EmbeddedBroker)>,
     store: Option<Store>,
     http: Option<std::net::SocketAddr>,
+    /// The local web console, when configured; told about every reload.
+    console: Option<crate::console::Console>,
     /// The config running now.
     config: Config,
     stop_adapters: CancellationToken,
@@ -140,6 +142,7 @@ impl Gateway {
             brokers: Vec::new(),
             store: None,
             http: None,
+            console: None,
             config: config.clone(),
             stop_adapters,
             stop_devices: CancellationToken::new(),
@@ -240,8 +243,13 @@ impl Gateway {
                 connected: self.connections.iter().map(|c| (c.name.clone(), c.connected())).collect(),
                 devices: self.directory.clone(),
             };
-            let addr = crate::http::start(http, readiness, &self.rest, self.stop_connections.clone()).await?;
+            let console = http.console.map(|c| crate::console::Console::start(config, c, self.directory.clone(), &self.connections, &self.rest, self.stop_connections.clone()));
+            let addr = crate::http::start(http, readiness, console.clone(), &self.rest, self.stop_connections.clone()).await?;
             tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
+            if console.is_some() {
+                tracing::info!("console: open http://{addr}/console/ in a browser");
+            }
+            self.console = console;
             self.http = Some(addr);
         }
         Ok(())
@@ -370,6 +378,9 @@ impl Gateway {
             tracing::warn!(?slow, "reload: these were still finishing a command when the time was up; they stop on their own");
         }
         self.config = new;
+        if let Some(console) = &self.console {
+            console.sync(&self.config);
+        }
         Ok(Reloaded { plan, slow })
     }
 

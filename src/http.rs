@@ -1,4 +1,5 @@
-//! The gateway's one HTTP listener: Prometheus metrics, liveness and readiness.
+//! The gateway's one HTTP listener: Prometheus metrics, liveness and
+//! readiness, and the local web console when configured (`console/`).
 //!
 //! Off unless `http:` is configured; loopback in the shipped demo. `twinbus
 //! check` refuses an address beyond loopback without a user name and password
@@ -71,8 +72,29 @@ impl Readiness {
 struct AppState {
     metrics: PrometheusHandle,
     readiness: Arc<Readiness>,
-    /// `Basic base64(user:password)`, when the listener wants a login.
+    login: Login,
+}
+
+/// The listener's login, when it has one: every request must carry it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Login {
+    /// `Basic base64(user:password)`.
     authorization: Option<Arc<String>>,
+    username: Option<Arc<String>>,
+}
+
+impl Login {
+    /// Whether the request may go on: it carries the login, or none is set.
+    pub(crate) fn allows(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.authorization else { return true };
+        let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        constant_time_eq(given, expected.as_bytes())
+    }
+
+    /// The login's user name, when the listener has one.
+    pub(crate) fn username(&self) -> Option<&str> {
+        self.username.as_deref().map(String::as_str)
+    }
 }
 
 /// The process-wide Prometheus handle; installs the recorder on first use.
@@ -101,19 +123,26 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Starts the listener on `tasks`; returns the address it listens on.
-pub async fn start(settings: &HttpSettings, readiness: Readiness, tasks: &Tasks, cancel: CancellationToken) -> anyhow::Result<SocketAddr> {
+/// Starts the listener on `tasks`, with the console's routes when given;
+/// returns the address it listens on.
+pub async fn start(settings: &HttpSettings, readiness: Readiness, console: Option<crate::console::Console>, tasks: &Tasks, cancel: CancellationToken) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("the HTTP listener (metrics, health) cannot listen on {} (is the port in use?)", settings.listen))?;
     let addr = listener.local_addr()?;
-    let authorization = settings.credentials.as_ref().map(|c| Arc::new(format!("Basic {}", base64(&format!("{}:{}", c.username, c.password.expose())))));
-    let state = AppState { metrics: metrics(), readiness: Arc::new(readiness), authorization };
-    let app = Router::new()
+    let login = Login {
+        authorization: settings.credentials.as_ref().map(|c| Arc::new(format!("Basic {}", base64(&format!("{}:{}", c.username, c.password.expose()))))),
+        username: settings.credentials.as_ref().map(|c| Arc::new(c.username.clone())),
+    };
+    let state = AppState { metrics: metrics(), readiness: Arc::new(readiness), login: login.clone() };
+    let mut app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
+    if let Some(console) = console {
+        app = app.merge(console.router(login));
+    }
     tasks.spawn("HTTP listener", async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
             tracing::error!("the HTTP listener stopped: {e}");
@@ -123,12 +152,11 @@ pub async fn start(settings: &HttpSettings, readiness: Readiness, tasks: &Tasks,
 }
 
 fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(expected) = &state.authorization else { return true };
-    let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-    constant_time_eq(given, expected.as_bytes())
+    state.login.allows(headers)
 }
 
-fn unauthorized() -> Response {
+/// 401, asking the browser for the listener's login.
+pub(crate) fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"twinbus\"")], "a user name and password are required\n").into_response()
 }
 

@@ -8,6 +8,7 @@
 
 pub mod commission;
 pub mod config;
+pub mod console;
 pub mod device;
 pub mod gateway;
 pub mod http;

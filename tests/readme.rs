@@ -60,7 +60,7 @@ fn blocks() -> Vec<(usize, String)> {
 /// A directory with the files the examples name, and their secrets set.
 fn workspace() -> std::path::PathBuf {
     let dir = support::fresh_state_dir("readme");
-    for f in ["certs/AmazonRootCA1.pem", "certs/line3.cert.pem", "certs/line3.private.key", "secrets/pump-7.password", "ca.pem"] {
+    for f in ["certs/AmazonRootCA1.pem", "certs/line3.cert.pem", "certs/line3.private.key", "secrets/pump-7.password", "secrets/console.password", "ca.pem"] {
         let path = dir.join(f);
         std::fs::create_dir_all(path.parent().expect("a parent")).expect("dir");
         std::fs::write(&path, "placeholder\n").expect("write");
