@@ -77,6 +77,8 @@ function overview() {
 function chart(history, now, span) {
   const pts = history.filter(([t]) => t >= now - span);
   if (pts.length < 2) return { svg: '<svg class="chart" viewBox="0 0 160 36"></svg>', range: '' };
+  // While the history fills (after a start or reload), it spans the width: at least a minute.
+  span = Math.min(span, Math.max(60000, now - pts[0][0]));
   let lo = Math.min(...pts.map((p) => p[1])), hi = Math.max(...pts.map((p) => p[1]));
   const flat = hi === lo;
   if (flat) { lo -= 1; hi += 1; }
