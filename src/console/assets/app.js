@@ -77,13 +77,14 @@ function overview() {
 function chart(history, now, span) {
   const pts = history.filter(([t]) => t >= now - span);
   if (pts.length < 2) return { svg: '<svg class="chart" viewBox="0 0 160 36"></svg>', range: '' };
-  // While the history fills (after a start or reload), it spans the width: at least a minute.
-  span = Math.min(span, Math.max(60000, now - pts[0][0]));
+  // While the history fills (after a start or a reload), what there is spans the width.
+  span = Math.min(span, Math.max(5000, now - pts[0][0]));
   let lo = Math.min(...pts.map((p) => p[1])), hi = Math.max(...pts.map((p) => p[1]));
   const flat = hi === lo;
   if (flat) { lo -= 1; hi += 1; }
   const xy = pts.map(([t, v]) => `${(((t - (now - span)) / span) * 160).toFixed(1)},${(34 - ((v - lo) / (hi - lo)) * 32).toFixed(1)}`).join(' ');
-  const range = flat ? `${pts[0][1]}` : `${Math.min(...pts.map((p) => p[1]))} – ${Math.max(...pts.map((p) => p[1]))}`;
+  const values = flat ? `${pts[0][1]}` : `${Math.min(...pts.map((p) => p[1]))} – ${Math.max(...pts.map((p) => p[1]))}`;
+  const range = `${values} · ${span >= 60000 ? `${Math.round(span / 60000)} min` : `${Math.round(span / 1000)} s`}`;
   return { svg: `<svg class="chart" viewBox="0 0 160 36" preserveAspectRatio="none"><polyline points="${xy}"/></svg>`, range };
 }
 
@@ -120,7 +121,7 @@ function device(name) {
     if (now !== shape) {
       shape = now;
       app.innerHTML = `<div id="device"></div>
-        <h2>Points</h2><div class="card"><table id="points"><thead><tr><th>Point</th><th>Value</th><th class="wide">Type</th><th>Registers</th><th>Changed</th><th>Last ${Math.round(d.history_ms / 60000)} min</th></tr></thead><tbody>
+        <h2>Points</h2><div class="card"><table id="points"><thead><tr><th>Point</th><th>Value</th><th class="wide">Type</th><th>Registers</th><th>Changed</th><th>Recent (up to ${Math.round(d.history_ms / 60000)} min)</th></tr></thead><tbody>
         ${d.points.map((p, i) => `<tr data-path="${esc(p.path)}"><td>${esc(p.path)}<div class="muted">${esc(p.access)}</div></td>
           <td><span class="value" id="v${i}"></span><div class="err" id="e${i}"></div>${d.write && p.writable ? writeForm(p) : ''}</td>
           <td class="wide mono">${esc(p.type)}</td><td class="mono"><div>${esc(p.where)}</div><div class="raw" id="r${i}"></div></td>
