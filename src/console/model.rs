@@ -188,14 +188,26 @@ impl Model {
                 // One sample per whole SAMPLE_EVERY of the clock: the
                 // newest reading of it, so the chart ends on the value shown.
                 let every = SAMPLE_EVERY.as_millis() as u64;
-                match track.history.back_mut() {
-                    Some(last) if last.0 / every == at_ms / every => *last = (at_ms, x),
-                    _ => track.history.push_back((at_ms, x)),
+                let oldest = at_ms.saturating_sub(HISTORY.as_millis() as u64);
+                let h = &mut track.history;
+                while h.front().is_some_and(|(t, _)| *t < oldest) {
+                    h.pop_front();
                 }
-            }
-            let oldest = at_ms.saturating_sub(HISTORY.as_millis() as u64);
-            while track.history.front().is_some_and(|(t, _)| *t < oldest) || track.history.len() > SAMPLES {
-                track.history.pop_front();
+                match h.back_mut() {
+                    Some(last) if last.0 / every == at_ms / every => *last = (at_ms, x),
+                    _ => {
+                        if h.len() >= SAMPLES {
+                            h.pop_front();
+                        }
+                        // Grown by hand: doubling would round SAMPLES up to
+                        // the next power of two, 70% more memory per point.
+                        if h.len() == h.capacity() {
+                            let want = (h.len() * 2).clamp(8, SAMPLES);
+                            h.reserve_exact(want - h.len());
+                        }
+                        h.push_back((at_ms, x));
+                    }
+                }
             }
         }
         d.snapshot = snap;

@@ -125,6 +125,8 @@ fn history_keeps_one_sample_a_second_for_five_minutes_at_most() {
     let times: Vec<u64> = history.iter().filter_map(|s| s[0].as_u64()).collect();
     assert!(times.windows(2).all(|w| w[1] / 1000 > w[0] / 1000), "at most one sample a second of the clock");
     assert_eq!(times.last(), Some(&ms(599.8)), "the newest reading is the last sample");
+    let kept = m.devices.get("pump").map(|d| d.points[TEMPERATURE].history.capacity());
+    assert!(kept.is_some_and(|c| c <= SAMPLES), "memory for {kept:?} samples");
     assert!(times.first().is_some_and(|t| *t >= ms(599.8 - 300.0)), "nothing older than five minutes");
     assert_eq!(point(&doc, TEMPERATURE)["sample"], history.last().cloned().unwrap_or_default());
     // Labels and booleans are charted as numbers, text is not.
