@@ -200,7 +200,10 @@ impl Gateway {
                     c.credentials = Some(login);
                 }
                 #[cfg(not(feature = "embedded-broker"))]
-                anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
+                {
+                    let _ = (index, access);
+                    anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
+                }
             }
         }
 
