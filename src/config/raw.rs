@@ -387,6 +387,19 @@ pub(crate) struct RawTcp {
     pub(crate) port: Option<S<i64>>,
 }
 
+/// What to do when the device answers "busy" (exception 0x06).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBusy {
+    /// Requests asked again, at most (0 to 10; default 3).
+    #[schemars(with = "Option<i64>")]
+    pub(crate) retries: Option<S<i64>>,
+    /// Wait before each (default `100ms`, at most `10s`); the line serves
+    /// others meanwhile.
+    #[schemars(with = "Option<String>")]
+    pub(crate) delay: Option<S<String>>,
+}
+
 /// A serial device server's raw TCP port, with an RTU line behind it.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -422,6 +435,27 @@ pub(crate) struct RawProfile {
     /// write), which changes only that bit in the device (default false).
     #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
+    /// Poll intervals by path: a path prefix (`deviceData.energy`) or a
+    /// text prefix ending in `*`, to an interval (`60s`) or `once`. The
+    /// longest pattern matching a point wins; a point's own `poll` wins
+    /// over every pattern.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub(crate) poll_paths: Map<S<String>>,
+    /// Write with functions 5 and 6 only, one coil or register per request,
+    /// for devices that refuse 15 and 16: several registers become several
+    /// requests, in address order (default false).
+    #[schemars(with = "Option<bool>")]
+    pub(crate) single_writes: Option<S<bool>>,
+    /// How long the device takes to show a written value: the read-back
+    /// after a write (and the check of a write whose reply was lost) waits
+    /// this long, without holding the line (default `0s`).
+    #[schemars(with = "Option<String>")]
+    pub(crate) read_back_delay: Option<S<String>>,
+    /// Exception 0x06 (busy): ask again after `delay`, at most `retries`
+    /// times (default 3 times, after 100ms each).
+    #[schemars(with = "Option<RawBusy>")]
+    pub(crate) busy: Option<S<RawBusy>>,
     /// Named commands a shadow may run, by name.
     #[serde(default)]
     pub(crate) commands: Map<RawCommand>,
@@ -512,7 +546,29 @@ pub(crate) struct RawDevice {
     /// Function 22 for register bits (wins over the profile's).
     #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
-    /// Poll interval (default `1s`).
+    /// Poll intervals by path (with the profile's; the device's own win on
+    /// the same pattern): a path prefix (`deviceData.energy`) or a
+    /// text prefix ending in `*`, to an interval (`60s`) or `once`. The
+    /// longest pattern matching a point wins; a point's own `poll` wins
+    /// over every pattern.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub(crate) poll_paths: Map<S<String>>,
+    /// Write with functions 5 and 6 only, one coil or register per request,
+    /// for devices that refuse 15 and 16: several registers become several
+    /// requests, in address order (wins over the profile's; default false).
+    #[schemars(with = "Option<bool>")]
+    pub(crate) single_writes: Option<S<bool>>,
+    /// How long the device takes to show a written value: the read-back
+    /// after a write (and the check of a write whose reply was lost) waits
+    /// this long, without holding the line (wins over the profile's; default `0s`).
+    #[schemars(with = "Option<String>")]
+    pub(crate) read_back_delay: Option<S<String>>,
+    /// Exception 0x06 (busy): ask again after `delay`, at most `retries`
+    /// times (wins over the profile's; default 3 times, after 100ms each).
+    #[schemars(with = "Option<RawBusy>")]
+    pub(crate) busy: Option<S<RawBusy>>,
+    /// Poll interval of the points that name none (default `1s`).
     #[schemars(with = "Option<String>")]
     pub(crate) poll: Option<S<String>>,
     /// The cloud side: topics and/or an AWS IoT shadow.
@@ -646,6 +702,12 @@ pub(crate) struct RawPoint {
     /// the read-back found.
     #[schemars(with = "Option<bool>")]
     pub(crate) trigger: Option<S<bool>>,
+    /// How often it is read: an interval (`1s`, `60s`) or `once` (when the
+    /// device comes online). Default: the device's `poll`, or the longest
+    /// `poll_paths` pattern that matches. Reads of different intervals are
+    /// never merged into one request.
+    #[schemars(with = "Option<String>")]
+    pub(crate) poll: Option<S<String>>,
 }
 
 /// A limit as written: a whole number without a point or an exponent stays

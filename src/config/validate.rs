@@ -139,7 +139,9 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     for (k, p) in &raw.profiles {
         let path = format!("profiles.{}", k.name());
         let points = points(&mut c, &p.points, &path);
-        profiles.insert(k.name(), Profile { points, read: p.read.as_ref(), mask_write: p.mask_write.as_ref().map(|m| m.value), commands: &p.commands });
+        let schedule = super::polls::schedule(&mut c, &p.points, &p.poll_paths, &points, &path);
+        let quirks = super::polls::quirk_settings(&mut c, p.single_writes.as_ref(), p.read_back_delay.as_ref(), p.busy.as_ref(), &path);
+        profiles.insert(k.name(), Profile { points, read: p.read.as_ref(), mask_write: p.mask_write.as_ref().map(|m| m.value), commands: &p.commands, schedule, quirks });
     }
 
     let mut devices = Vec::new();
@@ -713,6 +715,8 @@ struct Profile<'a> {
     read: Option<&'a RawReadLimits>,
     mask_write: Option<bool>,
     commands: &'a Map<RawCommand>,
+    schedule: super::polls::Schedule,
+    quirks: super::polls::QuirkSettings,
 }
 
 fn device(
@@ -739,9 +743,11 @@ fn device(
     let mut read_raw = raw.read.as_ref();
     let mut mask_write = raw.mask_write.as_ref().map(|m| m.value);
     let mut raw_commands = None;
+    let mut profile_of = None;
     if let Some(p) = &raw.profile {
         match profiles.get(p.value.as_str()) {
             Some(profile) => {
+                profile_of = Some(profile);
                 pts.extend(profile.points.iter().cloned());
                 read_raw = read_raw.or(profile.read);
                 mask_write = mask_write.or(profile.mask_write);
@@ -790,6 +796,10 @@ fn device(
     };
     let read = read_limits(c, read_raw, &path);
     let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
+    let schedule = super::polls::schedule(c, &raw.points, &raw.poll_paths, &pts, &path);
+    let groups = super::polls::groups(poll, &pts, &schedule, profile_of.map(|p| &p.schedule));
+    let quirks = super::polls::quirk_settings(c, raw.single_writes.as_ref(), raw.read_back_delay.as_ref(), raw.busy.as_ref(), &path);
+    let quirks = super::polls::quirks(quirks, profile_of.map(|p| p.quirks));
     let mut twin = match &raw.twin {
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
@@ -799,7 +809,7 @@ fn device(
         super::shadows::check_sizes(c, &raw_twin.value, &t.shadows, &pts, &format!("{path}.twin"));
     }
     let mask_write = mask_write.unwrap_or(false);
-    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, commands, twin })
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, groups, quirks, commands, twin })
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {

@@ -9,8 +9,8 @@
 //! asking for the line never waits for the line to be free just to queue.
 //!
 //! A poll is a device's whole poll cycle: its reads run back to back (only
-//! commands may go between them), and the cycle stops at the first read
-//! that gets no answer, so a dying device costs one timeout, not one per
+//! commands and reads due sooner may go between them), and the cycle stops
+//! at the first read that gets no answer, so a dying device costs one timeout, not one per
 //! read. Nothing is sent twice here: retries and write verification are the
 //! device actor's decisions, since only it knows whether a request may be. Every call has a timeout (tokio-modbus has none). After a
 //! timeout or an I/O error the transport is dropped and reopened for the next
@@ -147,8 +147,8 @@ pub type PendingPoll = oneshot::Receiver<Vec<Done>>;
 #[derive(Debug)]
 struct Job {
     unit: u8,
-    /// Still to run, in order.
-    ops: VecDeque<Op>,
+    /// Still to run, in order, each with the deadline it waits by.
+    ops: VecDeque<(Op, Instant)>,
     done: Vec<Done>,
     /// The tier a poll goes back to between its reads; `None` for a call
     /// under a lease (one transaction).
@@ -157,9 +157,14 @@ struct Job {
 }
 
 impl Job {
-    fn new(unit: u8, ops: impl IntoIterator<Item = Op>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
+    fn new(unit: u8, ops: impl IntoIterator<Item = (Op, Instant)>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
         let (reply, answer) = oneshot::channel();
         (Job { unit, ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
+    }
+
+    /// The deadline of its next read.
+    fn deadline(&self) -> Instant {
+        self.ops.front().map_or_else(Instant::now, |(_, d)| *d)
     }
 }
 
@@ -204,10 +209,11 @@ pub struct BusHandle {
 }
 
 impl BusHandle {
-    /// Queues the reads of one poll cycle and returns at once; the answers
-    /// come on the returned receiver. Dropping the receiver withdraws what
-    /// has not started.
-    pub async fn poll(&self, unit: u8, ops: Vec<Op>, kind: PollKind) -> PendingPoll {
+    /// Queues the reads of one poll cycle, each with the deadline it waits
+    /// by (polls are served earliest deadline first), and returns at once;
+    /// the answers come on the returned receiver. Dropping the receiver
+    /// withdraws what has not started.
+    pub async fn poll(&self, unit: u8, ops: Vec<(Op, Instant)>, kind: PollKind) -> PendingPoll {
         let (job, answer) = Job::new(unit, ops, Some(kind));
         // A failed send drops the job: the receiver then says the bus is gone.
         let _ = self.tx.send(Msg::Poll(job)).await;
@@ -228,7 +234,7 @@ impl BusHandle {
         for _ in 0..attempts {
             last = match &lease {
                 Some(lease) => lease.call(op.clone()).await,
-                None => self.poll(unit, vec![op.clone()], PollKind::Routine).await.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed),
+                None => self.poll(unit, vec![(op.clone(), Instant::now())], PollKind::Routine).await.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed),
             };
             if !matches!(&last.result, Err(e) if e.is_unreachable()) {
                 break;
@@ -256,17 +262,30 @@ pub struct Lease {
     unit: u8,
     tx: mpsc::Sender<Msg>,
     /// Dropped with the lease, which tells the bus owner the line is free.
-    _held: oneshot::Sender<()>,
+    held: oneshot::Sender<()>,
 }
 
 impl Lease {
     /// Runs one transaction with the lease's unit, next on the wire.
     pub async fn call(&self, op: Op) -> Done {
-        let (job, answer) = Job::new(self.unit, [op], None);
+        let (job, answer) = Job::new(self.unit, [(op, Instant::now())], None);
         if self.tx.send(Msg::Call(self.id, job)).await.is_err() {
             return Done::closed();
         }
         answer.await.ok().and_then(|mut d| d.pop()).unwrap_or_else(Done::closed)
+    }
+
+    /// Gives the line up for `wait` (a device that needs time: busy, or
+    /// slow to show a write), so that others use it meanwhile, then waits
+    /// for it again, behind the commands that asked before.
+    pub async fn pause(&mut self, wait: Duration) -> Result<(), BusError> {
+        let (placeholder, _) = oneshot::channel();
+        drop(std::mem::replace(&mut self.held, placeholder));
+        tokio::time::sleep(wait).await;
+        let (grant, granted) = oneshot::channel();
+        self.tx.send(Msg::Lease(LeaseAsk { unit: self.unit, grant })).await.map_err(|_| BusError::Closed)?;
+        *self = granted.await.map_err(|_| BusError::Closed)?;
+        Ok(())
     }
 }
 
@@ -339,7 +358,7 @@ impl BusOwner {
             return;
         };
         let (held, released) = oneshot::channel();
-        let lease = Lease { id, unit: ask.unit, tx, _held: held };
+        let lease = Lease { id, unit: ask.unit, tx, held };
         match ask.grant.send(lease) {
             Ok(()) => self.released = Some(released),
             // The asker gave up while waiting: the line is free again.
@@ -351,7 +370,7 @@ impl BusOwner {
     /// on the wire; the rest of a poll cycle goes back to the front of its
     /// tier.
     async fn run_job(&mut self, mut job: Job) {
-        let Some(op) = job.ops.pop_front() else {
+        let Some((op, _)) = job.ops.pop_front() else {
             let _ = job.reply.send(job.done);
             return;
         };
@@ -370,7 +389,10 @@ impl BusOwner {
         let silent = matches!(&done.result, Err(e) if e.is_unreachable());
         job.done.push(done);
         match job.kind {
-            Some(kind) if !silent && !job.ops.is_empty() => self.queue.push_front_poll(job, kind),
+            Some(kind) if !silent && !job.ops.is_empty() => {
+                let deadline = job.deadline();
+                self.queue.push_front_poll(job, kind, deadline);
+            }
             _ => {
                 let _ = job.reply.send(job.done);
             }
@@ -382,7 +404,8 @@ fn accept(queue: &mut Queue<Job, LeaseAsk>, msg: Msg) {
     match msg {
         Msg::Poll(job) => {
             let kind = job.kind.unwrap_or(PollKind::Routine);
-            queue.push_poll(job, kind);
+            let deadline = job.deadline();
+            queue.push_poll(job, kind, deadline);
         }
         Msg::Lease(ask) => queue.push_lease(ask),
         // A call under a lease already released was abandoned with it:
