@@ -150,7 +150,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
         limits: device.read,
         mask_write: device.mask_write,
         retries,
-        bus,
+        bus: bus.for_device(&device.name),
         rx,
         state_tx,
         current: empty,
@@ -159,6 +159,16 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
     };
     tasks.spawn(&format!("device {}", device.name), actor.run(cancel));
     DeviceHandle { name: device.name.clone(), points, tx, state }
+}
+
+/// The running devices by name, as reloads change them: what readiness
+/// looks at. Holding a handle here keeps the device's actor alive, so a
+/// device leaves the directory before it is stopped.
+pub type Directory = Arc<std::sync::RwLock<std::collections::BTreeMap<String, DeviceHandle>>>;
+
+/// Reads a directory; a poisoned lock only means a panic elsewhere.
+pub fn directory(d: &Directory) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<String, DeviceHandle>> {
+    d.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A jitter seed that differs between devices and between runs.

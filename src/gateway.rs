@@ -19,8 +19,14 @@
 //! 4. bus owners, simulators, the store and embedded brokers stop.
 //!
 //! What still runs at the deadline is aborted and named in the log.
+//!
+//! A reload ([`Gateway::reload`]) applies a [`crate::reload::Plan`]: each
+//! device is a unit (its actor and adapters, its own stop tokens and task
+//! groups, the topics it routes), so that one can be stopped the same way
+//! the whole gateway is, and started again, while the others and every
+//! connection run on untouched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,15 +35,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Broker, Config};
-use crate::device::spawn_device;
+use crate::config::{Broker, Bus, Config, Device, ShadowBinding};
+use crate::device::{spawn_device, DeviceHandle, Directory};
 use crate::http::Readiness;
 use crate::lifecycle::Tasks;
-use crate::modbus::spawn_bus;
+use crate::modbus::{spawn_bus, BusHandle};
 use crate::mqtt::{spawn_connection, ConnectionHandle, Inbox, Routes};
+use crate::reload::Plan;
 use crate::sim::{self, SimHandle};
 use crate::store::Store;
-use crate::twin::{raw_adapter, run_commands, run_shadow, run_telemetry, shadow_inbox, shadow_topics};
+use crate::twin::{raw_adapter, run_commands, run_shadow, run_telemetry, shadow_inbox, shadow_topics, RawWorker, ShadowInbox};
 
 /// The longest part of the stop deadline spent flushing outboxes: what is
 /// not acknowledged by then is in the store and goes out after the restart.
@@ -48,24 +55,63 @@ const FLUSH_AT_MOST: Duration = Duration::from_secs(3);
 pub struct Gateway {
     root: Tasks,
     failures: mpsc::UnboundedReceiver<String>,
-    adapters: Tasks,
-    devices: Tasks,
     connections_tasks: Tasks,
     rest: Tasks,
     connections: Vec<ConnectionHandle>,
+    buses: HashMap<String, BusUnit>,
+    devices: BTreeMap<String, DeviceUnit>,
+    /// What readiness looks at; follows `devices`.
+    directory: Directory,
     simulators: Vec<(String, SimHandle)>,
+    /// Embedded brokers, by the index of their connection.
     #[cfg(feature = "embedded-broker")]
-    brokers: Vec<crate::mqtt::EmbeddedBroker>,
+    brokers: Vec<(usize, crate::mqtt::EmbeddedBroker)>,
     store: Option<Store>,
     http: Option<std::net::SocketAddr>,
-    /// Every device's handle, held for the gateway's life.
-    device_handles: Vec<crate::device::DeviceHandle>,
+    /// The config running now.
+    config: Config,
     stop_adapters: CancellationToken,
     stop_devices: CancellationToken,
     stop_connections: CancellationToken,
     stop_simulators: CancellationToken,
     remote_shutdown: CancellationToken,
-    shutdown_timeout: Duration,
+}
+
+/// A bus owner, held open by the gateway while the bus is in the config.
+#[derive(Debug)]
+struct BusUnit {
+    config: Bus,
+    handle: BusHandle,
+    tasks: Tasks,
+}
+
+/// One device: its actor, its twin's adapters, and the topics they route.
+#[derive(Debug)]
+struct DeviceUnit {
+    handle: DeviceHandle,
+    /// Index of its twin's connection, and the topics routed to it there.
+    routes: Option<(usize, Vec<String>)>,
+    adapters: Tasks,
+    actor: Tasks,
+    stop_adapters: CancellationToken,
+    stop_actor: CancellationToken,
+}
+
+/// A device's inboxes, made (and routed) before its adapters run.
+struct Inboxes {
+    routes: Routes,
+    raw: Option<RawWorker>,
+    shadows: Vec<(ShadowBinding, ShadowInbox)>,
+}
+
+/// What a reload did, for the log and for tests.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reloaded {
+    /// The plan it applied.
+    pub plan: Plan,
+    /// Units that were still finishing a command at the deadline; they were
+    /// told to stop and end on their own.
+    pub slow: Vec<String>,
 }
 
 impl Gateway {
@@ -79,26 +125,27 @@ impl Gateway {
             tracing::warn!("{w}");
         }
         let (root, failures) = Tasks::new();
+        let stop_adapters = CancellationToken::new();
         let mut gateway = Gateway {
-            adapters: root.group(),
-            devices: root.group(),
             connections_tasks: root.group(),
             rest: root.group(),
             root,
             failures,
             connections: Vec::new(),
+            buses: HashMap::new(),
+            devices: BTreeMap::new(),
+            directory: Directory::default(),
             simulators: Vec::new(),
             #[cfg(feature = "embedded-broker")]
             brokers: Vec::new(),
             store: None,
             http: None,
-            device_handles: Vec::new(),
-            stop_adapters: CancellationToken::new(),
+            config: config.clone(),
+            stop_adapters,
             stop_devices: CancellationToken::new(),
             stop_connections: CancellationToken::new(),
             stop_simulators: CancellationToken::new(),
             remote_shutdown: CancellationToken::new(),
-            shutdown_timeout: config.shutdown_timeout,
         };
         match gateway.build(config).await {
             Ok(()) => {
@@ -148,7 +195,7 @@ impl Gateway {
                         defaults: twin_permissions(config, index),
                         max_connections: access.max_connections,
                     };
-                    self.brokers.push(crate::mqtt::EmbeddedBroker::start(*listen, policy)?);
+                    self.brokers.push((index, crate::mqtt::EmbeddedBroker::start(*listen, policy)?));
                     tracing::info!(connection = %c.name, %listen, users = access.users.len(), "embedded MQTT broker listening");
                     c.credentials = Some(login);
                 }
@@ -165,30 +212,17 @@ impl Gateway {
             });
         }
 
-        let buses: Vec<_> = config.buses.iter().map(|b| spawn_bus(b.clone(), &self.rest)).collect();
-        let mut devices = Vec::new();
-        for d in &config.devices {
-            let bus = &config.buses[d.bus];
-            devices.push(spawn_device(d, buses[d.bus].clone(), bus.retries, &self.devices, self.stop_devices.clone()));
+        for b in &config.buses {
+            self.start_bus(b);
         }
-        drop(buses); // each bus owner ends when its last device actor does
-
         let mut routes: Vec<Routes> = vec![HashMap::new(); config.connections.len()];
-        let mut raw_workers = HashMap::new();
-        let mut shadow_inboxes = HashMap::new();
+        let mut inboxes = Vec::new();
         for d in &config.devices {
-            let Some(t) = &d.twin else { continue };
-            if let (Some(topic), Some((inbox, worker))) = (&t.commands, raw_adapter(t, &d.name, store.clone())) {
-                routes[t.connection].insert(topic.clone(), inbox as Arc<dyn Inbox>);
-                raw_workers.insert(d.name.clone(), worker);
+            let mut i = inboxes_of(d, &store, true);
+            if let Some(t) = &d.twin {
+                routes[t.connection].extend(std::mem::take(&mut i.routes));
             }
-            for s in &t.shadows {
-                let (route, inbox) = shadow_inbox();
-                for topic in shadow_topics(s) {
-                    routes[t.connection].insert(topic, route.clone() as Arc<dyn Inbox>);
-                }
-                shadow_inboxes.insert((d.name.clone(), s.prefix()), inbox);
-            }
+            inboxes.push(i);
         }
         for (c, r) in connections.iter().zip(routes) {
             let handle = spawn_connection(c, r, store.clone(), &self.connections_tasks, self.stop_connections.clone())
@@ -196,38 +230,147 @@ impl Gateway {
                 .with_context(|| format!("connection `{}`", c.name))?;
             self.connections.push(handle);
         }
-
-        for (d, device) in config.devices.iter().zip(&devices) {
-            let Some(twin) = &d.twin else { continue };
-            let conn = self.connections[twin.connection].clone();
-            if let Some(worker) = raw_workers.remove(&d.name) {
-                let task = run_commands(twin.clone(), worker, device.clone(), conn.clone(), self.stop_adapters.clone(), self.remote_shutdown.clone());
-                self.adapters.spawn(&format!("commands of {}", d.name), task);
-            }
-            for binding in &twin.shadows {
-                let Some(inbox) = shadow_inboxes.remove(&(d.name.clone(), binding.prefix())) else { continue };
-                let task = run_shadow(binding.clone(), d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, self.stop_adapters.clone());
-                self.adapters.spawn(&format!("shadow {} of {}", binding.prefix(), d.name), task);
-            }
-            if twin.telemetry.is_some() {
-                self.adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, self.stop_adapters.clone()));
-            }
+        for (d, i) in config.devices.iter().zip(inboxes) {
+            self.start_device(config, d, i, &store);
         }
 
         if let Some(http) = &config.http {
             let readiness = Readiness {
                 connections: self.connections.iter().map(|c| (c.name.clone(), c.sessions())).collect(),
                 connected: self.connections.iter().map(|c| (c.name.clone(), c.connected())).collect(),
-                devices: devices.iter().map(|d| (d.name.clone(), d.watch())).collect(),
+                devices: self.directory.clone(),
             };
             let addr = crate::http::start(http, readiness, &self.rest, self.stop_connections.clone()).await?;
             tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
             self.http = Some(addr);
         }
-        // A device actor ends when the last handle to it is gone: a device
-        // without a twin (polled for the console and metrics only) must live on.
-        self.device_handles = devices;
         Ok(())
+    }
+
+    fn start_bus(&mut self, b: &Bus) {
+        let tasks = self.rest.group();
+        let handle = spawn_bus(b.clone(), &tasks);
+        self.buses.insert(b.name.clone(), BusUnit { config: b.clone(), handle, tasks });
+    }
+
+    /// Starts a device's actor and its twin's adapters; its topics are
+    /// already routed to `inboxes`.
+    fn start_device(&mut self, config: &Config, d: &Device, inboxes: Inboxes, store: &Store) {
+        let Some(bus) = config.buses.get(d.bus).and_then(|b| self.buses.get(&b.name)) else {
+            // Validation ties every device to a bus of the same config.
+            tracing::error!(device = %d.name, "device not started: its bus is not running");
+            return;
+        };
+        let (actor, adapters) = (self.root.group(), self.root.group());
+        let (stop_actor, stop_adapters) = (self.stop_devices.child_token(), self.stop_adapters.child_token());
+        let device = spawn_device(d, bus.handle.clone(), bus.config.retries, &actor, stop_actor.clone());
+        let mut routes = None;
+        if let Some(twin) = &d.twin {
+            let conn = self.connections[twin.connection].clone();
+            routes = Some((twin.connection, topics_of(d)));
+            if let Some(worker) = inboxes.raw {
+                let task = run_commands(twin.clone(), worker, device.clone(), conn.clone(), stop_adapters.clone(), self.remote_shutdown.clone());
+                adapters.spawn(&format!("commands of {}", d.name), task);
+            }
+            for (binding, inbox) in inboxes.shadows {
+                let name = format!("shadow {} of {}", binding.prefix(), d.name);
+                let task = run_shadow(binding, d.commands.clone(), device.clone(), conn.clone(), store.clone(), inbox, stop_adapters.clone());
+                adapters.spawn(&name, task);
+            }
+            if twin.telemetry.is_some() {
+                adapters.spawn(&format!("telemetry of {}", d.name), run_telemetry(twin.clone(), device.clone(), conn, stop_adapters.clone()));
+            }
+        }
+        self.directory.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(d.name.clone(), device.clone());
+        // A device actor ends when the last handle to it is gone: the unit's
+        // keeps one without a twin (polled for the console and metrics) alive.
+        self.devices.insert(d.name.clone(), DeviceUnit { handle: device, routes, adapters, actor, stop_adapters, stop_actor });
+    }
+
+    /// Applies a new, validated config: starts added devices and buses,
+    /// stops removed ones, restarts changed ones; leaves the others, and
+    /// every connection, as they run. `Err` lists what needs a restart
+    /// instead; then nothing changed.
+    pub async fn reload(&mut self, new: Config) -> Result<Reloaded, Vec<String>> {
+        let plan = crate::reload::plan(&self.config, &new)?;
+        for w in &plan.warnings {
+            tracing::warn!("reload: {w}");
+        }
+        let Some(store) = self.store.clone() else { return Err(vec!["the gateway is not running".to_string()]) };
+        let restarted: Vec<&str> = plan.restart_devices.iter().map(|(n, _)| n.as_str()).collect();
+        let leaving: Vec<String> = plan.remove_devices.iter().map(String::as_str).chain(restarted.iter().copied()).map(str::to_string).collect();
+        let arriving: Vec<&Device> = new.devices.iter().filter(|d| plan.add_devices.contains(&d.name) || restarted.contains(&d.name.as_str())).collect();
+
+        // Routes first, in one step per connection: a restarted device's
+        // topics change hands without a gap (what arrives meanwhile waits in
+        // the new inboxes), removed ones are unsubscribed, added ones subscribed.
+        let mut add: Vec<Routes> = vec![HashMap::new(); self.connections.len()];
+        let mut remove: Vec<Vec<String>> = vec![Vec::new(); self.connections.len()];
+        let mut inboxes = HashMap::new();
+        for d in &arriving {
+            let mut i = inboxes_of(d, &store, !restarted.contains(&d.name.as_str()));
+            if let Some(t) = &d.twin {
+                add[t.connection].extend(std::mem::take(&mut i.routes));
+            }
+            inboxes.insert(d.name.clone(), i);
+        }
+        for name in &leaving {
+            if let Some((c, topics)) = self.devices.get(name).and_then(|u| u.routes.as_ref()) {
+                remove[*c].extend(topics.iter().cloned());
+            }
+        }
+        for (c, (a, r)) in add.into_iter().zip(remove).enumerate() {
+            if !a.is_empty() || !r.is_empty() {
+                self.connections[c].update_routes(a, r).await;
+            }
+        }
+
+        let timeout = new.shutdown_timeout;
+        let units: Vec<(String, DeviceUnit)> = leaving.iter().filter_map(|n| self.devices.remove(n).map(|u| (n.clone(), u))).collect();
+        {
+            let mut directory = self.directory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (n, _) in &units {
+                directory.remove(n);
+            }
+        }
+        let mut slow = stop_units(units, timeout).await;
+        for name in plan.remove_buses.iter().chain(&plan.restart_buses) {
+            if let Some(bus) = self.buses.remove(name) {
+                bus.tasks.stopping();
+                drop(bus.handle);
+                if !bus.tasks.wait(timeout).await {
+                    slow.push(format!("bus {name}"));
+                }
+            }
+        }
+        for b in new.buses.iter().filter(|b| plan.add_buses.contains(&b.name) || plan.restart_buses.contains(&b.name)) {
+            self.start_bus(b);
+        }
+        for d in arriving {
+            if let Some(i) = inboxes.remove(&d.name) {
+                self.start_device(&new, d, i, &store);
+            }
+        }
+        #[cfg(feature = "embedded-broker")]
+        for (index, broker) in &self.brokers {
+            broker.set_defaults(twin_permissions(&new, *index));
+        }
+        for w in new.warnings.iter().filter(|w| !self.config.warnings.contains(w)) {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(
+            added = ?plan.add_devices,
+            removed = ?plan.remove_devices,
+            restarted = ?plan.restart_devices,
+            unchanged = plan.unchanged,
+            "config reloaded from {}",
+            new.source.display()
+        );
+        if !slow.is_empty() {
+            tracing::warn!(?slow, "reload: these were still finishing a command when the time was up; they stop on their own");
+        }
+        self.config = new;
+        Ok(Reloaded { plan, slow })
     }
 
     /// Where the HTTP listener (metrics, health) listens, if configured.
@@ -266,6 +409,21 @@ impl Gateway {
         self.failures.recv().await.unwrap_or_else(|| "the gateway's tasks are gone".to_string())
     }
 
+    /// A running device, by name.
+    pub fn device(&self, name: &str) -> Option<DeviceHandle> {
+        self.devices.get(name).map(|u| u.handle.clone())
+    }
+
+    /// The running devices (what a reload changes), for readiness and the console.
+    pub fn directory(&self) -> Directory {
+        self.directory.clone()
+    }
+
+    /// A connection, by name.
+    pub fn connection(&self, name: &str) -> Option<&ConnectionHandle> {
+        self.connections.iter().find(|c| c.name == name)
+    }
+
     /// A simulator started by the config, by name.
     pub fn simulator(&self, name: &str) -> Option<&SimHandle> {
         self.simulators.iter().find(|(n, _)| n == name).map(|(_, s)| s)
@@ -276,20 +434,28 @@ impl Gateway {
     /// be aborted at the deadline).
     pub async fn shutdown(self) -> bool {
         let started = Instant::now();
-        let deadline = started + self.shutdown_timeout;
+        let timeout = self.config.shutdown_timeout;
+        let deadline = started + timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
         // Keep some of the deadline for the flush, unless it is short.
-        let flush = FLUSH_AT_MOST.min(self.shutdown_timeout / 3);
-        tracing::info!(deadline = ?self.shutdown_timeout, "shutting down: no new commands");
+        let flush = FLUSH_AT_MOST.min(timeout / 3);
+        tracing::info!(deadline = ?timeout, "shutting down: no new commands");
         self.root.stopping();
 
         self.stop_adapters.cancel();
         self.stop_devices.cancel();
-        let mut clean = self.adapters.wait(left().saturating_sub(flush)).await;
-        clean &= self.devices.wait(left().saturating_sub(flush)).await;
+        let mut clean = true;
+        for unit in self.devices.values() {
+            clean &= unit.adapters.wait(left().saturating_sub(flush)).await;
+        }
+        for unit in self.devices.values() {
+            clean &= unit.actor.wait(left().saturating_sub(flush)).await;
+        }
         if !clean {
             tracing::warn!("a command was still running when the time to finish commands was up; it is abandoned");
         }
+        drop(self.devices);
+        self.directory.write().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
 
         // In parallel: each waits for its PUBACKs.
         let flush_for = left().saturating_sub(Duration::from_millis(300)).min(flush.max(Duration::from_millis(500)));
@@ -301,12 +467,17 @@ impl Gateway {
         self.stop_connections.cancel();
         self.stop_simulators.cancel();
         clean &= self.connections_tasks.wait(left()).await;
+        // Each bus owner ends once its last handle is gone.
+        let buses: Vec<Tasks> = self.buses.into_values().map(|b| b.tasks).collect();
+        for tasks in &buses {
+            clean &= tasks.wait(left()).await;
+        }
         clean &= self.rest.wait(left()).await;
         if let Some(store) = &self.store {
             store.close().await;
         }
         #[cfg(feature = "embedded-broker")]
-        for b in self.brokers {
+        for (_, b) in self.brokers {
             b.stop();
         }
         let aborted = self.root.abort_all();
@@ -318,6 +489,56 @@ impl Gateway {
             false
         }
     }
+}
+
+/// Stops units as the gateway stops: adapters refuse what is queued and
+/// finish the command they run, then the actors finish theirs; at most
+/// `timeout` in all. Returns the units that were not done by then.
+async fn stop_units(units: Vec<(String, DeviceUnit)>, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    for (_, u) in &units {
+        u.adapters.stopping();
+        u.actor.stopping();
+        u.stop_adapters.cancel();
+        u.stop_actor.cancel();
+    }
+    let mut slow = Vec::new();
+    for (name, u) in units {
+        let done = u.adapters.wait(left()).await;
+        drop(u.handle);
+        if !(done && u.actor.wait(left()).await) {
+            slow.push(format!("device {name}"));
+        }
+    }
+    slow
+}
+
+/// A device's inboxes, one per command topic and shadow, before anything
+/// runs: routed first, so that nothing arriving meanwhile is lost.
+fn inboxes_of(d: &Device, store: &Store, recover_unfinished: bool) -> Inboxes {
+    let mut out = Inboxes { routes: HashMap::new(), raw: None, shadows: Vec::new() };
+    let Some(t) = &d.twin else { return out };
+    if let (Some(topic), Some((inbox, worker))) = (&t.commands, raw_adapter(t, &d.name, store.clone(), recover_unfinished)) {
+        out.routes.insert(topic.clone(), inbox as Arc<dyn Inbox>);
+        out.raw = Some(worker);
+    }
+    for s in &t.shadows {
+        let (route, inbox) = shadow_inbox();
+        for topic in shadow_topics(s) {
+            out.routes.insert(topic, route.clone() as Arc<dyn Inbox>);
+        }
+        out.shadows.push((s.clone(), inbox));
+    }
+    out
+}
+
+/// The topics a device's twin receives on.
+fn topics_of(d: &Device) -> Vec<String> {
+    let Some(t) = &d.twin else { return Vec::new() };
+    let mut topics: Vec<String> = t.commands.iter().cloned().collect();
+    topics.extend(t.shadows.iter().flat_map(shadow_topics));
+    topics
 }
 
 /// What clients of an embedded broker may do by default: publish the

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpSettings;
-use crate::device::{Health, Snapshot};
+use crate::device::{directory, Directory, Health};
 use crate::lifecycle::Tasks;
 
 /// What `/readyz` looks at: each connection's session count and each
@@ -38,8 +38,8 @@ use crate::lifecycle::Tasks;
 pub struct Readiness {
     /// Connection name → sessions that came up (0: never connected yet).
     pub connections: Vec<(String, watch::Receiver<u64>)>,
-    /// Device name → its snapshots.
-    pub devices: Vec<(String, watch::Receiver<Arc<Snapshot>>)>,
+    /// The running devices (a reload changes them).
+    pub devices: Directory,
     /// Connection name → whether it is connected right now.
     pub connected: Vec<(String, watch::Receiver<bool>)>,
 }
@@ -58,8 +58,8 @@ impl Readiness {
                 missing.push(format!("connection {name}: subscriptions not acknowledged yet"));
             }
         }
-        for (name, snap) in &self.devices {
-            if snap.borrow().health == Health::Unknown {
+        for (name, device) in directory(&self.devices).iter() {
+            if device.watch().borrow().health == Health::Unknown {
                 missing.push(format!("device {name}: not polled yet"));
             }
         }
@@ -196,7 +196,7 @@ mod tests {
     fn readiness_names_what_is_missing() {
         let (_up, sessions) = watch::channel(0u64);
         let (_c, connected) = watch::channel(true);
-        let r = Readiness { connections: vec![("aws".into(), sessions)], devices: vec![], connected: vec![("aws".into(), connected)] };
+        let r = Readiness { connections: vec![("aws".into(), sessions)], devices: Directory::default(), connected: vec![("aws".into(), connected)] };
         assert_eq!(r.check(), (false, vec!["connection aws: subscriptions not acknowledged yet".to_string()]));
     }
 }

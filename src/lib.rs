@@ -16,6 +16,7 @@ pub mod logs;
 pub mod modbus;
 pub mod mqtt;
 pub mod point;
+pub mod reload;
 pub mod sim;
 pub mod store;
 pub mod systemd;

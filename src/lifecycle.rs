@@ -26,14 +26,16 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Debug)]
 pub struct Tasks {
     tracker: TaskTracker,
+    /// Once fired, this group's tasks that end are expected to: a child of
+    /// the root's, so that stopping the gateway stops expecting every group,
+    /// and stopping one device (a reload) only its own.
+    stopping: CancellationToken,
     shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
     failures: mpsc::UnboundedSender<String>,
-    /// Once fired, tasks that end are expected to.
-    stopping: CancellationToken,
     running: Mutex<HashMap<tokio::task::Id, (String, AbortHandle)>>,
 }
 
@@ -41,23 +43,24 @@ impl Tasks {
     /// A first group, and the receiving end of the failure channel.
     pub fn new() -> (Tasks, mpsc::UnboundedReceiver<String>) {
         let (failures, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared { failures, stopping: CancellationToken::new(), running: Mutex::new(HashMap::new()) });
-        (Tasks { tracker: TaskTracker::new(), shared }, rx)
+        let shared = Arc::new(Shared { failures, running: Mutex::new(HashMap::new()) });
+        (Tasks { tracker: TaskTracker::new(), stopping: CancellationToken::new(), shared }, rx)
     }
 
-    /// Another group reporting to the same channel.
+    /// Another group reporting to the same channel, stopping with this one.
     pub fn group(&self) -> Tasks {
-        Tasks { tracker: TaskTracker::new(), shared: self.shared.clone() }
+        Tasks { tracker: TaskTracker::new(), stopping: self.stopping.child_token(), shared: self.shared.clone() }
     }
 
-    /// From now on, a task that ends is not a failure.
+    /// From now on, a task of this group (or of its subgroups) that ends is
+    /// not a failure.
     pub fn stopping(&self) {
-        self.shared.stopping.cancel();
+        self.stopping.cancel();
     }
 
-    /// Whether [`Tasks::stopping`] was called.
+    /// Whether [`Tasks::stopping`] was called on this group or above it.
     pub fn is_stopping(&self) -> bool {
-        self.shared.stopping.is_cancelled()
+        self.stopping.is_cancelled()
     }
 
     /// Runs `task` under `name`, watched.
@@ -70,13 +73,13 @@ impl Tasks {
         let inner = tokio::spawn(task);
         let id = inner.id();
         lock(&self.shared.running).insert(id, (name.to_string(), inner.abort_handle()));
-        let shared = self.shared.clone();
+        let (shared, stopping) = (self.shared.clone(), self.stopping.clone());
         let name = name.to_string();
         self.tracker.spawn(async move {
             let result = inner.await;
             lock(&shared.running).remove(&id);
             let failure = match result {
-                Ok(()) if shared.stopping.is_cancelled() => None,
+                Ok(()) if stopping.is_cancelled() => None,
                 Ok(()) => Some(format!("{name} ended unexpectedly")),
                 Err(e) if e.is_panic() => Some(format!("{name} panicked: {}", panic_message(e.into_panic()))),
                 Err(_) => None, // aborted at the shutdown deadline, already logged
@@ -134,6 +137,17 @@ mod tests {
         assert_eq!(f, "device pump-1 panicked: boom");
         tasks.spawn("bus line", async {});
         assert_eq!(failures.recv().await.expect("a failure"), "bus line ended unexpectedly");
+    }
+
+    #[tokio::test]
+    async fn stopping_one_group_expects_only_its_own_tasks_to_end() {
+        let (tasks, mut failures) = Tasks::new();
+        let (one, other) = (tasks.group(), tasks.group());
+        one.stopping();
+        one.spawn("device removed", async {});
+        assert!(one.wait(Duration::from_secs(5)).await);
+        other.spawn("device kept", async {});
+        assert_eq!(failures.recv().await.expect("a failure"), "device kept ended unexpectedly");
     }
 
     #[tokio::test]

@@ -8,8 +8,8 @@
 //! the command line was wrong; `read`, `write` and `scan` exit 3 when the
 //! request does not fit the configuration (nothing was sent) and 4 when the
 //! device or the line failed;
-//! 130 when a second SIGINT/SIGTERM cut the shutdown short. SIGHUP is logged
-//! and ignored (no reload yet). Errors are printed once, as
+//! 130 when a second SIGINT/SIGTERM cut the shutdown short. SIGHUP reloads
+//! the config file (see [`reload`]). Errors are printed once, as
 //! `twinbus: error: ...` with their causes. Logs go to stderr, in colour only
 //! on a terminal. Under systemd, `run` reports readiness, pings the watchdog
 //! and announces its stop (see `twinbus::systemd`).
@@ -255,7 +255,7 @@ async fn run(config: &Config) -> anyhow::Result<()> {
                     tracing::info!("{name}: stopping");
                     break None;
                 }
-                Signal::Hangup => tracing::warn!("SIGHUP: reloading the configuration is not supported yet; ignored (restart the service to apply changes)"),
+                Signal::Hangup => reload(&mut gateway, &config.source).await,
             },
             () = remote.cancelled() => break None,
             f = gateway.failed() => break Some(f),
@@ -284,6 +284,33 @@ async fn run(config: &Config) -> anyhow::Result<()> {
         tracing::warn!("the shutdown deadline cut some work short (see above); unsent messages stay in the store");
     }
     Ok(())
+}
+
+/// SIGHUP: reads and checks the file again. Invalid, or changing what only
+/// a restart applies: every reason is logged and the running config stays.
+/// Valid: added devices start, removed ones stop, changed ones restart, the
+/// rest (and every connection) runs on untouched.
+async fn reload(gateway: &mut Gateway, path: &std::path::Path) {
+    tracing::info!("SIGHUP: reloading {}", path.display());
+    systemd::notify(&[Note::Reloading, Note::Status("reloading the configuration")]);
+    let status = match Config::load(path) {
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!("reload refused, the running configuration stays: {line}");
+            }
+            "running; the last reload was refused (invalid configuration, see the log)".to_string()
+        }
+        Ok(new) => match gateway.reload(new).await {
+            Ok(done) => format!("running; reloaded: {} added, {} removed, {} restarted", done.plan.add_devices.len(), done.plan.remove_devices.len(), done.plan.restart_devices.len()),
+            Err(reasons) => {
+                for r in &reasons {
+                    tracing::error!("reload refused, the running configuration stays: {r}; restart the gateway to apply it");
+                }
+                "running; the last reload was refused (it needs a restart, see the log)".to_string()
+            }
+        },
+    };
+    systemd::notify(&[Note::Ready, Note::Status(&status)]);
 }
 
 async fn simulate(config: &Config) -> anyhow::Result<()> {

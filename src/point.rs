@@ -21,7 +21,7 @@ use std::fmt;
 mod number;
 
 pub use number::Number;
-use number::{Scaling, Step};
+use number::{shown, Scaling, Step};
 
 /// A typed value as it flows between the twin adapters and the device actors.
 ///
@@ -60,7 +60,7 @@ impl fmt::Display for Value {
             Value::Bool(b) => write!(f, "{b}"),
             Value::Int(i) => write!(f, "{i}"),
             Value::UInt(u) => write!(f, "{u}"),
-            Value::Float(x) => write!(f, "{x}"),
+            Value::Float(x) => f.write_str(&shown(*x)),
             Value::Text(s) => write!(f, "{s:?}"),
         }
     }
@@ -468,7 +468,7 @@ impl Point {
         let v = asked.to_f64();
         let exact = match self.data_type {
             DataType::F64 if !self.is_scaled() => held.to_f64().to_bits() == v.to_bits(),
-            DataType::F32 if !self.is_scaled() => (held.to_f64() as f32).to_bits() == (v as f32).to_bits(),
+            DataType::F32 if !self.is_scaled() => (held.to_f64() as f32).to_bits() == nearest_f32(asked).to_bits(),
             // A scaled float holds the float nearest to (v - offset) / scale:
             // there is no step to be on, and the reading is what the device has.
             DataType::F32 | DataType::F64 => true,
@@ -584,7 +584,12 @@ impl Point {
 
     /// f32 and f64: the float nearest to (value - offset) / scale.
     fn raw_float(&self, asked: Number) -> Result<RawWrite, String> {
-        let raw = (asked.to_f64() - self.offset) / self.scale;
+        let raw = match asked {
+            // An integer rounded once, to its nearest f32: through an f64 it
+            // could round twice and land on the f32 on its other side.
+            Number::Int(i) if self.data_type == DataType::F32 && !self.is_scaled() => f64::from(i as f32),
+            _ => (asked.to_f64() - self.offset) / self.scale,
+        };
         let fits = match self.data_type {
             DataType::F32 => raw.abs() <= f64::from(f32::MAX),
             _ => raw.is_finite(),
@@ -609,24 +614,25 @@ impl Point {
                 let around: Vec<String> = [f.floor(), f.ceil()]
                     .iter()
                     .filter(|x| Number::Float(**x) >= Number::Int(lo) && Number::Float(**x) <= Number::Int(hi))
-                    .map(|x| x.to_string())
+                    .map(|x| shown(*x))
                     .collect();
                 let nearest = match around.as_slice() {
                     [] => String::new(),
                     [one] => format!(" (nearest valid value {one})"),
                     [a, b, ..] => format!(" (nearest valid values {a} and {b})"),
                 };
-                return Err(format!("{f} is not a whole number, and a {} holds whole numbers{nearest}", t.name()));
+                return Err(format!("{} is not a whole number, and a {} holds whole numbers{nearest}", shown(f), t.name()));
             }
             Number::Float(f) => {
                 if Number::Float(f) < Number::Int(lo) || Number::Float(f) > Number::Int(hi) {
-                    return Err(fits(&f));
+                    return Err(fits(&shown(f)));
                 }
                 if f.abs() >= TWO_POW_53 {
                     // Beyond 2^53 a float stands for several integers: the
                     // digits written may not be the ones it holds.
                     return Err(format!(
-                        "{f} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only"
+                        "{} is beyond 2^53, where a number with a decimal point or an exponent may already be rounded: give it as an integer, digits only",
+                        shown(f)
                     ));
                 }
                 f as i128
@@ -655,13 +661,13 @@ impl Point {
             Step::Outside(q) => Err(fits(&format!("{asked} (raw {})", raw_text(q)))),
             Step::Between(below, above) => {
                 let offset =
-                    if self.offset != 0.0 { format!(" from the offset {}", self.offset) } else { String::new() };
+                    if self.offset != 0.0 { format!(" from the offset {}", shown(self.offset)) } else { String::new() };
                 let nearest = match (below, above) {
-                    (Some(b), Some(a)) => format!("nearest valid values {b} and {a}"),
-                    (Some(x), None) | (None, Some(x)) => format!("nearest valid value {x}"),
+                    (Some(b), Some(a)) => format!("nearest valid values {} and {}", shown(b), shown(a)),
+                    (Some(x), None) | (None, Some(x)) => format!("nearest valid value {}", shown(x)),
                     (None, None) => "no valid value near".to_string(),
                 };
-                Err(format!("{asked} is between two steps of {}{offset}: {nearest}", self.scale))
+                Err(format!("{asked} is between two steps of {}{offset}: {nearest}", shown(self.scale)))
             }
         }
     }
@@ -726,6 +732,14 @@ fn arr<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(&bytes[..N]);
     a
+}
+
+/// The f32 nearest to a number, rounded once.
+fn nearest_f32(n: Number) -> f32 {
+    match n {
+        Number::Int(i) => i as f32,
+        Number::Float(f) => f as f32,
+    }
 }
 
 /// A raw value worked out in floating point, for a message.

@@ -43,6 +43,9 @@ pub enum Note<'a> {
     Ready,
     /// `STOPPING=1`: a graceful stop has begun.
     Stopping,
+    /// `RELOADING=1` with the monotonic time: a reload has begun (`READY=1`
+    /// ends it), as `Type=notify-reload` wants and `Type=notify` accepts.
+    Reloading,
     /// `WATCHDOG=1`: still alive.
     Watchdog,
     /// `STATUS=...`: free text, shown by `systemctl status`.
@@ -54,15 +57,19 @@ pub fn notify(notes: &[Note<'_>]) {
     #[cfg(unix)]
     {
         use sd_notify::NotifyState;
-        let states: Vec<NotifyState<'_>> = notes
-            .iter()
-            .map(|n| match *n {
-                Note::Ready => NotifyState::Ready,
-                Note::Stopping => NotifyState::Stopping,
-                Note::Watchdog => NotifyState::Watchdog,
-                Note::Status(s) => NotifyState::Status(s),
-            })
-            .collect();
+        let mut states: Vec<NotifyState<'_>> = Vec::new();
+        for n in notes {
+            match *n {
+                Note::Ready => states.push(NotifyState::Ready),
+                Note::Stopping => states.push(NotifyState::Stopping),
+                Note::Watchdog => states.push(NotifyState::Watchdog),
+                Note::Status(s) => states.push(NotifyState::Status(s)),
+                Note::Reloading => {
+                    states.push(NotifyState::Reloading);
+                    states.extend(NotifyState::monotonic_usec_now().ok());
+                }
+            }
+        }
         if let Err(e) = sd_notify::notify(&states) {
             tracing::warn!("cannot notify the service manager ({notes:?}): {e}");
         }

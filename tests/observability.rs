@@ -37,7 +37,16 @@ async fn metrics_and_health_are_served_and_the_series_move() {
     assert_eq!(metric(&after, succeeded), Some(metric(&before, succeeded).unwrap_or(0.0) + 1.0), "{after}");
     assert_eq!(metric(&after, r#"twinbus_mqtt_connected{connection="local"}"#), Some(1.0), "{after}");
     assert!(metric(&after, r#"twinbus_mqtt_outbox_messages{connection="local"}"#).is_some(), "{after}");
-    assert!(after.lines().any(|l| l.starts_with("twinbus_modbus_transactions_total{") && l.contains(r#"outcome="ok""#)), "{after}");
+    // Per bus and device: transactions by outcome, and how long they take.
+    let series = |name: &str, outcome: Option<&str>| {
+        after.lines().find(|l| {
+            l.starts_with(name) && l.contains(r#"bus="line""#) && l.contains(r#"device="pump""#) && outcome.is_none_or(|o| l.contains(&format!("outcome=\"{o}\"")))
+        })
+    };
+    let ok = series("twinbus_modbus_transactions_total{", Some("ok")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(ok.is_some_and(|n| n >= 2.0), "polls and the command's write and read-back: {after}");
+    assert!(series("twinbus_modbus_transaction_seconds_count{", None).is_some(), "{after}");
+    assert!(series("twinbus_modbus_transaction_seconds_bucket{", None).is_some(), "a histogram: {after}");
     h.gateway.shutdown().await;
 }
 

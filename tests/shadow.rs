@@ -20,6 +20,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desired_value_is_written_and_reported_from_the_read_back() {
+    let metrics = twinbus::http::metrics();
     let site = Site::new("write").await;
     let svc = ShadowService::start(site.broker_port, &[("pump-1", None)]).await;
     let (gw, sim) = gateway(&site).await;
@@ -34,6 +35,9 @@ async fn a_desired_value_is_written_and_reported_from_the_read_back() {
     assert_eq!(sim.writes().iter().filter(|w| w.table == Table::Coil).count(), 1);
     assert_eq!(doc["state"]["reported"]["online"], true);
     assert_eq!(doc["state"]["reported"]["deviceData"]["temperature"], 21.5, "readable points are reported too");
+    let text = metrics.render();
+    let applied = r#"twinbus_shadow_versions_total{shadow="$aws/things/pump-1/shadow",outcome="applied"}"#;
+    assert!(support::metric(&text, applied).is_some_and(|n| n >= 1.0), "{text}");
     gw.shutdown().await;
     svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == false).await;
 }
@@ -407,5 +411,33 @@ async fn a_throttled_report_is_not_sent_again_over_a_newer_one() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let doc = svc.document("drive-1", None).unwrap_or_default();
     assert_eq!(doc["state"]["reported"]["command"]["h-1"]["state"], "SUCCESS", "{doc}");
+    gw.shutdown().await;
+}
+
+/// Onboarding by reload: a device polled without a twin gets a shadow; the
+/// adapter starts on the running connection, fetches the shadow and applies
+/// what the cloud desired meanwhile, without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_added_by_a_reload_syncs_on_the_running_connection() {
+    let site = Site::new("reload").await;
+    let svc = ShadowService::start(site.broker_port, &[("pump-1", None), ("pump-2", None)]).await;
+    let body = |twin: &str| {
+        format!(
+            "{}devices:\n  pump-1: {{ bus: line, unit: 1, profile: pump, poll: 200ms, twin: {{ connection: aws, shadow: {{ thing: pump-1 }} }} }}\n  pump-2: {{ bus: line, unit: 2, profile: pump, poll: 200ms{twin} }}\nsimulators:\n  sim: {{ listen: \"127.0.0.1:{{MODBUS}}\", serves: [pump-1, pump-2] }}\n",
+            support::PUMP_PROFILE
+        )
+    };
+    let mut gw = Gateway::start(&site.parse(&body(""))).await.expect("start");
+    let sim = gw.simulator("sim").expect("sim").clone();
+    svc.wait_for_reported("pump-1", None, WAIT, |r| r["connected"] == true).await;
+    let mut link = gw.connection("aws").expect("aws").connected();
+    link.borrow_and_update();
+    svc.set_desired("pump-2", None, json!({"deviceAttrib": {"mode": "manual"}})).await;
+
+    let done = gw.reload(site.parse(&body(", twin: { connection: aws, shadow: { thing: pump-2 } }"))).await.expect("reloadable");
+    assert_eq!(done.plan.restart_devices, vec![("pump-2".to_string(), "twin".to_string())]);
+    svc.wait_for_reported("pump-2", None, WAIT, |r| r["deviceAttrib"]["mode"] == "manual").await;
+    assert_eq!(sim.value(2, "deviceAttrib.mode"), Some(Value::Text("manual".into())));
+    assert!(!link.has_changed().unwrap_or(true), "no reconnect");
     gw.shutdown().await;
 }

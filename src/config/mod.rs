@@ -51,7 +51,7 @@ pub struct Config {
 }
 
 /// The HTTP listener (metrics, health).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// Address to listen on (loopback unless a login is set).
     pub listen: SocketAddr,
@@ -60,7 +60,7 @@ pub struct HttpSettings {
 }
 
 /// One MQTT session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Connection {
     /// Name used by `devices.*.twin.connection`.
     pub name: String,
@@ -142,7 +142,7 @@ pub enum MqttVersion {
 }
 
 /// A proxy between the gateway and a remote broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Proxy {
     /// HTTP CONNECT or SOCKS5.
     pub kind: ProxyKind,
@@ -177,7 +177,7 @@ pub struct Presence {
 }
 
 /// How a connection reaches its broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Broker {
     /// A broker inside the gateway process, listening on `listen`.
     Embedded {
@@ -201,7 +201,7 @@ pub enum Broker {
 
 /// Who may use the embedded broker. The gateway's own session always may
 /// (with a secret made at start, so nobody else can take its client id).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BrokerAccess {
     /// Named logins. Empty: clients connect without one, on loopback only,
     /// with the twins' permissions.
@@ -211,7 +211,7 @@ pub struct BrokerAccess {
 }
 
 /// A login on the embedded broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BrokerUser {
     /// User name.
     pub name: String,
@@ -226,7 +226,7 @@ pub struct BrokerUser {
 }
 
 /// TLS settings of a remote connection.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tls {
     /// PEM file with the CA certificates to trust instead of the system roots.
     pub ca: Option<PathBuf>,
@@ -239,7 +239,7 @@ pub struct Tls {
 }
 
 /// MQTT user name and password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Credentials {
     /// User name (not secret).
     pub username: String,
@@ -276,7 +276,7 @@ impl fmt::Debug for Secret {
 }
 
 /// One fieldbus line and its owner's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bus {
     /// Name used by `devices.*.bus`.
     pub name: String,
@@ -357,7 +357,7 @@ impl Default for ReadLimits {
 }
 
 /// One Modbus device and its twin.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Device {
     /// Name, unique in the file.
     pub name: String,
@@ -471,7 +471,7 @@ pub enum Step {
 }
 
 /// How a device appears in the cloud.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Twin {
     /// Index into [`Config::connections`].
     pub connection: usize,
@@ -542,7 +542,7 @@ impl ShadowBinding {
 }
 
 /// A built-in Modbus TCP slave serving configured devices.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Simulator {
     /// Name, for logs.
     pub name: String,
@@ -566,7 +566,7 @@ pub enum Framing {
 }
 
 /// One device inside a simulator.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimulatedDevice {
     /// Unit id it answers to.
     pub unit: u8,

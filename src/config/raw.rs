@@ -195,12 +195,43 @@ pub(crate) struct RawLimits {
 }
 
 /// A scalar YAML may spell as a number or a string (`5`, `3.1.1`).
-#[derive(Clone, Debug, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[derive(Clone, Debug, JsonSchema)]
+#[schemars(untagged)]
 pub(crate) enum RawScalar {
     Int(i64),
     Float(f64),
     Text(String),
+}
+
+// The scalar enums below deserialize through a visitor rather than
+// `#[serde(untagged)]`, whose only message for a wrong type is "data did not
+// match any variant of untagged enum RawLabel": a visitor says what it got
+// and what would be valid ("invalid type: sequence, expected true, false or
+// a whole number").
+
+impl<'de> Deserialize<'de> for RawScalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = RawScalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or a string")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawScalar, E> {
+                Ok(i64::try_from(v).map_or(RawScalar::Float(v as f64), RawScalar::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<RawScalar, E> {
+                Ok(RawScalar::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawScalar, E> {
+                Ok(RawScalar::Text(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// A proxy between the gateway and a remote broker.
@@ -792,11 +823,33 @@ pub(crate) enum RawAccess {
 }
 
 /// The device-side value of an enum label: `on: true` or `auto: 0`.
-#[derive(Clone, Copy, Debug, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[derive(Clone, Copy, Debug, JsonSchema)]
+#[schemars(untagged)]
 pub(crate) enum RawLabel {
     Bool(bool),
     Int(i64),
+}
+
+impl<'de> Deserialize<'de> for RawLabel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = RawLabel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false or a whole number (what the device holds for this label)")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<RawLabel, E> {
+                Ok(RawLabel::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawLabel, E> {
+                Ok(RawLabel::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawLabel, E> {
+                i64::try_from(v).map(RawLabel::Int).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// A built-in Modbus TCP slave.
@@ -836,13 +889,41 @@ pub(crate) enum RawFraming {
 }
 
 /// A value as YAML spells it (a simulator's start value, a command step's value).
-#[derive(Clone, Debug, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[derive(Clone, Debug, JsonSchema)]
+#[schemars(untagged)]
 pub(crate) enum RawSimValue {
     Bool(bool),
     Int(i64),
     Float(f64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawSimValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = RawSimValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a point's value: true, false, a number or a string")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<RawSimValue, E> {
+                Ok(RawSimValue::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawSimValue, E> {
+                Ok(RawSimValue::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawSimValue, E> {
+                Ok(i64::try_from(v).map_or(RawSimValue::Float(v as f64), RawSimValue::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<RawSimValue, E> {
+                Ok(RawSimValue::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawSimValue, E> {
+                Ok(RawSimValue::Text(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// The JSON Schema of `gateway.yaml`, pretty-printed.

@@ -677,6 +677,33 @@ fn labels_on_a_float_are_refused() {
 }
 
 #[test]
+fn a_label_or_an_initial_value_of_the_wrong_kind_says_what_would_be_valid() {
+    // Not "data did not match any variant of untagged enum RawLabel" (found
+    // by the bad-input corpus).
+    let text = with_points(r#"x: { holding: 0, values: { on: "1" } }"#);
+    let message = structure(&text);
+    assert_line_col_prefix(&message, line_of(&text, r#"on: "1""#));
+    assert!(message.contains(r#"invalid type: string "1", expected true, false or a whole number"#), "{message}");
+    let text = format!("{}simulators:\n  sim: {{ listen: 127.0.0.1:5020, serves: [pump-1], initial: {{ deviceAttrib.setpoint: [1] }} }}\n", base());
+    let message = structure(&text);
+    assert!(message.contains("invalid type: sequence, expected a point's value: true, false, a number or a string"), "{message}");
+}
+
+#[test]
+fn labels_where_none_apply_are_one_problem_not_one_per_label() {
+    // Each label used to be refused again by the codec, for a float with an
+    // "internal: cannot encode Int(0) as f32" (found by the bad-input corpus).
+    for point in [
+        "x: { holding: 0, type: f32, values: { low: 0, high: 1 } }",
+        "x: { holding: 0, type: string, length: 4, values: { low: 0, high: 1 } }",
+        "x: { holding: 0, scale: 0.1, values: { low: 0, high: 1 } }",
+    ] {
+        let text = with_points(point);
+        only_problem(&text, line_of(&text, "low: 0"), "devices.d.points.x.values", &["enum labels apply to bool and unscaled integer"]);
+    }
+}
+
+#[test]
 fn a_label_worth_2_on_a_coil_is_refused() {
     let text = with_points("x: { coil: 0, values: { on: 1, off: 0, broken: 2 } }");
     only_problem(&text, line_of(&text, "broken"), "devices.d.points.x.values.broken", &["2"]);
@@ -818,6 +845,17 @@ fn serial_settings_outside_their_ranges_are_refused() {
 }
 
 #[test]
+fn a_bad_serial_setting_does_not_hide_the_rest_of_the_bus() {
+    // An invalid baud used to end the bus's checks: its retries and timeout
+    // went unchecked until the baud was fixed (found by the bad-input corpus).
+    let text = base().replace("      baud: 9600\n", "      baud: 0\n    retries: 99\n    timeout: 1ms\n");
+    let ps = problems(&text);
+    expect_problem(&ps, line_of(&text, "baud: 0"), "buses.line.rtu.baud", &["300 to 4000000"]);
+    expect_problem(&ps, line_of(&text, "retries: 99"), "buses.line.retries", &["0 to 10"]);
+    expect_problem(&ps, line_of(&text, "timeout: 1ms"), "buses.line.timeout", &["too short"]);
+}
+
+#[test]
 fn an_ftp_url_is_refused() {
     let text = insert_after(&base(), "connections:\n", "  remote:\n    url: ftp://x\n");
     only_problem(&text, line_of(&text, "ftp://x"), "connections.remote.url", &["unknown scheme \"ftp\"", "mqtt, mqtts"]);
@@ -829,6 +867,17 @@ fn a_url_without_a_scheme_or_with_a_bad_port_is_refused() {
     only_problem(&text, line_of(&text, "broker.example.com"), "connections.remote.url", &["not a URL"]);
     let text = insert_after(&base(), "connections:\n", "  remote:\n    url: mqtt://broker:0\n");
     only_problem(&text, line_of(&text, "broker:0"), "connections.remote.url", &["not a port"]);
+}
+
+#[test]
+fn a_host_with_a_space_or_a_control_character_is_refused() {
+    // Accepted before, to fail only at run time (found by the bad-input corpus).
+    let text = base().replace("host: 10.0.0.5", "host: \"10.0.0.5\\a\"");
+    only_problem(&text, line_of(&text, "10.0.0.5"), "buses.plc.tcp.host", &[r#""10.0.0.5\u{7}" is not a host name or address"#]);
+    let text = base().replace("host: 10.0.0.5", "host: plc 7");
+    only_problem(&text, line_of(&text, "plc 7"), "buses.plc.tcp.host", &["has a space or a control character"]);
+    let text = insert_after(&base(), "connections:\n", "  remote:\n    url: \"mqtt://broker\\n.example.com\"\n");
+    only_problem(&text, line_of(&text, "mqtt://broker"), "connections.remote.url", &["the host has a space or a control character"]);
 }
 
 #[test]

@@ -560,6 +560,9 @@ fn split_authority(rest: &str, default_port: u16) -> Result<(String, u16), Strin
     if host.is_empty() {
         return Err("no host (write e.g. mqtts://broker.example.com:8883)".to_string());
     }
+    if !plain_host(host) {
+        return Err("the host has a space or a control character".to_string());
+    }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
@@ -568,6 +571,13 @@ fn split_authority(rest: &str, default_port: u16) -> Result<(String, u16), Strin
         },
     };
     Ok((host.to_string(), port))
+}
+
+/// No host name or address has spaces or control characters: one that does
+/// is a typo (or a stray `\n` from an environment variable), which would
+/// otherwise surface only as a failed name lookup at run time.
+fn plain_host(host: &str) -> bool {
+    !host.chars().any(|ch| ch.is_whitespace() || ch.is_control())
 }
 
 fn tls_settings(c: &mut Checker, t: &RawTls, path: &str, base: &Path) -> Tls {
@@ -623,16 +633,22 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
                 RawParity::Even => Parity::Even,
                 RawParity::Odd => Parity::Odd,
             };
-            Some(Transport::Rtu(SerialSettings { port, baud: baud?, parity, data_bits: data_bits?, stop_bits: stop_bits? }))
+            // Not `?`: that would leave the bus's other fields unchecked.
+            match (baud, data_bits, stop_bits) {
+                (Some(baud), Some(data_bits), Some(stop_bits)) => Some(Transport::Rtu(SerialSettings { port, baud, parity, data_bits, stop_bits })),
+                _ => None,
+            }
         }
         (None, Some(t), None) => {
             let t = &t.value;
             let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
             if host.trim().is_empty() {
                 c.at(&t.host, &format!("{path}.tcp.host"), "is empty (write the device's address, e.g. 192.168.1.50)");
+            } else if !plain_host(&host) {
+                c.at(&t.host, &format!("{path}.tcp.host"), format!("{:?} is not a host name or address (it has a space or a control character)", t.host.value));
             }
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
-            Some(Transport::Tcp { host, port: port? })
+            port.map(|port| Transport::Tcp { host, port })
         }
         (None, None, Some(t)) => {
             let t = &t.value;
@@ -1119,9 +1135,13 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
     }
 
     let mut labels = Vec::new();
+    // Labels on a point that cannot have them are one problem, said once: not
+    // also a refusal of each label by the codec (an "internal" one for a float).
+    let mut labels_apply = true;
     if let Some(values) = &p.values {
         if matches!(data_type, DataType::F32 | DataType::F64 | DataType::String { .. }) || scale != 1.0 || offset != 0.0 {
             c.at(values, &format!("{path}.values"), "enum labels apply to bool and unscaled integer points");
+            labels_apply = false;
         }
         for (name, raw) in &values.value {
             let raw = match raw {
@@ -1158,7 +1178,7 @@ fn point(c: &mut Checker, key: &Key, p: &RawPoint, path: &str) -> Option<Point> 
         c.at(t, &format!("{path}.trigger"), "applies to points that are written (this one is read-only)");
     }
     check_limits(c, p, &point, path);
-    if let Some(v) = &p.values {
+    if let Some(v) = p.values.as_ref().filter(|_| labels_apply) {
         for l in &point.labels {
             if let Err(e) = point.encode_device_value(&Value::Text(l.name.clone())) {
                 c.at(v, &format!("{path}.values.{}", l.name), e);

@@ -24,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -147,6 +148,8 @@ pub type PendingPoll = oneshot::Receiver<Vec<Done>>;
 #[derive(Debug)]
 struct Job {
     unit: u8,
+    /// Whose transactions these are, for the metrics.
+    device: Arc<str>,
     /// Still to run, in order, each with the deadline it waits by.
     ops: VecDeque<(Op, Instant)>,
     done: Vec<Done>,
@@ -157,9 +160,9 @@ struct Job {
 }
 
 impl Job {
-    fn new(unit: u8, ops: impl IntoIterator<Item = (Op, Instant)>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
+    fn new(unit: u8, device: &Arc<str>, ops: impl IntoIterator<Item = (Op, Instant)>, kind: Option<PollKind>) -> (Job, oneshot::Receiver<Vec<Done>>) {
         let (reply, answer) = oneshot::channel();
-        (Job { unit, ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
+        (Job { unit, device: device.clone(), ops: ops.into_iter().collect(), done: Vec::new(), kind, reply }, answer)
     }
 
     /// The deadline of its next read.
@@ -177,6 +180,7 @@ impl Waiting for Job {
 #[derive(Debug)]
 struct LeaseAsk {
     unit: u8,
+    device: Arc<str>,
     grant: oneshot::Sender<Lease>,
 }
 
@@ -206,15 +210,23 @@ pub enum Priority {
 #[derive(Clone, Debug)]
 pub struct BusHandle {
     tx: mpsc::Sender<Msg>,
+    /// The device whose actor holds this handle (its transactions are
+    /// counted under its name), or what else uses the line.
+    device: Arc<str>,
 }
 
 impl BusHandle {
+    /// This handle, for the actor of device `name`.
+    pub fn for_device(&self, name: &str) -> BusHandle {
+        BusHandle { tx: self.tx.clone(), device: Arc::from(name) }
+    }
+
     /// Queues the reads of one poll cycle, each with the deadline it waits
     /// by (polls are served earliest deadline first), and returns at once;
     /// the answers come on the returned receiver. Dropping the receiver
     /// withdraws what has not started.
     pub async fn poll(&self, unit: u8, ops: Vec<(Op, Instant)>, kind: PollKind) -> PendingPoll {
-        let (job, answer) = Job::new(unit, ops, Some(kind));
+        let (job, answer) = Job::new(unit, &self.device, ops, Some(kind));
         // A failed send drops the job: the receiver then says the bus is gone.
         let _ = self.tx.send(Msg::Poll(job)).await;
         answer
@@ -248,7 +260,7 @@ impl BusHandle {
     /// returned [`Lease`] is dropped. Polls wait meanwhile.
     pub async fn lease(&self, unit: u8) -> Result<Lease, BusError> {
         let (grant, granted) = oneshot::channel();
-        self.tx.send(Msg::Lease(LeaseAsk { unit, grant })).await.map_err(|_| BusError::Closed)?;
+        self.tx.send(Msg::Lease(LeaseAsk { unit, device: self.device.clone(), grant })).await.map_err(|_| BusError::Closed)?;
         granted.await.map_err(|_| BusError::Closed)
     }
 }
@@ -260,6 +272,7 @@ impl BusHandle {
 pub struct Lease {
     id: LeaseId,
     unit: u8,
+    device: Arc<str>,
     tx: mpsc::Sender<Msg>,
     /// Dropped with the lease, which tells the bus owner the line is free.
     held: oneshot::Sender<()>,
@@ -268,7 +281,7 @@ pub struct Lease {
 impl Lease {
     /// Runs one transaction with the lease's unit, next on the wire.
     pub async fn call(&self, op: Op) -> Done {
-        let (job, answer) = Job::new(self.unit, [(op, Instant::now())], None);
+        let (job, answer) = Job::new(self.unit, &self.device, [(op, Instant::now())], None);
         if self.tx.send(Msg::Call(self.id, job)).await.is_err() {
             return Done::closed();
         }
@@ -283,7 +296,7 @@ impl Lease {
         drop(std::mem::replace(&mut self.held, placeholder));
         tokio::time::sleep(wait).await;
         let (grant, granted) = oneshot::channel();
-        self.tx.send(Msg::Lease(LeaseAsk { unit: self.unit, grant })).await.map_err(|_| BusError::Closed)?;
+        self.tx.send(Msg::Lease(LeaseAsk { unit: self.unit, device: self.device.clone(), grant })).await.map_err(|_| BusError::Closed)?;
         *self = granted.await.map_err(|_| BusError::Closed)?;
         Ok(())
     }
@@ -299,7 +312,7 @@ pub fn spawn_bus(bus: Bus, tasks: &crate::lifecycle::Tasks) -> BusHandle {
     let line = Line { bus, ctx: None, last_done: None, seq: 0, reconnect: Reconnect::default() };
     let owner = BusOwner { line, rx, open: true, queue: Queue::new(), released: None, leases: tx.downgrade() };
     tasks.spawn(&name, owner.run());
-    BusHandle { tx }
+    BusHandle { tx, device: Arc::from("(commissioning)") }
 }
 
 struct BusOwner {
@@ -358,7 +371,7 @@ impl BusOwner {
             return;
         };
         let (held, released) = oneshot::channel();
-        let lease = Lease { id, unit: ask.unit, tx, held };
+        let lease = Lease { id, unit: ask.unit, device: ask.device, tx, held };
         match ask.grant.send(lease) {
             Ok(()) => self.released = Some(released),
             // The asker gave up while waiting: the line is free again.
@@ -374,7 +387,8 @@ impl BusOwner {
             let _ = job.reply.send(job.done);
             return;
         };
-        let transaction = self.line.transact(job.unit, &op);
+        let device = job.device.clone();
+        let transaction = self.line.transact(job.unit, &device, &op);
         tokio::pin!(transaction);
         let done = loop {
             tokio::select! {
@@ -470,13 +484,14 @@ fn round_ms(d: Duration) -> Duration {
 }
 
 impl Line {
-    async fn transact(&mut self, unit: u8, op: &Op) -> Done {
+    async fn transact(&mut self, unit: u8, device: &str, op: &Op) -> Done {
         if let Some(last) = self.last_done {
             let ready = last + self.bus.delay;
             if ready > Instant::now() {
                 tokio::time::sleep_until(ready.into()).await;
             }
         }
+        let started = Instant::now();
         let result = self.transact_now(unit, op).await;
         self.last_done = Some(Instant::now());
         self.seq += 1;
@@ -497,7 +512,12 @@ impl Line {
             Err(BusError::Exception(_)) => "exception",
             Err(_) => "error",
         };
-        metrics::counter!("twinbus_modbus_transactions_total", "bus" => self.bus.name.clone(), "outcome" => outcome).increment(1);
+        let (bus, device) = (self.bus.name.clone(), device.to_string());
+        metrics::counter!("twinbus_modbus_transactions_total", "bus" => bus.clone(), "device" => device.clone(), "outcome" => outcome).increment(1);
+        if matches!(outcome, "ok" | "exception") {
+            // A round trip: what the line and the device take to answer.
+            metrics::histogram!("twinbus_modbus_transaction_seconds", "bus" => bus, "device" => device).record(started.elapsed().as_secs_f64());
+        }
         Done { seq: self.seq, result }
     }
 

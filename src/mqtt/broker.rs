@@ -19,7 +19,7 @@
 
 use std::net::SocketAddr;
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
@@ -115,7 +115,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// rmqtt's side of [`Access`]: one handler for the three hooks.
-struct Guard(Arc<Access>);
+struct Guard(Arc<RwLock<Access>>);
+
+impl Guard {
+    fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
+        // A poisoned lock only means a panic elsewhere; the policy is intact.
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 #[async_trait::async_trait]
 impl Handler for Guard {
@@ -124,7 +131,7 @@ impl Handler for Guard {
             Parameter::ClientAuthenticate(info) => {
                 let client_id = info.client_id().to_string();
                 let username = info.username().map(|u| u.to_string());
-                let verdict = self.0.authenticate(&client_id, username.as_deref(), info.password().map(|p| p.as_ref()));
+                let verdict = self.access().authenticate(&client_id, username.as_deref(), info.password().map(|p| p.as_ref()));
                 let result = match verdict {
                     Ok(login) => AuthResult::Allow(login == Login::Gateway, None),
                     Err(refusal) => {
@@ -136,7 +143,8 @@ impl Handler for Guard {
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
                 let username = session.username().map(|u| u.to_string());
-                if self.0.may_subscribe(username.as_deref(), &sub.topic_filter) {
+                let allowed = self.access().may_subscribe(username.as_deref(), &sub.topic_filter);
+                if allowed {
                     (true, acc)
                 } else {
                     tracing::warn!(client_id = %escape(&session.id.client_id), filter = %escape(&sub.topic_filter), "embedded broker: subscription refused (not in this client's permissions)");
@@ -145,7 +153,8 @@ impl Handler for Guard {
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let username = session.username().map(|u| u.to_string());
-                if self.0.may_publish(username.as_deref(), &publish.topic) {
+                let allowed = self.access().may_publish(username.as_deref(), &publish.topic);
+                if allowed {
                     (true, acc)
                 } else {
                     tracing::warn!(client_id = %escape(&session.id.client_id), topic = %escape(&publish.topic), "embedded broker: publish refused (not in this client's permissions)");
@@ -167,6 +176,7 @@ fn escape(s: &str) -> String {
 pub struct EmbeddedBroker {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    access: Arc<RwLock<Access>>,
 }
 
 /// Largest MQTT packet the broker accepts: above the 256 KiB command limit, so
@@ -185,7 +195,9 @@ const INFLIGHT: std::num::NonZeroU16 = match std::num::NonZeroU16::new(256) {
 impl EmbeddedBroker {
     /// Starts the broker and returns once it listens (or why it cannot).
     pub fn start(listen: SocketAddr, access: Access) -> anyhow::Result<EmbeddedBroker> {
-        let access = Arc::new(access);
+        let max_connections = access.max_connections;
+        let access = Arc::new(RwLock::new(access));
+        let guard = access.clone();
         let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<()>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -202,7 +214,7 @@ impl EmbeddedBroker {
                     let scx = rmqtt::context::ServerContext::new().build().await;
                     let register = scx.extends.hook_mgr().register();
                     for typ in [Type::ClientAuthenticate, Type::ClientSubscribeCheckAcl, Type::MessagePublishCheckAcl] {
-                        register.add(typ, Box::new(Guard(access.clone()))).await;
+                        register.add(typ, Box::new(Guard(guard.clone()))).await;
                     }
                     register.start().await;
                     let listener = rmqtt::net::Builder::new()
@@ -221,7 +233,7 @@ impl EmbeddedBroker {
                         .max_inflight(INFLIGHT)
                         // Every login goes through `Guard`.
                         .allow_anonymous(false)
-                        .max_connections(access.max_connections)
+                        .max_connections(max_connections)
                         // A socket that never logs in must not hold a slot for long.
                         .handshake_timeout(HANDSHAKE)
                         .allow_zero_keepalive(false)
@@ -245,12 +257,19 @@ impl EmbeddedBroker {
             })
             .context("cannot start the broker thread")?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(EmbeddedBroker { stop: Some(stop), thread: Some(thread) }),
+            Ok(Ok(())) => Ok(EmbeddedBroker { stop: Some(stop), thread: Some(thread), access }),
             Ok(Err(e)) => Err(e).with_context(|| {
                 format!("the embedded broker cannot listen on {listen} (is another broker or gateway using the port?)")
             }),
             Err(_) => Err(anyhow!("the embedded broker thread ended before listening on {listen}")),
         }
+    }
+
+    /// What clients may do without a login of their own, from now on (a
+    /// reload changed the twins). Sessions keep their subscriptions; the
+    /// next publish or subscribe is judged by the new permissions.
+    pub fn set_defaults(&self, defaults: Permissions) {
+        self.access.write().unwrap_or_else(std::sync::PoisonError::into_inner).defaults = defaults;
     }
 
     /// Stops the broker and every session in it.

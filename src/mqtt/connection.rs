@@ -124,6 +124,8 @@ impl Publish {
 enum Cmd {
     Publish(Publish),
     Close { deadline: Duration, done: oneshot::Sender<bool> },
+    /// A reload: topics and their inboxes to add, topics to drop.
+    Routes { add: Routes, remove: Vec<String>, done: oneshot::Sender<()> },
 }
 
 /// How twin adapters publish on a connection; cheap to clone.
@@ -147,6 +149,15 @@ impl ConnectionHandle {
     /// Queues a message of `class` without properties or records.
     pub async fn publish(&self, class: Class, topic: &str, payload: Vec<u8>) {
         self.send(Publish::new(class, topic, payload)).await;
+    }
+
+    /// Replaces routes after a reload: `add` starts being subscribed (now if
+    /// connected), `remove` stops. Returns once the connection took them.
+    pub async fn update_routes(&self, add: Routes, remove: Vec<String>) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Routes { add, remove, done }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Counts sessions that are up with their subscriptions acknowledged:
@@ -398,6 +409,10 @@ impl Actor {
                 () = cancel.cancelled() => break,
                 cmd = rx.recv(), if closing.is_none() => match cmd {
                     Some(Cmd::Publish(p)) => self.enqueue(p, &mut persisting),
+                    Some(Cmd::Routes { add, remove, done }) => {
+                        self.reroute(add, &remove);
+                        let _ = done.send(());
+                    }
                     Some(Cmd::Close { deadline, done }) => {
                         if let Some(p) = self.conn.presence.clone() {
                             let retain = session::presence_retain(&p, &self.conn);
@@ -639,6 +654,30 @@ impl Actor {
             }
             Ev::SentPublish(pkid) => self.outbox.on_sent(pkid),
             Ev::Other => {}
+        }
+    }
+
+    /// A reload changed the twins on this connection: routes and
+    /// subscriptions follow, the rest of the session is untouched.
+    fn reroute(&mut self, add: Routes, remove: &[String]) {
+        // A topic in both (a restarted device keeping its topics) only
+        // changes hands: unsubscribing it would lose what arrives meanwhile.
+        let dropped: Vec<String> = remove.iter().filter(|t| !add.contains_key(*t)).cloned().collect();
+        for t in &dropped {
+            self.routes.remove(t);
+        }
+        self.subscriber.remove(&dropped);
+        let connected = *self.connected.borrow() && self.link_up.load(Ordering::SeqCst);
+        if connected && !dropped.is_empty() {
+            self.client.try_unsubscribe(&dropped);
+        }
+        let mut topics: Vec<String> = add.keys().filter(|t| !self.routes.contains_key(*t)).cloned().collect();
+        topics.sort();
+        self.routes.extend(add);
+        if !topics.is_empty() {
+            tracing::debug!(connection = %self.conn.name, ?topics, "subscribing to the topics of reloaded twins");
+            let step = self.subscriber.add(topics, connected);
+            self.subscribe(step);
         }
     }
 

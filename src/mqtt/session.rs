@@ -153,6 +153,17 @@ impl Client {
         }
     }
 
+    /// Unsubscribes, one UNSUBSCRIBE per filter (rumqttc has no batch form);
+    /// failures only mean the broker keeps sending what nobody routes.
+    pub(crate) fn try_unsubscribe(&self, topics: &[String]) {
+        for t in topics {
+            let _ = match self {
+                Client::V4(c) => c.try_unsubscribe(t.clone()).map_err(|e| e.to_string()),
+                Client::V5(c) => c.try_unsubscribe(t.clone()).map_err(|e| e.to_string()),
+            };
+        }
+    }
+
     pub(crate) fn try_disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),

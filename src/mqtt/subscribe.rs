@@ -89,6 +89,38 @@ impl Subscriber {
         self.advance(now)
     }
 
+    /// Filters to keep from now on (a device added by a reload): sent after
+    /// the batch in flight while `connected`, and with the rest at every
+    /// connect. Their SUBACK ends in [`Step::Up`] again, which the twins
+    /// take as a new session (a shadow fetches itself).
+    pub(crate) fn add(&mut self, topics: Vec<String>, connected: bool) -> Step {
+        self.topics.extend(topics.iter().cloned());
+        if !connected {
+            return Step::Wait;
+        }
+        self.queue.extend(topics.chunks(self.batch).map(<[String]>::to_vec));
+        if self.in_flight.is_some() {
+            return Step::Wait;
+        }
+        match self.queue.pop_front() {
+            Some(next) => {
+                self.in_flight = Some(next.clone());
+                Step::Send(next)
+            }
+            None => Step::Wait,
+        }
+    }
+
+    /// Filters no longer kept (a device removed): not asked again.
+    pub(crate) fn remove(&mut self, topics: &[String]) {
+        self.topics.retain(|t| !topics.contains(t));
+        self.refused.retain(|t| !topics.contains(t));
+        for batch in &mut self.queue {
+            batch.retain(|t| !topics.contains(t));
+        }
+        self.queue.retain(|b| !b.is_empty());
+    }
+
     /// When refused filters are to be asked again.
     pub(crate) fn retry_at(&self) -> Option<Instant> {
         self.retry_at
@@ -184,6 +216,21 @@ mod tests {
         assert_eq!(s.retry_at(), Some(t1 + RETRY_MIN * 2), "the delay doubles");
         assert_eq!(sent(s.retry(t1 + RETRY_MIN * 2)).len(), 2);
         assert_eq!(s.on_suback(&[true, true], t1), Step::Up);
+    }
+
+    #[test]
+    fn filters_added_while_connected_go_out_after_the_batch_in_flight_and_count_as_a_new_session() {
+        let now = Instant::now();
+        let mut s = Subscriber::new(topics(2), Some(8));
+        sent(s.on_connected());
+        assert_eq!(s.add(vec!["new/a".into()], true), Step::Wait, "one SUBSCRIBE at a time");
+        assert_eq!(s.on_suback(&[true, true], now), Step::Send(vec!["new/a".to_string()]));
+        assert_eq!(s.on_suback(&[true], now), Step::Up);
+        assert_eq!(s.add(vec!["new/b".into()], true), Step::Send(vec!["new/b".to_string()]), "nothing in flight: at once");
+        assert_eq!(s.add(vec!["later".into()], false), Step::Wait, "not connected: at the next connect");
+        s.remove(&["t/0".to_string(), "new/a".to_string()]);
+        let again = sent(s.on_connected());
+        assert_eq!(again, vec!["t/1".to_string(), "new/b".to_string(), "later".to_string()]);
     }
 
     #[test]

@@ -92,8 +92,21 @@ impl fmt::Display for Number {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Number::Int(i) => write!(f, "{i}"),
-            Number::Float(x) => write!(f, "{x}"),
+            Number::Float(x) => f.write_str(&shown(*x)),
         }
+    }
+}
+
+/// A float as a message shows it: its shortest digits, with an exponent
+/// from 1e21 up and below 1e-7 (1e300 written out is 301 digits), and zero
+/// as 0, never -0.
+pub(crate) fn shown(x: f64) -> String {
+    if x == 0.0 {
+        "0".to_string()
+    } else if x.is_finite() && (x.abs() >= 1e21 || x.abs() < 1e-7) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
     }
 }
 

@@ -1192,3 +1192,38 @@ fn span_does_not_overflow_at_the_top_of_the_address_space() {
     p.location.address = u16::MAX;
     assert_eq!(p.span(), (65_535, 65_538));
 }
+
+#[test]
+fn numbers_in_reasons_are_written_as_a_person_reads_them() {
+    // 1e300 written out is 301 digits, and -0.5 lies between -1 and 0, not -0
+    // (both found by the bad-input corpus).
+    let mut p = holding(DataType::F64);
+    p.max = Some(Number::Float(1e300));
+    assert_eq!(refusal(&p, Value::Float(1.0000000000000002e300)), "1.0000000000000002e300 is above the maximum 1e300");
+    assert_eq!(refusal(&p, Value::Text("x".into())), "expected a number; got \"x\"");
+    assert_eq!(
+        refusal(&holding(DataType::U64), Value::Float(-0.5)),
+        "-0.5 is not a whole number, and a u64 holds whole numbers (nearest valid value 0)"
+    );
+    assert!(refusal(&holding(DataType::I64), Value::Float(-1e30)).starts_with("-1e30 does not fit in a i64"));
+    assert_eq!(Value::Float(2.5e-8).to_string(), "2.5e-8");
+    assert_eq!(Value::Float(-0.0).to_string(), "0");
+    assert_eq!(Value::Float(123.25).to_string(), "123.25");
+}
+
+#[test]
+fn an_integer_on_an_f32_point_is_rounded_once_to_its_nearest_f32() {
+    // 2^60 + 2^36 + 1 lies just above the midpoint of two f32s; as an f64 it
+    // is the midpoint itself, which rounds to even: 2^60, the farther one
+    // (found by the `write` fuzz target).
+    let p = holding(DataType::F32);
+    let n: i64 = (1 << 60) + (1 << 36) + 1;
+    let nearest = (1u64 << 60) + (1 << 37);
+    // A read gives the f32 as its shortest decimal.
+    let read = |x: f32| Value::Float(x.to_string().parse().expect("a float"));
+    for value in [Value::Int(n), Value::UInt(n as u64)] {
+        assert_eq!(decoded(&p, &words_for(&p, value.clone())), read(nearest as f32), "{value:?}");
+    }
+    assert_eq!(decoded(&p, &words_for(&p, Value::Int(-n))), read(-(nearest as f32)));
+    assert_eq!(nearest as f32, n as f32);
+}

@@ -23,6 +23,8 @@ pub const MAX_ID_BYTES: usize = 256;
 const MAX_ERRORS: usize = 20;
 /// Known points listed in an "unknown point" reason.
 const MAX_LISTED: usize = 20;
+/// The key under which `cap` says how many more fields are invalid.
+const MORE: &str = "...";
 
 /// What a command asks for, after parsing (not yet checked against points).
 #[derive(Debug, Clone, PartialEq)]
@@ -74,7 +76,13 @@ pub fn parse(payload: &[u8]) -> Command {
         return reject(r#"the payload is empty; send a JSON object such as {"id":"1","get":"*"}"#.to_string());
     }
     if payload.len() > MAX_COMMAND_BYTES {
-        return too_large(payload.len());
+        // Refused unparsed, but with its id when one can be read (the link
+        // hands over payloads up to 1 MiB), so the cloud knows which it was.
+        let mut cmd = too_large(payload.len());
+        if let Some((id, id_text)) = std::str::from_utf8(payload).ok().and_then(id_of) {
+            (cmd.id, cmd.id_text) = (Some(id), Some(id_text));
+        }
+        return cmd;
     }
     let Ok(text) = std::str::from_utf8(payload) else {
         return reject("the payload is binary (not UTF-8 text); commands are JSON objects".to_string());
@@ -139,6 +147,19 @@ pub fn parse(payload: &[u8]) -> Command {
         _ => Err(format!("the command has {} at once; send one per command", asked.join(" and "))),
     };
     with_id(request)
+}
+
+/// The id of a command too large to handle: its JSON and its exact text,
+/// when it is one a command could have (a string or a number, not too long).
+fn id_of(text: &str) -> Option<(Json, String)> {
+    // Only an object has an id (a struct would also read `[1]` by position).
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let raw = serde_json::from_str::<IdProbe>(text).ok()?.id?;
+    let id: Json = serde_json::from_str(raw.get()).ok()?;
+    let fits = (id.is_string() || id.is_number()) && raw.get().len() <= MAX_ID_BYTES;
+    fits.then(|| (id, raw.get().to_string()))
 }
 
 /// The first key found twice in one JSON object of `text`, if any.
@@ -279,7 +300,7 @@ fn cap(mut errors: BTreeMap<String, String>) -> BTreeMap<String, String> {
         let extra = errors.len() - MAX_ERRORS;
         let kept: BTreeMap<String, String> = std::mem::take(&mut errors).into_iter().take(MAX_ERRORS).collect();
         errors = kept;
-        errors.insert("...".to_string(), format!("{extra} more fields are invalid"));
+        errors.insert(MORE.to_string(), format!("{extra} more fields are invalid"));
     }
     errors
 }
@@ -354,8 +375,12 @@ pub fn render(doc: &Json, id_text: Option<&str>) -> Vec<u8> {
 
 /// The one-line summary of per-field errors.
 pub fn summary(errors: &BTreeMap<String, String>) -> String {
-    let n = errors.len();
-    let first = errors.iter().next().map(|(p, e)| format!("{p}: {e}")).unwrap_or_default();
+    // A capped map counts the fields it left out under MORE ("21 more ..."),
+    // and that entry is no field to lead with ("..." sorts first).
+    let more = errors.get(MORE).and_then(|m| m.split(' ').next()?.parse::<usize>().ok()).unwrap_or(0);
+    let mut fields = errors.iter().filter(|(p, _)| p.as_str() != MORE);
+    let n = fields.clone().count() + more;
+    let first = fields.next().map(|(p, e)| format!("{p}: {e}")).unwrap_or_default();
     if n == 1 {
         format!("nothing was written: {first}")
     } else {

@@ -44,7 +44,7 @@ const KEPT_IDS_MS: u64 = 24 * 3600 * 1000;
 const PRUNE_EVERY: u64 = 1000;
 
 const INTERRUPTED: &str = "interrupted: the gateway stopped while this command ran (a crash or power loss); its outcome is unknown and it was not run again: read the device's values to see what it holds";
-const SHUTTING_DOWN: &str = "the gateway is shutting down; nothing was written: send the command again once it is back";
+const SHUTTING_DOWN: &str = "the gateway is shutting down, or a reload is restarting this device; nothing was written: send the command again in a moment";
 
 /// The receiving half: see the module docs.
 #[derive(Debug)]
@@ -133,10 +133,15 @@ fn unwait(waiting: &mut HashMap<String, usize>, id: &str) {
 /// twin has no responses topic (validation requires one). Commands a previous
 /// run left unfinished are found here, before any message can arrive, so a
 /// repeat of one is answered "interrupted" too.
-pub fn raw_adapter(twin: &Twin, device: &str, store: Store) -> Option<(Arc<RawInbox>, RawWorker)> {
+///
+/// `recover` is false when this process already ran an adapter for the
+/// device (a reload restarts it): that one recovered what a crash left, and
+/// may still be finishing a command recorded as started, which is not
+/// interrupted.
+pub fn raw_adapter(twin: &Twin, device: &str, store: Store, recover_unfinished: bool) -> Option<(Arc<RawInbox>, RawWorker)> {
     let responses = twin.responses.clone()?;
     let shared = Arc::new(Shared { device: device.to_string(), responses, response_topics: twin.response_topics.clone(), store, ids: Mutex::new(Ids::default()) });
-    let interrupted = recover(&shared);
+    let interrupted = if recover_unfinished { recover(&shared) } else { Vec::new() };
     let (queue_tx, queue) = mpsc::channel(QUEUED_COMMANDS);
     Some((Arc::new(RawInbox { shared: shared.clone(), queue: queue_tx }), RawWorker { shared, queue, interrupted }))
 }

@@ -105,6 +105,25 @@ fn a_payload_over_256_kib_is_rejected_by_size() {
 }
 
 #[test]
+fn a_payload_over_256_kib_is_refused_with_its_id_when_it_has_one() {
+    // As the README says: up to 1 MiB a command is read, so its refusal carries its id.
+    let padded = |head: &str| {
+        let mut p = head.as_bytes().to_vec();
+        p.resize(300 * 1024, b' ');
+        p
+    };
+    let cmd = parse(&padded(r#"{"id":7.50,"get":"*"}"#));
+    assert_eq!((cmd.id, cmd.id_text.as_deref()), (Some(json!(7.5)), Some("7.50")));
+    assert!(cmd.request.is_err_and(|why| why.contains("307200 bytes")));
+    for head in [r#"{"id":[1],"get":"*"}"#, r#"{"id":"a","id":"b"}"#, "[1]", "not json"] {
+        let cmd = parse(&padded(head));
+        assert!(cmd.id.is_none() && cmd.id_text.is_none() && cmd.request.is_err(), "{head}: {cmd:?}");
+    }
+    let long = format!(r#"{{"id":"{}"}}"#, "i".repeat(300));
+    assert!(parse(&padded(&long)).id.is_none(), "an id over 256 bytes is not echoed");
+}
+
+#[test]
 fn a_payload_of_exactly_the_limit_is_parsed() {
     let mut payload = br#"{"get":"*"}"#.to_vec();
     payload.resize(MAX_COMMAND_BYTES, b' ');
@@ -670,4 +689,28 @@ fn a_key_given_twice_in_one_object_is_refused_not_resolved_silently() {
     // The same key in two different objects is fine.
     let ok = parse(br#"{"id":"d","set":{"a":{"x":1},"b":{"x":2}}}"#);
     assert!(ok.request.is_ok());
+}
+
+#[test]
+fn a_json_number_reads_as_the_f64_nearest_to_its_digits() {
+    // serde_json's default parser can land one unit in the last place away
+    // (found by the `write` fuzz target); an f64 point must hold the nearest.
+    for text in ["3.132574904351965e150", "9007199254740993.0", "0.30000000000000004", "2.2250738585072011e-308", "1.7976931348623157e308"] {
+        let Request::Set(leaves) = request(&format!(r#"{{"set":{{"x":{text}}}}}"#)) else { panic!("a set") };
+        let read = leaves[0].1.as_f64().expect("a number");
+        let nearest: f64 = text.parse().expect("Rust's parser rounds correctly");
+        assert_eq!(read.to_bits(), nearest.to_bits(), "{text} read as {read:?}, not {nearest:?}");
+    }
+}
+
+#[test]
+fn the_summary_counts_every_invalid_field_also_past_the_cap() {
+    // 25 unknown points: 20 listed, "..." says 5 more; the summary counted
+    // the listed entries and led with "...: 5 more fields are invalid".
+    let leaves: Vec<(String, Json)> = (0..25).map(|i| (format!("k{i:02}"), json!(i))).collect();
+    let Err(errors) = check_set(&points(), &leaves) else { panic!("unknown points are refused") };
+    assert_eq!(errors.len(), 21);
+    assert_eq!(errors["..."], "5 more fields are invalid");
+    let said = summary(&errors);
+    assert!(said.starts_with("nothing was written: 25 fields are invalid (k00: unknown point (known: "), "{said}");
 }

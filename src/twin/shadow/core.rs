@@ -360,9 +360,11 @@ impl Core {
             "/update/delta" => {
                 if lower {
                     tracing::info!(shadow = %self.prefix, version = ?version, applied = ?self.applied_version, "a delta below the version applied: the shadow was made again, or this one is late; fetching the shadow");
+                    self.count_version("stale");
                     self.sync(now, out);
                 } else if version.is_some() && version == self.applied_version {
                     tracing::debug!(shadow = %self.prefix, version = ?version, "skipping a delta already applied");
+                    self.count_version("repeated");
                 } else {
                     self.queue(Kind::Delta, &doc, now, out);
                 }
@@ -846,8 +848,16 @@ impl Core {
         }
         if let Some(v) = job.version.filter(|v| self.applied_version.is_none_or(|a| *v > a)) {
             self.applied_version = Some(v);
+            self.count_version("applied");
             out.push(Action::Record(vec![Op::ShadowVersion { shadow: self.setup.key.clone(), version: v }]));
         }
+    }
+
+    /// Counts a desired-state version by what became of it: `applied`, or
+    /// skipped as `repeated` (already applied) or `stale` (below the one
+    /// applied). A counter has no effect on the decisions.
+    fn count_version(&self, outcome: &'static str) {
+        metrics::counter!("twinbus_shadow_versions_total", "shadow" => self.prefix.clone(), "outcome" => outcome).increment(1);
     }
 
     // ---- Reports ------------------------------------------------------------------

@@ -109,6 +109,13 @@ pub async fn run_shadow(
     };
     let prefix = setup.binding.prefix();
     let mut shell = Shell { core: Core::new(setup, remembered), prefix: prefix.clone(), device, conn, store, operation: None };
+    // Started on a connection that is already up (a reload added this
+    // shadow): sync now. If our subscriptions are not granted yet, the get
+    // goes unanswered and the core asks again; their SUBACK also counts as
+    // a new session.
+    if *sessions.borrow_and_update() > 0 {
+        shell.feed(Input::SessionUp).await;
+    }
     loop {
         let deadline = shell.core.deadline();
         let input = tokio::select! {

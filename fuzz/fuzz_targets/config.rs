@@ -1,0 +1,4 @@
+//! Any bytes as gateway.yaml. See fuzz/src/lib.rs for what is checked.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| twinbus_fuzz::config(data));
