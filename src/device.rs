@@ -65,6 +65,10 @@ pub struct Snapshot {
     pub health: Health,
     /// When the poll finished.
     pub at: SystemTime,
+    /// Numbers the snapshots the device published (after each poll cycle,
+    /// and at a change of health), from 1: a reader that sees a gap knows it
+    /// missed some.
+    pub seq: u64,
 }
 
 /// The result of a command: the values read back, and what went wrong.
@@ -128,7 +132,7 @@ impl DeviceHandle {
 pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate::lifecycle::Tasks, cancel: CancellationToken) -> DeviceHandle {
     let points = Arc::new(device.points.clone());
     let n = points.len();
-    let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now() };
+    let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now(), seq: 0 };
     let (state_tx, state) = watch::channel(Arc::new(empty.clone()));
     let (tx, rx) = mpsc::channel(32);
     // Each group planned on its own: reads of two groups never share a request.
@@ -273,6 +277,7 @@ impl DeviceActor {
 
     fn publish(&mut self) {
         self.current.at = SystemTime::now();
+        self.current.seq += 1;
         self.state_tx.send_replace(Arc::new(self.current.clone()));
     }
 

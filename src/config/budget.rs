@@ -131,7 +131,7 @@ pub(super) fn check_demand(c: &mut Checker, raw: &Map<RawConnection>, raw_device
             if t.telemetry.is_some() {
                 // Each poll's reading goes out at most once; a full document
                 // every interval, changes in between.
-                let full = 1.0 / fastest.max(t.telemetry_interval).as_secs_f64().max(0.001);
+                let full = if t.every_poll { polls } else { 1.0 / fastest.max(t.telemetry_interval).as_secs_f64().max(0.001) };
                 d.floor += full;
                 d.worst += if t.report_on_change { polls } else { full };
                 d.floor_bytes += full * telemetry_size(dev) as f64;

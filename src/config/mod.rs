@@ -481,8 +481,11 @@ pub struct Twin {
     pub responses: Option<String>,
     /// Topic telemetry documents go to.
     pub telemetry: Option<String>,
-    /// Period of the full telemetry report.
+    /// Period of the full telemetry report (unused with `every_poll`).
     pub telemetry_interval: Duration,
+    /// `telemetry_interval: every_poll`: a full document after every poll
+    /// cycle, each one sent.
+    pub every_poll: bool,
     /// Publish changed values (beyond each point's deadband) after every poll.
     pub report_on_change: bool,
     /// Send `{"status":"acknowledged"}` before executing a command.

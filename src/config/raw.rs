@@ -623,7 +623,10 @@ pub(crate) struct RawTwin {
     /// Topic telemetry documents go to.
     #[schemars(with = "Option<String>")]
     pub(crate) telemetry: Option<S<String>>,
-    /// Period of the full telemetry report (default `10s`).
+    /// Period of the full telemetry report (default `10s`), or `every_poll`:
+    /// a full document after every poll cycle, none skipped (a telemetry
+    /// task that falls behind the polls is counted in
+    /// `twinbus_telemetry_polls_skipped_total`).
     #[schemars(with = "Option<String>")]
     pub(crate) telemetry_interval: Option<S<String>>,
     /// Between full reports, publish values that moved beyond their deadband

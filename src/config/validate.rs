@@ -926,7 +926,12 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
     if commands.is_some() && responses.is_none() {
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
-    let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    let every_poll = raw.telemetry_interval.as_ref().is_some_and(|v| v.value.trim() == "every_poll");
+    let telemetry_interval = if every_poll {
+        Duration::from_secs(10)
+    } else {
+        c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100))
+    };
     let response_topics: Vec<String> = match &raw.response_topics {
         None => responses.iter().cloned().collect(),
         Some(list) => list
@@ -961,6 +966,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         responses,
         telemetry,
         telemetry_interval,
+        every_poll,
         report_on_change: raw.report_on_change.unwrap_or(true),
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),

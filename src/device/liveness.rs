@@ -161,22 +161,36 @@ impl Liveness {
     }
 
     /// The cycle `start` ended at `now` (its reads answered, or it stopped
-    /// at a silence): schedules its groups, or the next probe.
-    pub(crate) fn finished(&mut self, start: &Start, now: Instant) {
+    /// at a silence): schedules its groups, or the next probe. Returns how
+    /// many of its groups overran: ended after their next read was due.
+    ///
+    /// The schedule is fixed-rate: a group's next read is due one interval
+    /// after its last one was due, not after it ended, so the time a cycle
+    /// takes (or waits for the line) does not stretch the period. A group
+    /// that overran is read again at once, one read however many slots
+    /// went by: the missed ones are skipped, not made up in a burst that
+    /// would crowd the line just when it is short of time.
+    pub(crate) fn finished(&mut self, start: &Start, now: Instant) -> u32 {
         self.release(start);
         if self.state == State::Offline {
             self.failures = self.failures.saturating_add(1);
             self.probe_due = now + self.backoff();
-            return;
+            return 0;
         }
+        let mut overruns = 0;
         for &(i, _) in &start.groups {
             let g = &mut self.groups[i];
             g.due = match (g.every, g.due) {
-                (Some(every), Some(due)) => Some((due + every).max(now)),
+                (Some(every), Some(due)) => {
+                    let next = due + every;
+                    overruns += u32::from(next < now);
+                    Some(next.max(now))
+                }
                 (Some(every), None) => Some(now + every),
                 (None, _) => None,
             };
         }
+        overruns
     }
 
     /// The cycle `start` was given up (the device went offline in another
@@ -318,6 +332,39 @@ mod tests {
         assert_eq!(l.due(), Some(late), "one poll now, not three back to back");
         poll(&mut l, late, late);
         assert_eq!(l.due(), Some(late + SECOND));
+    }
+
+    #[test]
+    fn a_cycle_that_ends_within_its_period_is_no_overrun_and_keeps_the_grid() {
+        let t0 = Instant::now();
+        let mut l = online(t0, 7);
+        let start = l.start(t0).expect("due");
+        assert_eq!(l.finished(&start, t0 + Duration::from_millis(999)), 0);
+        let start = l.start(t0 + SECOND + Duration::from_millis(40)).expect("due, started late");
+        assert_eq!(l.finished(&start, t0 + SECOND + Duration::from_millis(990)), 0);
+        assert_eq!(l.due(), Some(t0 + 2 * SECOND), "start + period, not end + period");
+    }
+
+    #[test]
+    fn a_cycle_that_ends_after_its_next_slot_is_an_overrun_and_the_missed_slots_are_skipped() {
+        let t0 = Instant::now();
+        let mut l = online(t0, 7);
+        let start = l.start(t0).expect("due");
+        let end = t0 + Duration::from_millis(2500);
+        assert_eq!(l.finished(&start, end), 1, "one overrun, however many slots it covered");
+        assert_eq!(l.due(), Some(end), "one read at once for the slots at 1 s and 2 s");
+        let start = l.start(end).expect("due");
+        assert_eq!(l.finished(&start, end + Duration::from_millis(100)), 0);
+        assert_eq!(l.due(), Some(end + SECOND));
+    }
+
+    #[test]
+    fn only_the_groups_that_overran_are_counted() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(&[Some(SECOND), Some(MINUTE)], t0, 7);
+        l.answered(1, t0);
+        let start = l.start(t0).expect("both due");
+        assert_eq!(l.finished(&start, t0 + Duration::from_millis(1500)), 1, "the 1 s group overran, the 1 min group did not");
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl DeviceActor {
         let blocks: Vec<(usize, Instant)> =
             start.groups.iter().flat_map(|&(g, deadline)| self.group_blocks.get(g).cloned().unwrap_or(0..0).map(move |b| (b, deadline))).collect();
         if blocks.is_empty() {
-            self.liveness.finished(&start, Instant::now());
+            let _ = self.liveness.finished(&start, Instant::now());
             return;
         }
         let pending = self.ask(&blocks, start.kind).await;
@@ -180,7 +180,12 @@ impl DeviceActor {
     }
 
     fn end(&mut self, cycle: Cycle) {
-        self.liveness.finished(&cycle.start, Instant::now());
+        let overruns = self.liveness.finished(&cycle.start, Instant::now());
+        if overruns > 0 {
+            // The line (or the device) cannot keep the configured period;
+            // the next read starts at once, and the slots missed are skipped.
+            metrics::counter!("twinbus_poll_overruns_total", "device" => self.name.clone()).increment(u64::from(overruns));
+        }
         self.publish();
     }
 }
