@@ -105,3 +105,44 @@ async fn every_poll_sends_one_document_per_poll() {
     assert!((20..=22).contains(&polls), "20 documents for {polls} polls");
     h.gateway.shutdown().await;
 }
+
+/// A slow group of 20 reads (25 ms each: half a second of line) does not
+/// hold up a fast one: polls are served earliest deadline first, so the
+/// fast read goes between the slow ones, and its gaps stay near its period
+/// (they would reach the slow cycle's 500 ms if the cycle ran whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_group_keeps_its_period_while_a_long_slow_group_is_read() {
+    let slow: String = (0..20).map(|i| format!("      slow.r{i}: {{ holding: {} }}\n", i * 2)).collect();
+    let yaml = format!(
+        r#"
+connections:
+  local: {{ embedded: {{ listen: "127.0.0.1:{{MQTT}}" }} }}
+buses:
+  line: {{ tcp: {{ host: 127.0.0.1, port: {{MODBUS}} }}, timeout: 300ms }}
+devices:
+  meter:
+    bus: line
+    unit: 1
+    poll: 1s
+    points:
+      fast.power: {{ input: 0, poll: 200ms }}
+{slow}
+    twin: {{ connection: local, telemetry: site/meter/telemetry }}
+simulators:
+  sim:
+    listen: "127.0.0.1:{{MODBUS}}"
+    serves: [meter]
+"#
+    );
+    let h = start(&yaml).await;
+    h.sim.delay_replies(1, Duration::from_millis(25));
+    let first = until_requests(&h, 4, 3).await.len();
+    let log = until_requests(&h, 4, 18).await;
+    let fast: Vec<Instant> = log[first..].iter().filter(|r| r.function == 4).map(|r| r.at).collect();
+    let slow_reads = log[first..].iter().filter(|r| r.function == 3).count();
+    let widest = fast.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    eprintln!("fast group 200ms beside 20 slow reads of 25 ms each: widest gap {widest:?} over {} fast reads ({slow_reads} slow reads)", fast.len());
+    assert!(slow_reads >= 40, "the slow group was read meanwhile: {slow_reads} reads");
+    assert!(widest < Duration::from_millis(350), "widest gap between fast reads {widest:?}");
+    h.gateway.shutdown().await;
+}

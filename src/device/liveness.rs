@@ -14,9 +14,12 @@
 //!   bus serves polls earliest deadline first, so a slow group's reads give
 //!   way to faster ones, of this device or of others, and still come by
 //!   their own deadline.
-//! - Groups that fall due together are read in one cycle, fastest first. A
-//!   group falling due while another group's read waits is read in a cycle
-//!   of its own: a fast group never waits for a slow one to finish.
+//! - Each group is read in a cycle of its own; of groups that fall due
+//!   together the fastest starts first. So a fast group's cycle ends with
+//!   its own reads and it is due again on time, while a slow group's reads
+//!   are still on the line: a fast group never waits for a slow one to
+//!   finish (the bus serves their reads by deadline), and telemetry gets
+//!   each group's values as soon as that group is read.
 //! - The first answer to any transaction (a poll, or a command's write or
 //!   read) makes the device online at once; an offline device that answers
 //!   has every group read again at once, so that its values come back with
@@ -130,7 +133,8 @@ impl Liveness {
     }
 
     /// The cycle to start at `now`, if one is due: a probe of every group
-    /// while offline, else the groups due and not being read.
+    /// while offline, else the fastest group due and not being read (call
+    /// again for the next).
     pub(crate) fn start(&mut self, now: Instant) -> Option<Start> {
         if self.state == State::Offline {
             if self.probing || self.probe_due > now || self.groups.is_empty() {
@@ -146,11 +150,9 @@ impl Liveness {
         }
         // Fastest first; `once` (no interval) last.
         due.sort_by_key(|&i| self.groups[i].every.unwrap_or(Duration::MAX));
-        let groups = due.iter().map(|&i| (i, self.deadline(i, now))).collect();
-        for &i in &due {
-            self.groups[i].reading = true;
-        }
-        Some(Start { groups, kind: PollKind::Routine })
+        let i = due[0];
+        self.groups[i].reading = true;
+        Some(Start { groups: vec![(i, self.deadline(i, now))], kind: PollKind::Routine })
     }
 
     /// When a read of group `i` must be done: when its next one is due.
@@ -307,6 +309,19 @@ mod tests {
         Some(start)
     }
 
+    /// Starts every cycle due at `now`, then finishes them all at `end`;
+    /// returns the groups read, in the order started.
+    fn poll_all(l: &mut Liveness, now: Instant, end: Instant) -> Vec<usize> {
+        let mut starts = Vec::new();
+        while let Some(s) = l.start(now) {
+            starts.push(s);
+        }
+        for s in &starts {
+            l.finished(s, end);
+        }
+        starts.iter().flat_map(groups).collect()
+    }
+
     fn groups(start: &Start) -> Vec<usize> {
         start.groups.iter().map(|(i, _)| *i).collect()
     }
@@ -363,19 +378,23 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(&[Some(SECOND), Some(MINUTE)], t0, 7);
         l.answered(1, t0);
-        let start = l.start(t0).expect("both due");
-        assert_eq!(l.finished(&start, t0 + Duration::from_millis(1500)), 1, "the 1 s group overran, the 1 min group did not");
+        let fast = l.start(t0).expect("the fast group");
+        let slow = l.start(t0).expect("the slow group");
+        assert_eq!(l.finished(&fast, t0 + Duration::from_millis(1500)), 1, "the 1 s group overran");
+        assert_eq!(l.finished(&slow, t0 + Duration::from_millis(1500)), 0, "the 1 min group did not");
     }
 
     #[test]
-    fn groups_due_together_are_read_in_one_cycle_fastest_first() {
+    fn groups_due_together_start_a_cycle_each_fastest_first() {
         let t0 = Instant::now();
         let mut l = Liveness::new(&[None, Some(MINUTE), Some(SECOND)], t0, 7);
-        let start = l.start(t0).expect("all due at start");
-        assert_eq!(groups(&start), vec![2, 1, 0]);
-        assert_eq!(start.groups[0].1, t0 + SECOND, "a group's deadline is when its next read falls due");
-        assert_eq!(start.groups[1].1, t0 + MINUTE);
-        assert_eq!(start.groups[2].1, t0 + ONCE_DEADLINE);
+        let starts: Vec<Start> = std::iter::from_fn(|| l.start(t0)).collect();
+        let order: Vec<Vec<usize>> = starts.iter().map(groups).collect();
+        assert_eq!(order, vec![vec![2], vec![1], vec![0]]);
+        assert_eq!(starts[0].groups[0].1, t0 + SECOND, "a group's deadline is when its next read falls due");
+        assert_eq!(starts[1].groups[0].1, t0 + MINUTE);
+        assert_eq!(starts[2].groups[0].1, t0 + ONCE_DEADLINE);
+        assert_eq!(l.due(), None, "all three under way");
     }
 
     #[test]
@@ -386,10 +405,8 @@ mod tests {
         let mut reads = vec![0; 3];
         for s in 0..6u32 {
             let now = t0 + SECOND * s;
-            if let Some(start) = poll(&mut l, now, now) {
-                for g in groups(&start) {
-                    reads[g] += 1;
-                }
+            for g in poll_all(&mut l, now, now) {
+                reads[g] += 1;
             }
         }
         assert_eq!(reads, vec![6, 2, 1], "1 s: every second; 3 s: at 0 and 3; once: at start");
@@ -400,14 +417,15 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(&[Some(SECOND), Some(MINUTE)], t0, 7);
         l.answered(1, t0);
-        let first = l.start(t0).expect("both");
-        // The fast group's part is answered; the slow group's reads still
+        let fast = l.start(t0).expect("the fast group");
+        let _slow = l.start(t0).expect("the slow group");
+        // The fast group's cycle is answered; the slow group's reads still
         // wait on a busy line when the fast group is due again.
-        let fast_only = Start { groups: vec![first.groups[0]], kind: PollKind::Routine };
-        l.finished(&fast_only, t0 + Duration::from_millis(100));
+        l.finished(&fast, t0 + Duration::from_millis(100));
         assert_eq!(l.due(), Some(t0 + SECOND));
         let again = l.start(t0 + SECOND).expect("the fast group");
         assert_eq!(groups(&again), vec![0], "not the slow group, which is still being read");
+        assert_eq!(l.start(t0 + SECOND), None);
     }
 
     #[test]
@@ -481,7 +499,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new(&[Some(SECOND), None], t0, 7);
         l.answered(1, t0);
-        poll(&mut l, t0, t0);
+        poll_all(&mut l, t0, t0);
         l.unreachable(2);
         assert!(l.due().expect("probe") >= t0 + Duration::from_millis(900));
         // A command's write is answered before the next probe is due.
@@ -489,8 +507,7 @@ mod tests {
         assert_eq!(l.answered(3, now), Change::CameOnline);
         assert!(!l.is_offline());
         assert_eq!(l.due(), Some(now), "polled at once, so the values come back with the device");
-        let start = l.start(now).expect("due");
-        assert_eq!(groups(&start), vec![0, 1], "the once group too: its values were dropped");
+        assert_eq!(poll_all(&mut l, now, now), vec![0, 1], "the once group too: its values were dropped");
         assert_eq!(l.attempts(1), 2);
     }
 

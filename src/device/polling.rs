@@ -2,10 +2,11 @@
 //! group is due, handed to the bus as one job of back-to-back reads, and
 //! taken in when the answers come.
 //!
-//! A cycle reads the groups that fell due together, fastest first, each
-//! read carrying its group's deadline for the bus queue. A group that falls
-//! due while another cycle waits starts a cycle of its own, so several may
-//! be under way at once (at most one per group; one probe while offline).
+//! A cycle reads one poll group (a probe of an offline device: all of
+//! them), each read carrying its group's deadline for the bus queue.
+//! Several cycles may be under way at once, at most one per group (one
+//! probe while offline), and the bus interleaves their reads by deadline;
+//! each cycle's end publishes a snapshot with that group's new values.
 //! Within a cycle:
 //! - silence (or 0x0A/0x0B from a gateway in front) stops it there; the
 //!   rest is asked again, in the probe tier, while attempts remain, else
