@@ -726,9 +726,15 @@ pub fn check_config_invariants(c: &Config) {
             assert!(t.connection < c.connections.len(), "{}: connection index {}", d.name, t.connection);
         }
         match c.buses[d.bus].transport {
-            Transport::Rtu(_) => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
+            // RTU over TCP is a serial line behind a device server.
+            Transport::Rtu(_) | Transport::RtuTcp { .. } => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
             Transport::Tcp { .. } => {}
         }
+        // Every readable point is read in exactly one poll group.
+        let mut grouped: Vec<usize> = d.groups.iter().flat_map(|g| g.points.iter().copied()).collect();
+        grouped.sort_unstable();
+        let readable: Vec<usize> = (0..d.points.len()).filter(|&i| d.points[i].access.readable()).collect();
+        assert_eq!(grouped, readable, "{}: poll groups do not cover the readable points once each", d.name);
         assert!(!units.contains(&(d.bus, d.unit)), "{}: unit {} twice on one bus", d.name, d.unit);
         units.push((d.bus, d.unit));
         check_device_points(d);
