@@ -145,3 +145,19 @@ simulators:
 }
 for k, v in configs.items():
     put("config", k, v)
+
+# delta: messages split at 0x1E; each one's first byte picks its topic
+# (0 update/delta, 1 get/accepted, 4 get/rejected; see SUFFIXES in src/lib.rs).
+deltas = {
+    "delta-set": b'\x00{"state":{"deviceAttrib":{"setpoint":33.5,"motorStatus":"on"}},"version":5,"timestamp":1795631474,"metadata":{"deviceAttrib":{"setpoint":{"timestamp":1795631474}}}}',
+    "delta-out-of-limits": b'\x00{"state":{"deviceAttrib":{"setpoint":95,"speed":51,"tiny":-6}},"version":6,"timestamp":1795631474}',
+    "delta-64": b'\x00{"state":{"deviceAttrib":{"bigCount":9007199254740993,"signed64":9007199254740993.0,"unsigned64":18446744073709551615}},"version":7,"timestamp":1795631474}',
+    "get-accepted": b'\x01{"state":{"desired":{"deviceAttrib":{"mode":"manual","lamp":true}},"delta":{"deviceAttrib":{"mode":"manual","lamp":true}}},"version":3,"timestamp":1795631474,"clientToken":"fuzz-1"}',
+    "relay-command": b'\x00{"state":{"command":[{"id":"r1","relay-command":{"topic":"evil/#","payload":"x"}}]},"version":8,"timestamp":1795631474}',
+    "two-deltas-stale": b'\x00{"state":{"deviceAttrib":{"trim":5}},"version":9,"timestamp":1795631474}\x1e\x00{"state":{"deviceAttrib":{"trim":-1001}},"version":4,"timestamp":1795631474}',
+    "scaled": b'\x00{"state":{"deviceAttrib":{"offsetTemp":21.375,"flow":12.3455,"halfSteps":999.25,"level":-3.3}},"version":10,"timestamp":1795631474}',
+    "not-json": b'\x00{"state":',
+    "rejected": b'\x04{"code":429,"message":"throttled","clientToken":"fuzz-1"}',
+}
+for k, v in deltas.items():
+    put("delta", k, v)

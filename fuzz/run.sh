@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets with cargo fuzz (libFuzzer) for a given time each.
 #
-#   fuzz/run.sh TARGET SECONDS     one of: command write config, or `all`
+#   fuzz/run.sh TARGET SECONDS     one of: command write config delta, or `all`
 #   fuzz/run.sh build              only build the targets
 #
 # cargo fuzz needs nightly compiler flags: RUSTC_BOOTSTRAP=1 lets the stable
@@ -23,7 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="$PATH:$HOME/.cargo/bin"
 export RUSTC_BOOTSTRAP=1
 
-targets=(command write config)
+targets=(command write config delta)
 usage() {
     echo "usage: fuzz/run.sh TARGET SECONDS (TARGET: ${targets[*]} or all) | fuzz/run.sh build" >&2
     exit 2
@@ -42,6 +42,7 @@ run_one() {
         command) dict=fuzz/dict/command.dict max_len=8192 ;;
         write) dict=fuzz/dict/command.dict max_len=512 ;;
         config) dict=fuzz/dict/config.dict max_len=16384 ;;
+        delta) dict=fuzz/dict/delta.dict max_len=8192 ;;
         *) usage ;;
     esac
     local work=fuzz/target/corpus/$target artifacts=fuzz/artifacts/$target
@@ -61,7 +62,7 @@ case ${1:-} in
         build
         for t in "${targets[@]}"; do run_one "$t" "$2"; done
         ;;
-    command | write | config)
+    command | write | config | delta)
         [[ ${2:-} =~ ^[0-9]+$ ]] || usage
         build "$1"
         run_one "$1" "$2"

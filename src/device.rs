@@ -1,7 +1,7 @@
 //! The device actor: one task per Modbus device, owner of that device's state.
 //!
-//! It polls the device's readable points on a schedule, executes writes and
-//! reads asked for by twin adapters, and reads written points back so that
+//! It polls the device's readable points on a schedule (each poll group at
+//! its own interval), executes writes and reads asked for by twin adapters, and reads written points back so that
 //! the cloud learns what the device really holds. It publishes a [`Snapshot`]
 //! after every poll, and at once when a command finds the device online or
 //! offline: values plus health. A device that stops answering is marked
@@ -12,16 +12,19 @@
 //! The actor never waits for its own polls: it hands each read to the bus
 //! and keeps taking commands while the read waits in the bus queue. A
 //! command takes the line ahead of every poll ([`BusHandle::lease`]) and
-//! holds it for its writes, verifications and read-back. The decisions live
-//! in plain structs: `liveness.rs` (health and poll schedule) and
-//! `verify.rs` (what to do when a write gets no answer); this file is the
-//! I/O around them. Answers are ordered by the bus's transaction numbers, so
+//! holds it for its writes, verifications and read-back, giving it up only
+//! while the device wants time (busy, or slow to show a write). The
+//! decisions live in plain structs: `liveness.rs` (health and the schedule
+//! of each poll group) and `verify.rs` (what to do when a write gets no
+//! answer, or a busy one); this file is the I/O around them, and
+//! `polling.rs` the poll cycles. Answers are ordered by the bus's transaction numbers, so
 //! a poll's reply read after a command's never overwrites the newer value.
 //!
 //! The actor never sees MQTT or JSON: it gets validated, encoded writes
 //! ([`Encoded`]) and returns typed values.
 
 mod liveness;
+mod polling;
 mod verify;
 
 use std::hash::BuildHasher;
@@ -33,9 +36,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::liveness::{Change, Liveness};
+use self::polling::Cycle;
 use self::verify::{Expect, Step, Verdict, WriteCheck};
-use crate::config::{Device, ReadLimits};
-use crate::modbus::{plan_reads, plan_writes, BusError, BusHandle, Done, Lease, Op, PendingPoll, PollKind, ReadBlock, Reply, WriteOp};
+use crate::config::{Device, Quirks, ReadLimits};
+use crate::modbus::{plan_reads, plan_writes, BusError, BusHandle, Done, Lease, Op, ReadBlock, Reply, WriteOp};
 use crate::point::{Encoded, Point, Value};
 
 /// Whether the device answers.
@@ -61,6 +65,10 @@ pub struct Snapshot {
     pub health: Health,
     /// When the poll finished.
     pub at: SystemTime,
+    /// Numbers the snapshots the device published (after each poll cycle,
+    /// and at a change of health), from 1: a reader that sees a gap knows it
+    /// missed some.
+    pub seq: u64,
 }
 
 /// The result of a command: the values read back, and what went wrong.
@@ -130,14 +138,24 @@ impl DeviceHandle {
 pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate::lifecycle::Tasks, cancel: CancellationToken) -> DeviceHandle {
     let points = Arc::new(device.points.clone());
     let n = points.len();
-    let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now() };
+    let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now(), seq: 0 };
     let (state_tx, state) = watch::channel(Arc::new(empty.clone()));
     let (tx, rx) = mpsc::channel(32);
-    let readable: Vec<usize> = (0..n).filter(|&i| points[i].access.readable()).collect();
+    // Each group planned on its own: reads of two groups never share a request.
+    let mut blocks = Vec::new();
+    let mut group_blocks = Vec::new();
+    for g in &device.groups {
+        let first = blocks.len();
+        blocks.extend(plan_reads(&points, &g.points, &device.read));
+        group_blocks.push(first..blocks.len());
+    }
+    let intervals: Vec<_> = device.groups.iter().map(|g| g.every).collect();
     let actor = DeviceActor {
         name: device.name.clone(),
         unit: device.unit,
-        blocks: plan_reads(&points, &readable, &device.read),
+        blocks,
+        group_blocks,
+        quirks: device.quirks,
         points: points.clone(),
         limits: device.read,
         mask_write: device.mask_write,
@@ -147,7 +165,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
         state_tx,
         current: empty,
         seen: vec![0; n],
-        liveness: Liveness::new(device.poll, Instant::now().into_std(), seed(&device.name, device.unit)),
+        liveness: Liveness::new(&intervals, Instant::now().into_std(), seed(&device.name, device.unit)),
     };
     tasks.spawn(&format!("device {}", device.name), actor.run(cancel));
     DeviceHandle { name: device.name.clone(), points, tx, state, journal: Default::default() }
@@ -172,8 +190,11 @@ struct DeviceActor {
     name: String,
     unit: u8,
     points: Arc<Vec<Point>>,
-    /// The reads of one poll cycle, planned once.
+    /// The reads of every poll group, planned once.
     blocks: Vec<ReadBlock>,
+    /// Per poll group (as in the device's `groups`), its range of `blocks`.
+    group_blocks: Vec<std::ops::Range<usize>>,
+    quirks: Quirks,
     limits: ReadLimits,
     mask_write: bool,
     retries: u8,
@@ -186,39 +207,26 @@ struct DeviceActor {
     liveness: Liveness,
 }
 
-/// A poll cycle under way: the blocks asked for (from `first` on), which
-/// attempt, and their answers.
-struct Cycle {
-    first: usize,
-    attempt: u8,
-    pending: PendingPoll,
-}
-
 impl DeviceActor {
     async fn run(mut self, cancel: CancellationToken) {
-        let mut cycle: Option<Cycle> = None;
+        let mut cycles: Vec<Cycle> = Vec::new();
         let mut inbox_open = true;
         loop {
-            let due = Instant::from_std(self.liveness.due());
+            let due = self.liveness.due().map(Instant::from_std);
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                done = answer(&mut cycle) => {
-                    cycle = match cycle.take() {
-                        Some(c) => self.on_poll_answer(c, done).await,
-                        None => None,
-                    };
-                }
+                (i, event) = polling::next_event(&mut cycles) => self.on_cycle_event(&mut cycles, i, event).await,
                 msg = self.rx.recv(), if inbox_open => match msg {
                     Some(msg) => self.handle(msg).await,
                     // No adapter left (or none ever): keep polling until cancelled.
                     None => inbox_open = false,
                 },
-                () = tokio::time::sleep_until(due), if cycle.is_none() => cycle = self.start_cycle().await,
+                () = until(due) => self.start_cycle(&mut cycles).await,
             }
         }
-        // Dropping `cycle` withdraws a poll still waiting in the bus queue.
-        drop(cycle);
+        // Dropping the cycles withdraws polls still waiting in the bus queue.
+        drop(cycles);
         // Answer what is still queued without touching the device: with dead
         // devices on the line, executing it could outlast any stop deadline.
         self.rx.close();
@@ -231,63 +239,6 @@ impl DeviceActor {
             }
         }
         tracing::debug!(device = %self.name, "device actor stopped");
-    }
-
-    async fn start_cycle(&mut self) -> Option<Cycle> {
-        if self.blocks.is_empty() {
-            // Nothing to read: health comes from commands alone.
-            self.liveness.cycle_done(std::time::Instant::now());
-            return None;
-        }
-        Some(self.ask_blocks(0, 1).await)
-    }
-
-    /// Asks the bus for blocks `first..` in one go: they run back to back.
-    async fn ask_blocks(&mut self, first: usize, attempt: u8) -> Cycle {
-        let ops = self.blocks[first..].iter().map(ReadBlock::op).collect();
-        // A retry waits with the probes: this device has just failed to
-        // answer, and must not hold up the ones that do.
-        let kind = if attempt > 1 { PollKind::Probe } else { self.liveness.kind() };
-        let pending = self.bus.poll(self.unit, ops, kind).await;
-        Cycle { first, attempt, pending }
-    }
-
-    /// Takes in a cycle's answers; returns the cycle if it goes on (a retry).
-    async fn on_poll_answer(&mut self, cycle: Cycle, answers: Vec<Done>) -> Option<Cycle> {
-        for (block, done) in (cycle.first..).zip(answers) {
-            let Some(b) = self.blocks.get(block).cloned() else { break };
-            match &done.result {
-                Ok(reply) => {
-                    for (i, v) in decode_block(&self.points, b.start, &b.points, reply) {
-                        self.store(i, v, done.seq);
-                    }
-                    self.heard(done.seq);
-                }
-                Err(e) if !e.is_unreachable() => {
-                    for &i in &b.points {
-                        self.store(i, Err(e.to_string()), done.seq);
-                    }
-                    self.heard(done.seq);
-                }
-                Err(_) if cycle.attempt < self.liveness.attempts(self.retries) => {
-                    return Some(self.ask_blocks(block, cycle.attempt + 1).await);
-                }
-                Err(e) => {
-                    // The bus stopped the cycle there: the rest would only add timeouts.
-                    self.lost(e, done.seq);
-                    return self.end_cycle();
-                }
-            }
-        }
-        // Fewer answers than reads, without a failure, means the bus has
-        // stopped (shutdown): nothing to conclude about the device.
-        self.end_cycle()
-    }
-
-    fn end_cycle(&mut self) -> Option<Cycle> {
-        self.liveness.cycle_done(std::time::Instant::now());
-        self.publish();
-        None
     }
 
     /// The device answered transaction `seq`.
@@ -332,15 +283,16 @@ impl DeviceActor {
 
     fn publish(&mut self) {
         self.current.at = SystemTime::now();
+        self.current.seq += 1;
         self.state_tx.send_replace(Arc::new(self.current.clone()));
     }
 
     async fn handle(&mut self, msg: Msg) {
         let health = self.current.health.clone();
         let (outcome, reply) = match self.bus.lease(self.unit).await {
-            Ok(lease) => match msg {
-                Msg::Write { writes, reply } => (self.write(&lease, writes).await, reply),
-                Msg::Read { points, reply } => (self.read(&lease, &points).await, reply),
+            Ok(mut lease) => match msg {
+                Msg::Write { writes, reply } => (self.write(&mut lease, writes).await, reply),
+                Msg::Read { points, reply } => (self.read(&mut lease, &points).await, reply),
             },
             Err(e) => {
                 let outcome = Outcome { values: vec![], error: Some(format!("nothing was done: {e}")) };
@@ -357,14 +309,24 @@ impl DeviceActor {
         let _ = reply.send(outcome);
     }
 
-    /// Runs `op` under the lease, again after silence while attempts remain.
-    /// Only the final silence counts against the device's health.
-    async fn call(&mut self, lease: &Lease, op: Op) -> Done {
+    /// Runs `op` under the lease, again after silence while attempts remain,
+    /// and after the busy delay while busy retries remain. Only the final
+    /// silence counts against the device's health.
+    async fn call(&mut self, lease: &mut Lease, op: Op) -> Done {
         let attempts = self.liveness.attempts(self.retries);
         let mut attempt = 1;
+        let mut busy_left = self.quirks.busy_retries;
         loop {
             let done = lease.call(op.clone()).await;
             match &done.result {
+                Err(e) if e.is_busy() && busy_left > 0 => {
+                    busy_left -= 1;
+                    self.heard(done.seq);
+                    self.count_busy();
+                    if let Err(e) = lease.pause(self.quirks.busy_delay).await {
+                        return Done { seq: done.seq, result: Err(e) };
+                    }
+                }
                 Err(e) if e.is_unreachable() && attempt < attempts => attempt += 1,
                 Err(e) if e.is_unreachable() => {
                     self.lost(e, done.seq);
@@ -379,7 +341,7 @@ impl DeviceActor {
     }
 
     /// Reads points now, ahead of polls; updates the snapshot too.
-    async fn read(&mut self, lease: &Lease, indices: &[usize]) -> Outcome {
+    async fn read(&mut self, lease: &mut Lease, indices: &[usize]) -> Outcome {
         let readable: Vec<usize> = indices.iter().copied().filter(|&i| self.points[i].access.readable()).collect();
         let mut outcome = Outcome::default();
         for block in plan_reads(&self.points, &readable, &self.limits) {
@@ -406,14 +368,15 @@ impl DeviceActor {
         outcome
     }
 
-    async fn write(&mut self, lease: &Lease, writes: Vec<(usize, Encoded)>) -> Outcome {
+    async fn write(&mut self, lease: &mut Lease, writes: Vec<(usize, Encoded)>) -> Outcome {
         let targets: Vec<usize> = writes.iter().map(|(i, _)| *i).collect();
         // A device known to be offline gets one attempt and no verify read:
         // a second timeout would tell nothing new.
         let known_offline = self.liveness.is_offline();
         let mut error = None;
         let mut unreachable = false;
-        for op in plan_writes(&self.points, &writes) {
+        let mut sent = false;
+        for op in plan_writes(&self.points, &writes, self.quirks.single_writes) {
             let paths = self.paths(op.points());
             let trigger = op.points().iter().any(|&i| self.points[i].trigger);
             let planned = match op {
@@ -425,8 +388,11 @@ impl DeviceActor {
             };
             let verdict = match planned {
                 Ok((op, expect)) => {
+                    sent = true;
                     let attempts = self.liveness.attempts(self.retries);
-                    self.send_write(lease, WriteCheck::new(op, expect, trigger, attempts, known_offline)).await
+                    let q = self.quirks;
+                    let check = WriteCheck::new(op, expect, trigger, attempts, known_offline).patient(q.read_back_delay, q.busy_retries, q.busy_delay);
+                    self.send_write(lease, check).await
                 }
                 // The read of a read-modify-write failed: nothing was sent.
                 Err(e) => {
@@ -459,8 +425,17 @@ impl DeviceActor {
         }
         // Read back even after a failure: the cloud must learn what the device
         // holds now, including what an earlier write of this command changed.
-        // Not when it stopped answering: that would only add a timeout.
-        let mut outcome = if unreachable { Outcome::default() } else { self.read(lease, &targets).await };
+        // Not when it stopped answering: that would only add a timeout. A
+        // device slow to show a write is given its time first, with the
+        // line free for others meanwhile.
+        let settle = if sent && !unreachable { self.quirks.read_back_delay } else { std::time::Duration::ZERO };
+        let mut outcome = if unreachable {
+            Outcome::default()
+        } else if let Err(e) = pause(lease, settle).await {
+            Outcome { values: vec![], error: Some(format!("reading back: {e}")) }
+        } else {
+            self.read(lease, &targets).await
+        };
         if let Some(e) = error {
             outcome.error = Some(match outcome.error {
                 Some(read_error) => format!("{e}; {read_error}"),
@@ -471,27 +446,42 @@ impl DeviceActor {
     }
 
     /// Drives one write's [`WriteCheck`] on the wire.
-    async fn send_write(&mut self, lease: &Lease, mut check: WriteCheck) -> Verdict {
+    async fn send_write(&mut self, lease: &mut Lease, mut check: WriteCheck) -> Verdict {
         let mut step = check.start();
         let mut silence = None;
         loop {
-            let (op, verifying) = match step {
+            let (op, verifying, wait) = match step {
                 Step::Done(verdict) => {
                     if let (Verdict::Unknown(e), Some(seq)) = (&verdict, silence) {
                         self.lost(e, seq);
                     }
                     return verdict;
                 }
-                Step::Send(op) => (op, false),
-                Step::Verify(op) => (op, true),
+                Step::Send(op) => (op, false, None),
+                Step::Verify(op) => (op, true, None),
+                Step::SendAfter(d, op) => (op, false, Some(d)),
+                Step::VerifyAfter(d, op) => (op, true, Some(d)),
             };
+            if let Some(d) = wait {
+                if let Err(e) = lease.pause(d).await {
+                    return Verdict::Unknown(e);
+                }
+            }
             let done = lease.call(op).await;
             match &done.result {
                 Err(e) if e.is_unreachable() => silence = Some(done.seq),
                 _ => self.heard(done.seq),
             }
             step = if verifying { check.on_verify(&done.result) } else { check.on_write(&done.result) };
+            if done.result.as_ref().is_err_and(BusError::is_busy) && matches!(step, Step::SendAfter(..) | Step::VerifyAfter(..)) {
+                self.count_busy();
+            }
         }
+    }
+
+    /// A "busy" answer that will be asked again.
+    fn count_busy(&self) {
+        metrics::counter!("twinbus_modbus_busy_retries_total", "device" => self.name.clone()).increment(1);
     }
 
     /// Bits of one holding register: with `mask_write`, one function 22
@@ -499,7 +489,7 @@ impl DeviceActor {
     /// register is read, the bits changed, and all of it written back (a
     /// bit the device changes in between is overwritten). Either way only
     /// these bits are verified.
-    async fn register_bits(&mut self, lease: &Lease, address: u16, bits: &[(u8, bool)]) -> Result<(Op, Expect), BusError> {
+    async fn register_bits(&mut self, lease: &mut Lease, address: u16, bits: &[(u8, bool)]) -> Result<(Op, Expect), BusError> {
         let expect = Expect::bits(address, bits);
         if self.mask_write {
             let (and_mask, or_mask) = masks(bits);
@@ -530,13 +520,20 @@ impl DeviceActor {
     }
 }
 
-/// The answers of the poll cycle under way; never resolves when there is none.
-async fn answer(cycle: &mut Option<Cycle>) -> Vec<Done> {
-    match cycle {
-        // The bus dropped the request unanswered: it has stopped.
-        Some(c) => (&mut c.pending).await.unwrap_or_default(),
+/// Resolves at `due`; never when there is none.
+async fn until(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
+}
+
+/// Gives the line up for `wait`, if any.
+async fn pause(lease: &mut Lease, wait: std::time::Duration) -> Result<(), BusError> {
+    if wait.is_zero() {
+        return Ok(());
+    }
+    lease.pause(wait).await
 }
 
 /// Function 22's masks for setting and clearing `bits`: the device computes

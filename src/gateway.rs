@@ -203,7 +203,10 @@ impl Gateway {
                     c.credentials = Some(login);
                 }
                 #[cfg(not(feature = "embedded-broker"))]
-                anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
+                {
+                    let _ = (index, access);
+                    anyhow::bail!("connection `{}` uses the embedded broker ({listen}), but this build has no `embedded-broker` feature", c.name);
+                }
             }
         }
 
@@ -309,6 +312,16 @@ impl Gateway {
         let leaving: Vec<String> = plan.remove_devices.iter().map(String::as_str).chain(restarted.iter().copied()).map(str::to_string).collect();
         let arriving: Vec<&Device> = new.devices.iter().filter(|d| plan.add_devices.contains(&d.name) || restarted.contains(&d.name.as_str())).collect();
 
+        // The leaving units' tasks may end from here on: swapping the routes
+        // closes their inboxes, and an adapter whose inbox closed finishes
+        // what it holds and returns, which is not a failure during a reload.
+        for name in &leaving {
+            if let Some(u) = self.devices.get(name) {
+                u.adapters.stopping();
+                u.actor.stopping();
+            }
+        }
+
         // Routes first, in one step per connection: a restarted device's
         // topics change hands without a gap (what arrives meanwhile waits in
         // the new inboxes), removed ones are unsubscribed, added ones subscribed.
@@ -412,6 +425,11 @@ impl Gateway {
     /// Fires when a twin allowed to do so sent `{"shutdown": true}`.
     pub fn remote_shutdown(&self) -> CancellationToken {
         self.remote_shutdown.clone()
+    }
+
+    /// A failure already reported, if any, without waiting.
+    pub fn failure(&mut self) -> Option<String> {
+        self.failures.try_recv().ok()
     }
 
     /// Resolves when a part of the gateway failed (a task panicked or ended

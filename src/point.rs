@@ -449,7 +449,7 @@ impl Point {
     }
 
     /// The value a read would return once `encoded` is on the device.
-    fn read_back(&self, encoded: &Encoded) -> Result<Value, String> {
+    pub fn read_back(&self, encoded: &Encoded) -> Result<Value, String> {
         let decoded = match encoded {
             Encoded::Words(words) => self.decode_words(words),
             Encoded::Bits(bits) => self.decode_bits(bits),

@@ -43,3 +43,23 @@ fn every_fuzz_corpus_file_passes_its_targets_checks() {
     eprintln!("replayed {}", counts.join(", "));
     assert!(failures.is_empty(), "{} corpus file(s) fail:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// The delta target reaches the device: a valid delta is written (so the
+/// oracle above checks real writes), a refused one is not, and a delta older
+/// than one applied changes nothing.
+#[test]
+fn the_delta_targets_seeds_write_what_is_valid_and_nothing_else() {
+    let device = oracle::shadow_device();
+    let path = |i: usize| device.points[i].path.clone();
+    let paths = |messages: &[(&str, &[u8])]| -> Vec<Vec<String>> {
+        twinbus::twin::shadow_replay(device, messages).into_iter().map(|w| w.into_iter().map(|(i, _)| path(i)).collect()).collect()
+    };
+    let valid = br#"{"state":{"deviceAttrib":{"setpoint":33.5,"motorStatus":"on"}},"version":5,"timestamp":1795631474}"#;
+    let written: Vec<String> = paths(&[("/update/delta", valid)]).concat();
+    assert!(written.contains(&"deviceAttrib.setpoint".to_string()) && written.contains(&"deviceAttrib.motorStatus".to_string()), "{written:?}");
+    let refused = br#"{"state":{"deviceAttrib":{"setpoint":95}},"version":6,"timestamp":1795631474}"#;
+    assert_eq!(paths(&[("/update/delta", refused)]), Vec::<Vec<String>>::new());
+    let newer = br#"{"state":{"deviceAttrib":{"trim":5}},"version":9,"timestamp":1795631474}"#;
+    let older = br#"{"state":{"deviceAttrib":{"trim":7}},"version":4,"timestamp":1795631474}"#;
+    assert_eq!(paths(&[("/update/delta", newer), ("/update/delta", older)]), vec![vec!["deviceAttrib.trim".to_string()]]);
+}

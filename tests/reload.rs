@@ -91,6 +91,8 @@ async fn reload_starts_added_stops_removed_restarts_changed_and_leaves_the_rest_
 
     // pump2 polls at another rate, pump3 arrives, pump4 leaves.
     let done = gw.reload(line.config(&[(1, "200ms"), (2, "300ms"), (3, "200ms")])).await.expect("reloadable");
+    // Stopping a device on purpose is not a failure (one would stop the gateway).
+    assert_eq!(gw.failure(), None);
     assert_eq!(done.plan.add_devices, vec!["pump3"]);
     assert_eq!(done.plan.remove_devices, vec!["pump4"]);
     assert_eq!(done.plan.restart_devices, vec![("pump2".to_string(), "poll".to_string())]);
@@ -153,6 +155,7 @@ async fn a_change_that_needs_a_restart_is_refused_whole_and_nothing_changes() {
 
     // The same file again changes nothing, and says so.
     let done = gw.reload(line.config(&[(1, "200ms")])).await.expect("reloadable");
+    assert_eq!(gw.failure(), None);
     assert!(done.plan.is_empty());
     assert_eq!(done.plan.unchanged, 1);
     assert!(gw.shutdown().await);
@@ -170,6 +173,7 @@ async fn commands_sent_while_a_device_restarts_get_exactly_one_answer() {
         cloud.publish("site/pump1/cmd", json!({"id": id, "get": "*"}).to_string()).await;
     }
     gw.reload(line.config(&[(1, "250ms")])).await.expect("reloadable");
+    assert_eq!(gw.failure(), None);
     for id in &ids[10..] {
         cloud.publish("site/pump1/cmd", json!({"id": id, "get": "*"}).to_string()).await;
     }
@@ -267,6 +271,14 @@ async fn sighup_reloads_the_file_and_an_invalid_one_keeps_the_running_config() {
     let answer = command(&mut cloud, 2, json!({"id": "b", "set": {"deviceAttrib": {"motorStatus": "on"}}})).await;
     assert_eq!(answer["status"], "succeeded", "{answer}");
     assert_eq!(line.sim.value(2, "deviceAttrib.motorStatus"), Some(Value::Text("on".into())));
+
+    // A changed device restarts alone; its old tasks ending is no failure
+    // (a failure would stop the process, with exit status 2).
+    std::fs::write(&file, line.yaml(&[(1, "300ms"), (2, "200ms")])).expect("config");
+    gw.hangup();
+    let log = gw.wait_log("config reloaded", 2).await;
+    assert!(!log.contains("ended unexpectedly"), "{log}");
+    assert_eq!(command(&mut cloud, 1, json!({"id": "c", "get": "*"})).await["status"], "succeeded");
 
     signal(gw.child.id(), "-TERM");
     let status = tokio::task::block_in_place(|| gw.child.wait()).expect("wait");

@@ -17,6 +17,10 @@
 //!   oracle; every limit the config accepted can itself be written.
 //! - [`config`]: any bytes → `Config::parse` is `Ok` with the invariants of
 //!   a valid configuration, or an error that names the file.
+//! - [`delta`]: bytes → a few shadow messages (deltas, `get` answers, ...)
+//!   → the shadow adapter's state machine, serving the rich device's shadow.
+//!   Every write it asks for is to a writable point and decodes to a value
+//!   the point admits; it never loops.
 //!
 //! The oracle does not borrow the codec's comparisons: numbers are compared
 //! exactly here, integers as integers and floats against integers by their
@@ -33,6 +37,7 @@ use twinbus::config::{Config, ConfigError, Device, Transport};
 use twinbus::point::{DataType, Encoded, Number, Point, Table, Value};
 use twinbus::twin::command::{answer, check_get, check_set, parse, render, summary, Request, Status, MAX_COMMAND_BYTES, MAX_ID_BYTES};
 use twinbus::twin::json::from_json;
+use twinbus::twin::shadow_replay;
 
 /// Runs the target named `name` on `data` (for the corpus replay).
 pub fn run(name: &str, data: &[u8]) {
@@ -40,12 +45,13 @@ pub fn run(name: &str, data: &[u8]) {
         "command" => command(data),
         "write" => write(data),
         "config" => config(data),
+        "delta" => delta(data),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
 
 /// The targets, by name.
-pub const TARGETS: &[&str] = &["command", "write", "config"];
+pub const TARGETS: &[&str] = &["command", "write", "config", "delta"];
 
 // ---------------------------------------------------------------------------
 // command
@@ -720,9 +726,15 @@ pub fn check_config_invariants(c: &Config) {
             assert!(t.connection < c.connections.len(), "{}: connection index {}", d.name, t.connection);
         }
         match c.buses[d.bus].transport {
-            Transport::Rtu(_) => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
+            // RTU over TCP is a serial line behind a device server.
+            Transport::Rtu(_) | Transport::RtuTcp { .. } => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
             Transport::Tcp { .. } => {}
         }
+        // Every readable point is read in exactly one poll group.
+        let mut grouped: Vec<usize> = d.groups.iter().flat_map(|g| g.points.iter().copied()).collect();
+        grouped.sort_unstable();
+        let readable: Vec<usize> = (0..d.points.len()).filter(|&i| d.points[i].access.readable()).collect();
+        assert_eq!(grouped, readable, "{}: poll groups do not cover the readable points once each", d.name);
         assert!(!units.contains(&(d.bus, d.unit)), "{}: unit {} twice on one bus", d.name, d.unit);
         units.push((d.bus, d.unit));
         check_device_points(d);
@@ -784,6 +796,62 @@ fn check_device_points(d: &Device) {
             let ((a0, a1), (b0, b1)) = (a.span(), b.span());
             let distinct_bits = matches!((a.location.bit, b.location.bit), (Some(x), Some(y)) if x != y);
             assert!(!(a0 <= b1 && b0 <= a1) || distinct_bits, "{}: writable {} and {} overlap", d.name, a.path, b.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// delta
+
+/// Where each message of a [`delta`] input arrives, chosen by its first byte.
+const SUFFIXES: &[&str] = &["/update/delta", "/get/accepted", "/update/documents", "/update/accepted", "/get/rejected", "/update/rejected"];
+
+/// The rich device with an AWS shadow.
+pub fn shadow_device() -> &'static Device {
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE.get_or_init(|| {
+        let yaml = format!(
+            "{PROFILE}\nconnections:\n  aws: {{ url: \"mqtt://127.0.0.1:1883\", client_id: gw }}\nbuses:\n  b: {{ tcp: {{ host: 127.0.0.1 }} }}\n\
+             devices:\n  d: {{ bus: b, unit: 1, profile: rich, twin: {{ connection: aws, shadow: {{ thing: d }} }} }}\n"
+        );
+        match Config::parse(&yaml, Path::new("profile.yaml")) {
+            Ok(mut c) => c.devices.remove(0),
+            Err(e) => panic!("tests/bad_input/profile.yaml with a shadow is not valid: {e}"),
+        }
+    })
+}
+
+/// Shadow messages against the rich device: `data` is split at 0x1E (at
+/// most 8 messages); each message's first byte picks its topic suffix, the
+/// rest is its payload. The adapter's first `get` has the token `fuzz-1`.
+pub fn delta(data: &[u8]) {
+    let device = shadow_device();
+    let messages: Vec<(&str, &[u8])> = data
+        .split(|b| *b == 0x1E)
+        .take(8)
+        .filter_map(|m| m.split_first())
+        .map(|(first, payload)| (SUFFIXES[usize::from(*first) % SUFFIXES.len()], payload))
+        .collect();
+    let mine = device.twin.as_ref().and_then(|t| t.shadows.first()).map(|b| b.points.clone()).unwrap_or_default();
+    for write in shadow_replay(device, &messages) {
+        for (i, encoded) in write {
+            let p = &device.points[i];
+            assert!(mine.contains(&i), "{} is not a point of this shadow, and was written", p.path);
+            assert!(p.access.writable(), "{} is not writable, and was written", p.path);
+            let checked = match &encoded {
+                Encoded::Words(words) => check_written(&device.points, p.location.table, p.location.address, words),
+                Encoded::Bits(bits) => check_written(&device.points, p.location.table, p.location.address, &bits.iter().map(|b| u16::from(*b)).collect::<Vec<_>>()),
+                Encoded::RegisterBit { .. } => {
+                    if p.location.bit.is_some() {
+                        Ok(())
+                    } else {
+                        Err(format!("{}: a bit written into a point that is not a bit", p.path))
+                    }
+                }
+            };
+            if let Err(why) = checked {
+                panic!("a shadow write outside the limits: {why}");
+            }
         }
     }
 }

@@ -124,17 +124,20 @@ pub(super) fn check_demand(c: &mut Checker, raw: &Map<RawConnection>, raw_device
             d.shadows += t.shadows.len();
             d.command_topics += usize::from(t.commands.is_some());
             d.devices.push((dev.name.as_str(), subs));
-            let poll = dev.poll.as_secs_f64().max(0.001);
+            // Each poll group's read can bring a document (`once` groups
+            // hardly count).
+            let polls: f64 = dev.groups.iter().filter_map(|g| g.every).map(|e| 1.0 / e.as_secs_f64().max(0.001)).sum();
+            let fastest = dev.groups.iter().filter_map(|g| g.every).min().unwrap_or(dev.poll);
             if t.telemetry.is_some() {
                 // Each poll's reading goes out at most once; a full document
                 // every interval, changes in between.
-                let full = 1.0 / dev.poll.max(t.telemetry_interval).as_secs_f64().max(0.001);
+                let full = if t.every_poll { polls } else { 1.0 / fastest.max(t.telemetry_interval).as_secs_f64().max(0.001) };
                 d.floor += full;
-                d.worst += if t.report_on_change { 1.0 / poll } else { full };
+                d.worst += if t.report_on_change { polls } else { full };
                 d.floor_bytes += full * telemetry_size(dev) as f64;
             }
             // A shadow reports what moved after each poll.
-            d.worst += t.shadows.iter().filter(|s| s.points.iter().any(|i| dev.points.get(*i).is_some_and(|p| p.access.readable()))).count() as f64 / poll;
+            d.worst += t.shadows.iter().filter(|s| s.points.iter().any(|i| dev.points.get(*i).is_some_and(|p| p.access.readable()))).count() as f64 * polls;
             if let Some(max) = conn.limits.max_payload {
                 let size = telemetry_size(dev);
                 let telemetry = raw_devices.iter().find(|(k, _)| k.name() == dev.name).and_then(|(_, rd)| rd.twin.as_ref()).and_then(|t| t.value.telemetry.as_ref());

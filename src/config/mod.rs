@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 mod budget;
+mod polls;
 mod raw;
 mod shadows;
 mod validate;
@@ -311,6 +312,15 @@ pub enum Transport {
         /// TCP port (502 by default).
         port: u16,
     },
+    /// Modbus RTU frames over TCP, through a serial device server.
+    RtuTcp {
+        /// Host name or address of the device server.
+        host: String,
+        /// Its raw TCP port.
+        port: u16,
+        /// How long connecting may take.
+        connect_timeout: Duration,
+    },
 }
 
 /// Serial port settings of an RTU bus.
@@ -373,12 +383,46 @@ pub struct Device {
     /// changes only those bits in the device, instead of reading the register
     /// and writing all of it back.
     pub mask_write: bool,
-    /// Poll interval.
+    /// Poll interval of the points that name none.
     pub poll: Duration,
+    /// The readable points by how often they are read, fastest first
+    /// (`once` last); reads of two groups never share a request.
+    pub groups: Vec<PollGroup>,
+    /// How the device wants to be written and asked again.
+    pub quirks: Quirks,
     /// Named commands a cloud may run (from the profile).
     pub commands: Vec<CommandDef>,
     /// The cloud side, if any.
     pub twin: Option<Twin>,
+}
+
+/// Points read at one interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollGroup {
+    /// The interval; `None`: once each time the device comes online.
+    pub every: Option<Duration>,
+    /// Indices into the device's points.
+    pub points: Vec<usize>,
+}
+
+/// Device behaviours met in the field, and the options that cope with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quirks {
+    /// Write with functions 5 and 6 only: one coil or register per request.
+    pub single_writes: bool,
+    /// How long after a write the device shows the value: the read-back
+    /// (and the check of a write whose reply was lost) waits this long.
+    pub read_back_delay: Duration,
+    /// Times a request answered "busy" (exception 0x06) is asked again.
+    pub busy_retries: u8,
+    /// Wait before each of those.
+    pub busy_delay: Duration,
+}
+
+impl Default for Quirks {
+    fn default() -> Self {
+        Quirks { single_writes: false, read_back_delay: Duration::ZERO, busy_retries: 3, busy_delay: Duration::from_millis(100) }
+    }
 }
 
 /// A named command: a sequence of point writes, waits and read-back checks.
@@ -447,8 +491,11 @@ pub struct Twin {
     pub responses: Option<String>,
     /// Topic telemetry documents go to.
     pub telemetry: Option<String>,
-    /// Period of the full telemetry report.
+    /// Period of the full telemetry report (unused with `every_poll`).
     pub telemetry_interval: Duration,
+    /// `telemetry_interval: every_poll`: a full document after every poll
+    /// cycle, each one sent.
+    pub every_poll: bool,
     /// Publish changed values (beyond each point's deadband) after every poll.
     pub report_on_change: bool,
     /// Send `{"status":"acknowledged"}` before executing a command.
@@ -516,6 +563,19 @@ pub struct Simulator {
     pub listen: SocketAddr,
     /// Devices served, by unit id.
     pub devices: Vec<SimulatedDevice>,
+    /// Modbus TCP frames, or RTU frames over TCP (a serial device server).
+    pub framing: Framing,
+}
+
+/// How Modbus requests are framed on a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Modbus TCP (MBAP header, transaction ids).
+    #[default]
+    Tcp,
+    /// RTU frames with their CRC, as a serial device server in raw TCP mode
+    /// passes them between the socket and its RS-485 line.
+    Rtu,
 }
 
 /// One device inside a simulator.

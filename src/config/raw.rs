@@ -417,6 +417,11 @@ pub(crate) struct RawBus {
     /// Modbus TCP.
     #[schemars(with = "Option<RawTcp>")]
     pub(crate) tcp: Option<S<RawTcp>>,
+    /// Modbus RTU over TCP: an RS-485 line reached through a serial device
+    /// server (Moxa NPort, USR, Waveshare) in raw TCP mode, which passes RTU
+    /// frames with their CRC between the socket and the line.
+    #[schemars(with = "Option<RawRtuTcp>")]
+    pub(crate) rtu_tcp: Option<S<RawRtuTcp>>,
     /// How long to wait for an answer (default `500ms`).
     #[schemars(with = "Option<String>")]
     pub(crate) timeout: Option<S<String>>,
@@ -424,7 +429,8 @@ pub(crate) struct RawBus {
     /// Modbus exception (default 1).
     #[schemars(with = "Option<i64>")]
     pub(crate) retries: Option<S<i64>>,
-    /// Silence kept between transactions (default: 3.5 characters on RTU, 0 on TCP).
+    /// Silence kept between transactions (default: 3.5 characters on RTU and
+    /// RTU over TCP, 0 on TCP).
     #[schemars(with = "Option<String>")]
     pub(crate) delay: Option<S<String>>,
 }
@@ -470,6 +476,41 @@ pub(crate) struct RawTcp {
     pub(crate) port: Option<S<i64>>,
 }
 
+/// What to do when the device answers "busy" (exception 0x06).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBusy {
+    /// Requests asked again, at most (0 to 10; default 3).
+    #[schemars(with = "Option<i64>")]
+    pub(crate) retries: Option<S<i64>>,
+    /// Wait before each (default `100ms`, at most `10s`); the line serves
+    /// others meanwhile.
+    #[schemars(with = "Option<String>")]
+    pub(crate) delay: Option<S<String>>,
+}
+
+/// A serial device server's raw TCP port, with an RTU line behind it.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRtuTcp {
+    /// Host name or address of the device server.
+    #[schemars(with = "String")]
+    pub(crate) host: S<String>,
+    /// Its raw TCP port (no default: vendors differ, e.g. 4001 on a Moxa
+    /// NPort, 8899 on a USR, 4196 on a Waveshare).
+    #[schemars(with = "i64")]
+    pub(crate) port: S<i64>,
+    /// Baud rate of the line behind it (default 9600): sets the default
+    /// `delay` (3.5 characters), as on a serial port.
+    #[schemars(with = "Option<i64>")]
+    pub(crate) baud: Option<S<i64>>,
+    /// How long connecting to the device server may take (default `3s`).
+    /// After a failed attempt the next waits, from 500 ms doubling up to
+    /// 10 s; requests meanwhile fail at once.
+    #[schemars(with = "Option<String>")]
+    pub(crate) connect_timeout: Option<S<String>>,
+}
+
 /// A device model: its points, read limits and named commands.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -483,6 +524,27 @@ pub(crate) struct RawProfile {
     /// write), which changes only that bit in the device (default false).
     #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
+    /// Poll intervals by path: a path prefix (`deviceData.energy`) or a
+    /// text prefix ending in `*`, to an interval (`60s`) or `once`. The
+    /// longest pattern matching a point wins; a point's own `poll` wins
+    /// over every pattern.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub(crate) poll_paths: Map<S<String>>,
+    /// Write with functions 5 and 6 only, one coil or register per request,
+    /// for devices that refuse 15 and 16: several registers become several
+    /// requests, in address order (default false).
+    #[schemars(with = "Option<bool>")]
+    pub(crate) single_writes: Option<S<bool>>,
+    /// How long the device takes to show a written value: the read-back
+    /// after a write (and the check of a write whose reply was lost) waits
+    /// this long, without holding the line (default `0s`).
+    #[schemars(with = "Option<String>")]
+    pub(crate) read_back_delay: Option<S<String>>,
+    /// Exception 0x06 (busy): ask again after `delay`, at most `retries`
+    /// times (default 3 times, after 100ms each).
+    #[schemars(with = "Option<RawBusy>")]
+    pub(crate) busy: Option<S<RawBusy>>,
     /// Named commands a shadow may run, by name.
     #[serde(default)]
     pub(crate) commands: Map<RawCommand>,
@@ -573,7 +635,29 @@ pub(crate) struct RawDevice {
     /// Function 22 for register bits (wins over the profile's).
     #[schemars(with = "Option<bool>")]
     pub(crate) mask_write: Option<S<bool>>,
-    /// Poll interval (default `1s`).
+    /// Poll intervals by path (with the profile's; the device's own win on
+    /// the same pattern): a path prefix (`deviceData.energy`) or a
+    /// text prefix ending in `*`, to an interval (`60s`) or `once`. The
+    /// longest pattern matching a point wins; a point's own `poll` wins
+    /// over every pattern.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub(crate) poll_paths: Map<S<String>>,
+    /// Write with functions 5 and 6 only, one coil or register per request,
+    /// for devices that refuse 15 and 16: several registers become several
+    /// requests, in address order (wins over the profile's; default false).
+    #[schemars(with = "Option<bool>")]
+    pub(crate) single_writes: Option<S<bool>>,
+    /// How long the device takes to show a written value: the read-back
+    /// after a write (and the check of a write whose reply was lost) waits
+    /// this long, without holding the line (wins over the profile's; default `0s`).
+    #[schemars(with = "Option<String>")]
+    pub(crate) read_back_delay: Option<S<String>>,
+    /// Exception 0x06 (busy): ask again after `delay`, at most `retries`
+    /// times (wins over the profile's; default 3 times, after 100ms each).
+    #[schemars(with = "Option<RawBusy>")]
+    pub(crate) busy: Option<S<RawBusy>>,
+    /// Poll interval of the points that name none (default `1s`).
     #[schemars(with = "Option<String>")]
     pub(crate) poll: Option<S<String>>,
     /// The cloud side: topics and/or an AWS IoT shadow.
@@ -597,7 +681,10 @@ pub(crate) struct RawTwin {
     /// Topic telemetry documents go to.
     #[schemars(with = "Option<String>")]
     pub(crate) telemetry: Option<S<String>>,
-    /// Period of the full telemetry report (default `10s`).
+    /// Period of the full telemetry report (default `10s`), or `every_poll`:
+    /// a full document after every poll cycle, none skipped (a telemetry
+    /// task that falls behind the polls is counted in
+    /// `twinbus_telemetry_polls_skipped_total`).
     #[schemars(with = "Option<String>")]
     pub(crate) telemetry_interval: Option<S<String>>,
     /// Between full reports, publish values that moved beyond their deadband
@@ -707,6 +794,12 @@ pub(crate) struct RawPoint {
     /// the read-back found.
     #[schemars(with = "Option<bool>")]
     pub(crate) trigger: Option<S<bool>>,
+    /// How often it is read: an interval (`1s`, `60s`) or `once` (when the
+    /// device comes online). Default: the device's `poll`, or the longest
+    /// `poll_paths` pattern that matches. Reads of different intervals are
+    /// never merged into one request.
+    #[schemars(with = "Option<String>")]
+    pub(crate) poll: Option<S<String>>,
 }
 
 /// A limit as written: a whole number without a point or an exponent stays
@@ -842,6 +935,18 @@ pub(crate) struct RawSimulator {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, String>")]
     pub(crate) mirror: BTreeMap<Key, S<String>>,
+    /// `tcp` (default: Modbus TCP) or `rtu`: RTU frames with their CRC over
+    /// TCP, as a serial device server in raw TCP mode passes them on (for
+    /// buses with `rtu_tcp`).
+    pub(crate) framing: Option<RawFraming>,
+}
+
+/// How a simulator frames Modbus on its TCP connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawFraming {
+    Tcp,
+    Rtu,
 }
 
 /// A value as YAML spells it (a simulator's start value, a command step's value).

@@ -811,13 +811,13 @@ fn two_buses_on_one_tcp_endpoint_are_refused() {
     let text = insert_after(&base(), "buses:\n", "  twin-plc:\n    tcp: { host: 10.0.0.5, port: 502 }\n");
     let ps = problems(&text);
     assert_eq!(ps.len(), 1, "{}", ps.join("\n"));
-    assert!(ps[0].contains("Modbus TCP endpoint 10.0.0.5:502"), "{}", ps[0]);
+    assert!(ps[0].contains("TCP endpoint 10.0.0.5:502"), "{}", ps[0]);
 }
 
 #[test]
 fn a_bus_with_both_or_neither_transport_is_refused() {
     let text = insert_after(&base(), "      host: 10.0.0.5\n", "    rtu: { port: /dev/ttyS9 }\n");
-    only_problem(&text, line_of(&text, "  plc:"), "buses.plc", &["both `rtu` and `tcp`"]);
+    only_problem(&text, line_of(&text, "  plc:"), "buses.plc", &["more than one of `rtu`, `tcp` and `rtu_tcp`"]);
     let text = insert_after(&base(), "buses:\n", "  empty:\n    retries: 2\n");
     only_problem(&text, line_of(&text, "  empty:"), "buses.empty", &["needs `rtu:"]);
 }
@@ -1502,3 +1502,114 @@ fn the_committed_schema_is_the_one_the_types_generate() {
 
 mod budget;
 mod shadows;
+
+// ---------------------------------------------------------------------------
+// RTU over TCP (a serial device server)
+
+fn with_device_server(server: &str) -> String {
+    base().replace("buses:\n", &format!("buses:\n  server:\n    rtu_tcp: {server}\n"))
+}
+
+#[test]
+fn a_device_server_bus_keeps_the_serial_gap_of_the_line_behind_it() {
+    let config = valid(&with_device_server("{ host: 10.0.0.6, port: 4001 }"));
+    let server = config.buses.iter().find(|b| b.name == "server").unwrap();
+    assert_eq!(server.transport, Transport::RtuTcp { host: "10.0.0.6".into(), port: 4001, connect_timeout: Duration::from_secs(3) });
+    assert_eq!(server.delay, Duration::from_micros(4010), "3.5 characters at 9600 baud");
+    let config = valid(&with_device_server("{ host: 10.0.0.6, port: 4001, baud: 115200, connect_timeout: 10s }"));
+    let server = config.buses.iter().find(|b| b.name == "server").unwrap();
+    assert_eq!(server.delay, Duration::from_micros(1750));
+    assert!(matches!(server.transport, Transport::RtuTcp { connect_timeout, .. } if connect_timeout == Duration::from_secs(10)));
+}
+
+#[test]
+fn a_device_server_bus_needs_its_port_and_is_an_rtu_line_for_unit_ids() {
+    assert!(matches!(Config::parse(&with_device_server("{ host: 10.0.0.6 }"), Path::new("t.yaml")), Err(ConfigError::Structure { .. })));
+    let text = with_device_server("{ host: 10.0.0.6, port: 4001 }").replace("    bus: line\n    unit: 1\n", "    bus: server\n    unit: 0\n");
+    only_problem(&text, line_of(&text, "unit: 0"), "devices.pump-1.unit", &["valid: 1 to 247"]);
+}
+
+#[test]
+fn a_device_server_and_a_modbus_tcp_bus_on_one_endpoint_are_refused() {
+    let text = with_device_server("{ host: 10.0.0.5, port: 502 }");
+    let problems = problems(&text);
+    assert!(problems.iter().any(|p| p.contains("TCP endpoint 10.0.0.5:502")), "{problems:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Poll groups, device quirks, every_poll
+
+/// The pump profile with poll settings, on device `d`.
+fn grouped(profile_extra: &str, device_extra: &str) -> String {
+    let head = HEAD.replace("  pump:\n    points:\n", &format!("  pump:\n{profile_extra}    points:\n"));
+    format!("{head}devices:\n  d:\n    bus: line\n    unit: 1\n    profile: pump\n    poll: 1s\n{device_extra}")
+}
+
+fn intervals(c: &Config) -> Vec<(Option<Duration>, Vec<&str>)> {
+    let d = &c.devices[0];
+    d.groups.iter().map(|g| (g.every, g.points.iter().map(|&i| d.points[i].path.as_str()).collect())).collect()
+}
+
+#[test]
+fn points_fall_into_poll_groups_by_the_longest_matching_pattern_fastest_first() {
+    let c = valid(&grouped("    poll_paths: { deviceAttrib: 60s }\n", "    poll_paths: { deviceAttrib.motorStatus: once, deviceData: 200ms }\n"));
+    assert_eq!(intervals(&c), vec![
+        (Some(Duration::from_millis(200)), vec!["deviceData.temperature"]),
+        (Some(Duration::from_secs(60)), vec!["deviceAttrib.setpoint"]),
+        (None, vec!["deviceAttrib.motorStatus"]),
+    ]);
+}
+
+#[test]
+fn a_point_s_own_poll_wins_over_every_pattern() {
+    let text = HEAD.replace("deviceData.temperature: { input: 0, type: i16, scale: 0.1 }", "deviceData.temperature: { input: 0, type: i16, scale: 0.1, poll: 5s }");
+    let text = format!("{text}devices:\n  d: {{ bus: line, unit: 1, profile: pump, poll_paths: {{ deviceData: 100ms }} }}\n");
+    let c = valid(&text);
+    assert_eq!(intervals(&c)[0], (Some(Duration::from_secs(1)), vec!["deviceAttrib.motorStatus", "deviceAttrib.setpoint"]));
+    assert_eq!(intervals(&c)[1], (Some(Duration::from_secs(5)), vec!["deviceData.temperature"]));
+}
+
+#[test]
+fn a_device_without_poll_settings_has_one_group_at_its_poll() {
+    let c = valid(&base());
+    assert_eq!(c.devices[0].groups.len(), 1);
+    assert_eq!(c.devices[0].groups[0].every, Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn a_poll_pattern_that_matches_nothing_or_a_bad_interval_is_refused_at_its_line() {
+    let text = grouped("", "    poll_paths: { deviceInfo: 60s, deviceData: sometimes }\n");
+    let ps = problems(&text);
+    let line = line_of(&text, "deviceInfo");
+    expect_problem(&ps, line, "devices.d.poll_paths.deviceInfo", &["matches no readable point"]);
+    expect_problem(&ps, line, "devices.d.poll_paths.deviceData", &["neither an interval nor `once`"]);
+}
+
+#[test]
+fn quirk_options_of_the_device_win_over_its_profile_s_and_default_otherwise() {
+    let c = valid(&grouped("    single_writes: true\n    read_back_delay: 300ms\n", "    busy: { retries: 5 }\n    read_back_delay: 1s\n"));
+    let q = c.devices[0].quirks;
+    assert!(q.single_writes);
+    assert_eq!(q.read_back_delay, Duration::from_secs(1));
+    assert_eq!(q.busy_retries, 5);
+    assert_eq!(q.busy_delay, Duration::from_millis(100), "the default delay");
+    assert_eq!(valid(&base()).devices[0].quirks, Quirks::default());
+}
+
+#[test]
+fn busy_retries_out_of_range_are_refused() {
+    let text = grouped("", "    busy: { retries: 11, delay: 20s }\n");
+    let ps = problems(&text);
+    let line = line_of(&text, "busy:");
+    expect_problem(&ps, line, "devices.d.busy.retries", &["11"]);
+    expect_problem(&ps, line, "devices.d.busy.delay", &["too long"]);
+}
+
+#[test]
+fn telemetry_every_poll_is_its_own_spelling_and_other_words_are_still_refused() {
+    let c = valid(&insert_after(&base(), "      telemetry: pump/tel\n", "      telemetry_interval: every_poll\n"));
+    assert!(c.devices[0].twin.as_ref().is_some_and(|t| t.every_poll));
+    assert!(!valid(&base()).devices[0].twin.as_ref().is_some_and(|t| t.every_poll));
+    let text = insert_after(&base(), "      telemetry: pump/tel\n", "      telemetry_interval: each_poll\n");
+    only_problem(&text, line_of(&text, "each_poll"), "devices.pump-1.twin.telemetry_interval", &["not a duration"]);
+}

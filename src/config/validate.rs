@@ -139,7 +139,9 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
     for (k, p) in &raw.profiles {
         let path = format!("profiles.{}", k.name());
         let points = points(&mut c, &p.points, &path);
-        profiles.insert(k.name(), Profile { points, read: p.read.as_ref(), mask_write: p.mask_write.as_ref().map(|m| m.value), commands: &p.commands });
+        let schedule = super::polls::schedule(&mut c, &p.points, &p.poll_paths, &points, &path);
+        let quirks = super::polls::quirk_settings(&mut c, p.single_writes.as_ref(), p.read_back_delay.as_ref(), p.busy.as_ref(), &path);
+        profiles.insert(k.name(), Profile { points, read: p.read.as_ref(), mask_write: p.mask_write.as_ref().map(|m| m.value), commands: &p.commands, schedule, quirks });
     }
 
     let mut devices = Vec::new();
@@ -618,8 +620,14 @@ fn socket_addr(c: &mut Checker, v: &Spanned<String>, path: &str) -> Option<Socke
 
 fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
     let path = format!("buses.{}", key.name());
-    let transport = match (&raw.rtu, &raw.tcp) {
-        (Some(r), None) => {
+    let given = [raw.rtu.is_some(), raw.tcp.is_some(), raw.rtu_tcp.is_some()].iter().filter(|g| **g).count();
+    let mut line_baud = None;
+    let transport = match (&raw.rtu, &raw.tcp, &raw.rtu_tcp) {
+        _ if given > 1 => {
+            c.key(key, &path, "has more than one of `rtu`, `tcp` and `rtu_tcp` (choose one)");
+            None
+        }
+        (Some(r), None, None) => {
             let r = &r.value;
             let p = format!("{path}.rtu");
             let port = c.interpolate(&r.port, &format!("{p}.port"));
@@ -640,7 +648,7 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
                 _ => None,
             }
         }
-        (None, Some(t)) => {
+        (None, Some(t), None) => {
             let t = &t.value;
             let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
             if host.trim().is_empty() {
@@ -651,12 +659,20 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
             port.map(|port| Transport::Tcp { host, port })
         }
-        (Some(_), Some(_)) => {
-            c.key(key, &path, "has both `rtu` and `tcp` (choose one)");
-            None
+        (None, None, Some(t)) => {
+            let t = &t.value;
+            let p = format!("{path}.rtu_tcp");
+            let host = c.interpolate(&t.host, &format!("{p}.host"));
+            if host.trim().is_empty() {
+                c.at(&t.host, &format!("{p}.host"), "is empty (write the device server's address, e.g. 192.168.1.60)");
+            }
+            let port = c.int(&t.port, &format!("{p}.port"), 1, 65535, "a TCP port");
+            line_baud = t.baud.as_ref().map_or(Some(9600), |b| c.int(b, &format!("{p}.baud"), 300, 4_000_000, "a baud rate"));
+            let connect_timeout = c.duration_within(t.connect_timeout.as_ref(), &format!("{p}.connect_timeout"), Duration::from_secs(3), Duration::from_millis(10), Duration::from_secs(60));
+            Some(Transport::RtuTcp { host, port: port?, connect_timeout })
         }
-        (None, None) => {
-            c.key(key, &path, "needs `rtu: { port: /dev/ttyUSB0, baud: 9600 }` or `tcp: { host: 10.0.0.5, port: 502 }`");
+        _ => {
+            c.key(key, &path, "needs `rtu: { port: /dev/ttyUSB0, baud: 9600 }`, `tcp: { host: 10.0.0.5, port: 502 }` or `rtu_tcp: { host: 10.0.0.6, port: 4001 }`");
             None
         }
     };
@@ -665,10 +681,17 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
     let transport = transport?;
     // Modbus RTU frames are separated by 3.5 character times of silence; the
     // spec fixes it at 1.75 ms above 19200 baud.
-    let default_delay = match &transport {
-        Transport::Rtu(s) if s.baud > 19200 => Duration::from_micros(1750),
-        Transport::Rtu(s) => Duration::from_micros(u64::from(38_500_000 / s.baud.max(1))),
-        Transport::Tcp { .. } => Duration::ZERO,
+    // A serial device server passes the gateway's frames on to its line as
+    // they come: the line behind it needs the same silence as a local port.
+    let baud = match &transport {
+        Transport::Rtu(s) => Some(s.baud),
+        Transport::RtuTcp { .. } => line_baud,
+        Transport::Tcp { .. } => None,
+    };
+    let default_delay = match baud {
+        Some(b) if b > 19200 => Duration::from_micros(1750),
+        Some(b) => Duration::from_micros(u64::from(38_500_000 / b.max(1))),
+        None => Duration::ZERO,
     };
     let delay = c.duration(raw.delay.as_ref(), &format!("{path}.delay"), default_delay, Duration::ZERO);
     Some(Bus { name: key.name().to_string(), transport, timeout, retries: retries?, delay })
@@ -679,7 +702,7 @@ fn check_bus_conflicts(c: &mut Checker, raw: &Map<RawBus>, buses: &[Bus]) {
     for b in buses {
         let resource = match &b.transport {
             Transport::Rtu(s) => format!("serial port {}", s.port),
-            Transport::Tcp { host, port } => format!("Modbus TCP endpoint {host}:{port}"),
+            Transport::Tcp { host, port } | Transport::RtuTcp { host, port, .. } => format!("TCP endpoint {host}:{port}"),
         };
         if let Some(first) = seen.get(&resource) {
             let key = raw.keys().find(|k| k.name() == b.name);
@@ -717,6 +740,8 @@ struct Profile<'a> {
     read: Option<&'a RawReadLimits>,
     mask_write: Option<bool>,
     commands: &'a Map<RawCommand>,
+    schedule: super::polls::Schedule,
+    quirks: super::polls::QuirkSettings,
 }
 
 fn device(
@@ -743,9 +768,11 @@ fn device(
     let mut read_raw = raw.read.as_ref();
     let mut mask_write = raw.mask_write.as_ref().map(|m| m.value);
     let mut raw_commands = None;
+    let mut profile_of = None;
     if let Some(p) = &raw.profile {
         match profiles.get(p.value.as_str()) {
             Some(profile) => {
+                profile_of = Some(profile);
                 pts.extend(profile.points.iter().cloned());
                 read_raw = read_raw.or(profile.read);
                 mask_write = mask_write.or(profile.mask_write);
@@ -794,6 +821,10 @@ fn device(
     };
     let read = read_limits(c, read_raw, &path);
     let poll = c.duration(raw.poll.as_ref(), &format!("{path}.poll"), Duration::from_secs(1), Duration::from_millis(10));
+    let schedule = super::polls::schedule(c, &raw.points, &raw.poll_paths, &pts, &path);
+    let groups = super::polls::groups(poll, &pts, &schedule, profile_of.map(|p| &p.schedule));
+    let quirks = super::polls::quirk_settings(c, raw.single_writes.as_ref(), raw.read_back_delay.as_ref(), raw.busy.as_ref(), &path);
+    let quirks = super::polls::quirks(quirks, profile_of.map(|p| p.quirks));
     let mut twin = match &raw.twin {
         Some(t) => Some(twin(c, t, &format!("{path}.twin"), connections)?),
         None => None,
@@ -803,7 +834,7 @@ fn device(
         super::shadows::check_sizes(c, &raw_twin.value, &t.shadows, &pts, &format!("{path}.twin"));
     }
     let mask_write = mask_write.unwrap_or(false);
-    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, commands, twin })
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, groups, quirks, commands, twin })
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {
@@ -904,7 +935,12 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
     if commands.is_some() && responses.is_none() {
         c.at(t, &format!("{path}.responses"), "commands need a `responses` topic to answer on");
     }
-    let telemetry_interval = c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100));
+    let every_poll = raw.telemetry_interval.as_ref().is_some_and(|v| v.value.trim() == "every_poll");
+    let telemetry_interval = if every_poll {
+        Duration::from_secs(10)
+    } else {
+        c.duration(raw.telemetry_interval.as_ref(), &format!("{path}.telemetry_interval"), Duration::from_secs(10), Duration::from_millis(100))
+    };
     let response_topics: Vec<String> = match &raw.response_topics {
         None => responses.iter().cloned().collect(),
         Some(list) => list
@@ -939,6 +975,7 @@ fn twin(c: &mut Checker, t: &Spanned<RawTwin>, path: &str, connections: &[Connec
         responses,
         telemetry,
         telemetry_interval,
+        every_poll,
         report_on_change: raw.report_on_change.unwrap_or(true),
         acknowledge: raw.acknowledge.unwrap_or(false),
         allow_shutdown: raw.allow_shutdown.unwrap_or(false),
@@ -1342,5 +1379,9 @@ fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -
             }
         })
         .collect();
-    Some(Simulator { name: key.name().to_string(), listen: listen?, devices })
+    let framing = match s.framing {
+        Some(RawFraming::Rtu) => Framing::Rtu,
+        Some(RawFraming::Tcp) | None => Framing::Tcp,
+    };
+    Some(Simulator { name: key.name().to_string(), listen: listen?, devices, framing })
 }

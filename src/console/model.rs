@@ -310,7 +310,7 @@ impl DeviceInfo {
 impl Dev {
     fn new(info: DeviceInfo) -> Dev {
         let n = info.points.len();
-        let snapshot = Arc::new(Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::UNIX_EPOCH });
+        let snapshot = Arc::new(Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::UNIX_EPOCH, seq: 0 });
         Dev { snapshot, points: (0..n).map(|_| Track::default()).collect(), polls: VecDeque::new(), info }
     }
 

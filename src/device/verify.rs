@@ -14,7 +14,14 @@
 //! A write to a device already known to be offline is not verified: its
 //! timeout is the expected outcome, and a verify read would cost a second
 //! one. A write the device refuses (Modbus exception) was not applied and is
-//! neither verified nor sent again.
+//! neither verified nor sent again, except a "busy" refusal (0x06): the
+//! device asks for the request again later, so it is sent again after the
+//! device's busy delay, a bounded number of times (that refusal says it did
+//! not act, so a trigger is sent again too). A device slow to show a write
+//! is read back only after its `read_back_delay`, or a write that landed
+//! would look lost and be sent twice.
+
+use std::time::Duration;
 
 use crate::modbus::{BusError, Op, Reply};
 
@@ -95,6 +102,10 @@ pub(crate) enum Step {
     Send(Op),
     /// Read back what the write should have left.
     Verify(Op),
+    /// Wait this long (the line free for others), then send the write.
+    SendAfter(Duration, Op),
+    /// Wait this long, then read back.
+    VerifyAfter(Duration, Op),
     /// Nothing more: the verdict.
     Done(Verdict),
 }
@@ -130,6 +141,11 @@ pub(crate) struct WriteCheck {
     known_offline: bool,
     /// Why the last send failed.
     failure: Option<BusError>,
+    /// How long the device takes to show a write.
+    read_back_delay: Duration,
+    /// "Busy" answers still to be asked again, and the wait before each.
+    busy_left: u8,
+    busy_delay: Duration,
 }
 
 impl WriteCheck {
@@ -137,7 +153,17 @@ impl WriteCheck {
     /// `known_offline` when the device was offline before the command.
     pub(crate) fn new(op: Op, expect: Expect, trigger: bool, attempts: u8, known_offline: bool) -> Self {
         let attempts = if trigger { 1 } else { attempts.max(1) };
-        WriteCheck { op, expect, trigger, attempts_left: attempts, known_offline, failure: None }
+        WriteCheck { op, expect, trigger, attempts_left: attempts, known_offline, failure: None, read_back_delay: Duration::ZERO, busy_left: 0, busy_delay: Duration::ZERO }
+    }
+
+    /// For a device slow to show a write, or that answers "busy": reads
+    /// back after `read_back_delay`; asks again after `busy_delay`, at most
+    /// `busy_retries` times.
+    pub(crate) fn patient(mut self, read_back_delay: Duration, busy_retries: u8, busy_delay: Duration) -> Self {
+        self.read_back_delay = read_back_delay;
+        self.busy_left = busy_retries;
+        self.busy_delay = busy_delay;
+        self
     }
 
     /// The first step.
@@ -149,12 +175,24 @@ impl WriteCheck {
     pub(crate) fn on_write(&mut self, result: &Result<Reply, BusError>) -> Step {
         match result {
             Ok(_) => Step::Done(Verdict::Written),
+            Err(e) if e.is_busy() && self.busy_left > 0 => {
+                self.busy_left -= 1;
+                Step::SendAfter(self.busy_delay, self.op.clone())
+            }
             Err(e) if !e.is_unreachable() => Step::Done(Verdict::Refused(e.clone())),
             Err(e) if self.known_offline => Step::Done(Verdict::Unknown(e.clone())),
             Err(e) => {
                 self.failure = Some(e.clone());
-                Step::Verify(self.expect.read_op())
+                self.verify(self.read_back_delay)
             }
+        }
+    }
+
+    fn verify(&self, after: Duration) -> Step {
+        if after.is_zero() {
+            Step::Verify(self.expect.read_op())
+        } else {
+            Step::VerifyAfter(after, self.expect.read_op())
         }
     }
 
@@ -162,6 +200,10 @@ impl WriteCheck {
     pub(crate) fn on_verify(&mut self, result: &Result<Reply, BusError>) -> Step {
         let error = self.failure.clone().unwrap_or(BusError::Closed);
         match result {
+            Err(e) if e.is_busy() && self.busy_left > 0 => {
+                self.busy_left -= 1;
+                self.verify(self.busy_delay)
+            }
             Ok(reply) if self.expect.holds(reply) => Step::Done(Verdict::Landed),
             Ok(_) if self.trigger || self.attempts_left == 0 => Step::Done(Verdict::NotApplied { error, trigger: self.trigger }),
             Ok(_) => self.send(),
@@ -258,7 +300,7 @@ mod tests {
         let (op, expect) = register_write();
         let mut c = WriteCheck::new(op, expect, false, 3, false);
         c.start();
-        let refused = BusError::Exception("0x02 (illegal data address)".into());
+        let refused = BusError::Exception(2);
         assert_eq!(c.on_write(&Err(refused.clone())), Step::Done(Verdict::Refused(refused)));
     }
 
@@ -288,5 +330,41 @@ mod tests {
         assert!(!expect.holds(&Reply::Words(vec![1])));
         assert!(!expect.holds(&Reply::Bits(vec![true, true])));
         assert!(!expect.holds(&Reply::Written));
+    }
+
+    fn busy() -> Result<Reply, BusError> {
+        Err(BusError::Exception(6))
+    }
+
+    #[test]
+    fn a_busy_device_is_asked_again_after_its_delay_a_bounded_number_of_times() {
+        let (op, expect) = register_write();
+        let ms = Duration::from_millis(50);
+        let mut c = WriteCheck::new(op.clone(), expect, true, 1, false).patient(Duration::ZERO, 2, ms);
+        c.start();
+        assert_eq!(c.on_write(&busy()), Step::SendAfter(ms, op.clone()), "busy: it did not act, so even a trigger goes again");
+        assert_eq!(c.on_write(&busy()), Step::SendAfter(ms, op));
+        assert_eq!(c.on_write(&busy()), Step::Done(Verdict::Refused(BusError::Exception(6))), "two retries, then the refusal");
+    }
+
+    #[test]
+    fn a_write_whose_reply_was_lost_is_read_back_only_after_the_device_shows_writes() {
+        let (op, expect) = register_write();
+        let settle = Duration::from_millis(300);
+        let mut c = WriteCheck::new(op, expect, false, 2, false).patient(settle, 0, Duration::ZERO);
+        c.start();
+        assert_eq!(c.on_write(&timeout()), Step::VerifyAfter(settle, Op::ReadHoldingRegisters(10, 2)));
+        assert_eq!(c.on_verify(&Ok(Reply::Words(vec![1, 2]))), Step::Done(Verdict::Landed));
+    }
+
+    #[test]
+    fn a_busy_answer_to_the_verify_read_is_asked_again() {
+        let (op, expect) = register_write();
+        let ms = Duration::from_millis(50);
+        let mut c = WriteCheck::new(op, expect, false, 2, false).patient(Duration::ZERO, 1, ms);
+        c.start();
+        c.on_write(&timeout());
+        assert_eq!(c.on_verify(&busy()), Step::VerifyAfter(ms, Op::ReadHoldingRegisters(10, 2)));
+        assert_eq!(c.on_verify(&busy()), Step::Done(Verdict::Unknown(BusError::Timeout(Duration::from_millis(300)))));
     }
 }

@@ -95,12 +95,23 @@ impl WriteOp {
 /// Plans the writes of already-validated values. Writes go out in the order
 /// given (a setpoint written before the motor is switched on must stay
 /// first); a write merges with the one before it when it continues it and
-/// neither carries a trigger point.
-pub fn plan_writes(points: &[Point], writes: &[(usize, Encoded)]) -> Vec<WriteOp> {
+/// neither carries a trigger point. With `single` (a device that refuses
+/// functions 15 and 16) nothing is merged and a value of several registers
+/// becomes one request per register, in address order.
+pub fn plan_writes(points: &[Point], writes: &[(usize, Encoded)], single: bool) -> Vec<WriteOp> {
     let mut ops: Vec<WriteOp> = Vec::new();
     for (i, enc) in writes {
         let addr = points[*i].location.address;
-        let alone = points[*i].trigger || ops.last().is_some_and(|op| op.points().iter().any(|&j| points[j].trigger));
+        if single {
+            if let Encoded::Words(words) = enc {
+                for (k, w) in words.iter().enumerate() {
+                    let op = Op::WriteRegisters(addr.wrapping_add(k as u16), vec![*w]);
+                    ops.push(WriteOp::Write { op, points: vec![*i] });
+                }
+                continue;
+            }
+        }
+        let alone = single || points[*i].trigger || ops.last().is_some_and(|op| op.points().iter().any(|&j| points[j].trigger));
         match (ops.last_mut().filter(|_| !alone), enc) {
             (Some(WriteOp::Write { op: Op::WriteCoils(start, bits), points: ps }), Encoded::Bits(new))
                 if usize::from(*start) + bits.len() == usize::from(addr) && bits.len() + new.len() <= 1968 =>
@@ -204,7 +215,7 @@ mod tests {
             (1, Encoded::Words(vec![3])),
             (3, Encoded::Bits(vec![true])),
         ];
-        let plan = plan_writes(&points, &writes);
+        let plan = plan_writes(&points, &writes, false);
         assert_eq!(plan, vec![
             WriteOp::Write { op: Op::WriteRegisters(20, vec![7]), points: vec![2] },
             WriteOp::Write { op: Op::WriteRegisters(10, vec![1, 2, 3]), points: vec![0, 1] },
@@ -217,7 +228,7 @@ mod tests {
         let trigger = Point { trigger: true, ..pt(Table::HoldingRegister, 11, DataType::U16) };
         let points = vec![pt(Table::HoldingRegister, 10, DataType::U16), trigger, pt(Table::HoldingRegister, 12, DataType::U16)];
         let writes = vec![(0, Encoded::Words(vec![1])), (1, Encoded::Words(vec![2])), (2, Encoded::Words(vec![3]))];
-        assert_eq!(plan_writes(&points, &writes), vec![
+        assert_eq!(plan_writes(&points, &writes, false), vec![
             WriteOp::Write { op: Op::WriteRegisters(10, vec![1]), points: vec![0] },
             WriteOp::Write { op: Op::WriteRegisters(11, vec![2]), points: vec![1] },
             WriteOp::Write { op: Op::WriteRegisters(12, vec![3]), points: vec![2] },
@@ -227,6 +238,36 @@ mod tests {
             Point { location: Location { table: Table::HoldingRegister, address: 5, bit: Some(1) }, ..pt(Table::HoldingRegister, 5, DataType::Bool) },
         ];
         let writes = vec![(0, Encoded::RegisterBit { bit: 0, value: true }), (1, Encoded::RegisterBit { bit: 1, value: true })];
-        assert_eq!(plan_writes(&bits, &writes).len(), 2, "not even two bits of one register");
+        assert_eq!(plan_writes(&bits, &writes, false).len(), 2, "not even two bits of one register");
+    }
+
+    #[test]
+    fn single_writes_send_one_register_or_coil_per_request_in_order() {
+        let points = vec![
+            pt(Table::HoldingRegister, 10, DataType::F32),
+            pt(Table::HoldingRegister, 12, DataType::U16),
+            pt(Table::Coil, 0, DataType::Bool),
+            pt(Table::Coil, 1, DataType::Bool),
+        ];
+        let writes = vec![
+            (0, Encoded::Words(vec![0x422A, 0])),
+            (1, Encoded::Words(vec![3])),
+            (2, Encoded::Bits(vec![true])),
+            (3, Encoded::Bits(vec![false])),
+        ];
+        let ops: Vec<Op> = plan_writes(&points, &writes, true)
+            .into_iter()
+            .map(|w| match w {
+                WriteOp::Write { op, .. } => op,
+                other => panic!("a plain write: {other:?}"),
+            })
+            .collect();
+        assert_eq!(ops, vec![
+            Op::WriteRegisters(10, vec![0x422A]),
+            Op::WriteRegisters(11, vec![0]),
+            Op::WriteRegisters(12, vec![3]),
+            Op::WriteCoils(0, vec![true]),
+            Op::WriteCoils(1, vec![false]),
+        ]);
     }
 }

@@ -7,12 +7,21 @@
 //!    holds it ([`Queue::push_lease`]) until its write, verification and
 //!    read-back are done, so nothing else slips between them; commands of
 //!    different devices take the line in the order they asked;
-//! 2. **polls** of devices that answer (and of devices not heard from yet);
-//! 3. **probes** of offline devices, each costing at most one timeout.
+//! 2. **polls** of devices that answer (and of devices not heard from yet),
+//!    earliest deadline first;
+//! 3. **probes** of offline devices, each costing at most one timeout, first
+//!    come, first served.
 //!
-//! A poll is a whole poll cycle: after each of its reads it goes back to the
-//! front of its tier ([`Queue::push_front_poll`]), so that a cycle, once
-//! started, is not split by other polls or probes (only by commands).
+//! A poll carries a deadline: when the next read of the same poll group
+//! falls due. Serving the earliest deadline first shares the line between
+//! devices, and between the groups of one device: a group read every second
+//! goes ahead of one read every minute, which still comes by its own
+//! deadline, so no group starves and each keeps its period while the line
+//! can carry them all. A poll is a whole poll cycle: after each of its reads
+//! it goes back to its tier with the deadline of its next read, ahead of
+//! every poll with the same deadline ([`Queue::push_front_poll`]), so that a
+//! cycle, once started, is split only by commands and by reads that are due
+//! sooner.
 //!
 //! So a command waits for at most the one transaction already on the wire
 //! (and for commands asked before it), never for a poll or a probe that has
@@ -26,6 +35,7 @@
 //! well: those devices come back later, and the healthy ones are not slowed.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// A waiting request that its asker may abandon.
 pub(super) trait Waiting {
@@ -63,10 +73,13 @@ pub(super) enum Next<J, L> {
 #[derive(Debug)]
 pub(super) struct Queue<J, L> {
     commands: VecDeque<L>,
-    polls: VecDeque<J>,
+    /// (deadline, arrival, poll): served by the smallest (deadline, arrival).
+    polls: Vec<(Instant, u64, J)>,
     probes: VecDeque<J>,
     held: Option<Held<J>>,
     last_lease: LeaseId,
+    /// Numbers the polls as they arrive; 0 is kept for started cycles.
+    arrivals: u64,
 }
 
 #[derive(Debug)]
@@ -78,7 +91,7 @@ struct Held<J> {
 
 impl<J: Waiting, L: Waiting> Queue<J, L> {
     pub(super) fn new() -> Self {
-        Queue { commands: VecDeque::new(), polls: VecDeque::new(), probes: VecDeque::new(), held: None, last_lease: 0 }
+        Queue { commands: VecDeque::new(), polls: Vec::new(), probes: VecDeque::new(), held: None, last_lease: 0, arrivals: 0 }
     }
 
     /// A command asks for the line.
@@ -86,18 +99,23 @@ impl<J: Waiting, L: Waiting> Queue<J, L> {
         self.commands.push_back(ask);
     }
 
-    /// A poll or probe asks for one transaction.
-    pub(super) fn push_poll(&mut self, job: J, kind: PollKind) {
+    /// A poll or probe asks for one transaction; a poll is due by `deadline`.
+    pub(super) fn push_poll(&mut self, job: J, kind: PollKind, deadline: Instant) {
         match kind {
-            PollKind::Routine => self.polls.push_back(job),
+            PollKind::Routine => {
+                self.arrivals += 1;
+                self.polls.push((deadline, self.arrivals, job));
+            }
             PollKind::Probe => self.probes.push_back(job),
         }
     }
 
-    /// The rest of a poll cycle that has started: next in its tier.
-    pub(super) fn push_front_poll(&mut self, job: J, kind: PollKind) {
+    /// The rest of a poll cycle that has started, whose next read is due by
+    /// `deadline`: ahead of the polls with the same deadline (a probe: next
+    /// among probes).
+    pub(super) fn push_front_poll(&mut self, job: J, kind: PollKind, deadline: Instant) {
         match kind {
-            PollKind::Routine => self.polls.push_front(job),
+            PollKind::Routine => self.polls.push((deadline, 0, job)),
             PollKind::Probe => self.probes.push_front(job),
         }
     }
@@ -146,8 +164,10 @@ impl<J: Waiting, L: Waiting> Queue<J, L> {
             self.held = Some(Held { id: self.last_lease, call: None });
             return Next::Grant(self.last_lease, ask);
         }
-        if let Some(job) = pop_live(&mut self.polls) {
-            return Next::Run(job);
+        self.polls.retain(|(.., job)| !job.abandoned());
+        let first = self.polls.iter().enumerate().min_by_key(|(_, (deadline, arrival, _))| (*deadline, *arrival)).map(|(i, _)| i);
+        if let Some(i) = first {
+            return Next::Run(self.polls.swap_remove(i).2);
         }
         match pop_live(&mut self.probes) {
             Some(job) => Next::Run(job),
@@ -186,6 +206,13 @@ mod tests {
         Queue::new()
     }
 
+    /// The same deadline for every poll: first come, first served.
+    fn soon() -> Instant {
+        use std::sync::OnceLock;
+        static T: OnceLock<Instant> = OnceLock::new();
+        *T.get_or_init(Instant::now)
+    }
+
     /// Runs the queue as the bus owner would, with each command making one
     /// call and releasing; returns the order of what reached the wire.
     fn drain(q: &mut Queue<Ask, Ask>) -> Vec<&'static str> {
@@ -208,9 +235,9 @@ mod tests {
     #[test]
     fn commands_go_ahead_of_every_waiting_poll_and_probe() {
         let mut q = queue();
-        q.push_poll(ask("probe dead-1"), PollKind::Probe);
-        q.push_poll(ask("poll pump"), PollKind::Routine);
-        q.push_poll(ask("probe dead-2"), PollKind::Probe);
+        q.push_poll(ask("probe dead-1"), PollKind::Probe, soon());
+        q.push_poll(ask("poll pump"), PollKind::Routine, soon());
+        q.push_poll(ask("probe dead-2"), PollKind::Probe, soon());
         q.push_lease(ask("command pump"));
         assert_eq!(drain(&mut q), vec!["command pump", "poll pump", "probe dead-1", "probe dead-2"]);
     }
@@ -219,9 +246,9 @@ mod tests {
     fn polls_of_answering_devices_go_ahead_of_probes_of_offline_ones() {
         let mut q = queue();
         for _ in 0..10 {
-            q.push_poll(ask("probe"), PollKind::Probe);
+            q.push_poll(ask("probe"), PollKind::Probe, soon());
         }
-        q.push_poll(ask("poll"), PollKind::Routine);
+        q.push_poll(ask("poll"), PollKind::Routine, soon());
         assert_eq!(q.next(), Next::Run(ask("poll")), "one poll waits for no probe that has not started");
     }
 
@@ -230,7 +257,7 @@ mod tests {
         let mut q = queue();
         q.push_lease(ask("command"));
         let Next::Grant(id, _) = q.next() else { panic!("the command gets the line") };
-        q.push_poll(ask("poll"), PollKind::Routine);
+        q.push_poll(ask("poll"), PollKind::Routine, soon());
         q.push_lease(ask("another command"));
         assert_eq!(q.next(), Next::WaitForHolder, "nothing slips in while the holder works");
         assert!(q.push_call(id, ask("write")).is_ok());
@@ -244,13 +271,36 @@ mod tests {
     #[test]
     fn a_started_poll_cycle_goes_on_before_other_polls_but_after_commands() {
         let mut q = queue();
-        q.push_poll(ask("pump, first read"), PollKind::Routine);
-        q.push_poll(ask("meter"), PollKind::Routine);
-        q.push_poll(ask("probe"), PollKind::Probe);
+        q.push_poll(ask("pump, first read"), PollKind::Routine, soon());
+        q.push_poll(ask("meter"), PollKind::Routine, soon());
+        q.push_poll(ask("probe"), PollKind::Probe, soon());
         assert_eq!(q.next(), Next::Run(ask("pump, first read")));
         q.push_lease(ask("command"));
-        q.push_front_poll(ask("pump, second read"), PollKind::Routine);
+        q.push_front_poll(ask("pump, second read"), PollKind::Routine, soon());
         assert_eq!(drain(&mut q), vec!["command", "pump, second read", "meter", "probe"]);
+    }
+
+    #[test]
+    fn a_poll_due_sooner_goes_ahead_of_one_due_later_whatever_their_arrival() {
+        let mut q = queue();
+        let t = soon();
+        q.push_poll(ask("meter counters (every minute)"), PollKind::Routine, t + std::time::Duration::from_secs(60));
+        q.push_poll(ask("pump (every second)"), PollKind::Routine, t + std::time::Duration::from_secs(1));
+        q.push_poll(ask("meter power (every second)"), PollKind::Routine, t + std::time::Duration::from_secs(1));
+        assert_eq!(drain(&mut q), vec!["pump (every second)", "meter power (every second)", "meter counters (every minute)"]);
+    }
+
+    #[test]
+    fn a_started_slow_cycle_gives_way_to_a_faster_read_between_its_reads() {
+        let mut q = queue();
+        let t = soon();
+        let minute = t + std::time::Duration::from_secs(60);
+        q.push_poll(ask("counters, first read"), PollKind::Routine, minute);
+        assert_eq!(q.next(), Next::Run(ask("counters, first read")));
+        q.push_poll(ask("power"), PollKind::Routine, t + std::time::Duration::from_secs(1));
+        q.push_poll(ask("other meter's counters"), PollKind::Routine, minute);
+        q.push_front_poll(ask("counters, second read"), PollKind::Routine, minute);
+        assert_eq!(drain(&mut q), vec!["power", "counters, second read", "other meter's counters"]);
     }
 
     #[test]
@@ -258,16 +308,16 @@ mod tests {
         let mut q = queue();
         q.push_lease(ask("first"));
         q.push_lease(ask("second"));
-        q.push_poll(ask("poll"), PollKind::Routine);
+        q.push_poll(ask("poll"), PollKind::Routine, soon());
         assert_eq!(drain(&mut q), vec!["first", "second", "poll"]);
     }
 
     #[test]
     fn a_request_whose_asker_is_gone_never_reaches_the_wire() {
         let mut q = queue();
-        q.push_poll(Ask("withdrawn poll", true), PollKind::Routine);
+        q.push_poll(Ask("withdrawn poll", true), PollKind::Routine, soon());
         q.push_lease(Ask("abandoned command", true));
-        q.push_poll(ask("poll"), PollKind::Routine);
+        q.push_poll(ask("poll"), PollKind::Routine, soon());
         assert_eq!(drain(&mut q), vec!["poll"]);
         assert!(q.is_empty());
     }

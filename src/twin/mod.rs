@@ -13,7 +13,7 @@ mod shadow;
 mod telemetry;
 
 pub use raw::{raw_adapter, run_commands, RawInbox, RawWorker};
-pub use shadow::{run_shadow, shadow_inbox, shadow_topics, ShadowInbox, ShadowRoute};
+pub use shadow::{replay as shadow_replay, run_shadow, shadow_inbox, shadow_topics, ShadowInbox, ShadowRoute};
 pub use telemetry::run_telemetry;
 
 /// Milliseconds since the Unix epoch, the `time` of every document we publish.

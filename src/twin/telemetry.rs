@@ -6,6 +6,14 @@
 //! their deadband goes out after the poll that saw the change. A change of
 //! health (online ⇄ offline) is published at once. An offline device's
 //! document says so and why, and carries no values: never stale ones.
+//!
+//! With `telemetry_interval: every_poll` a full document goes out after
+//! every poll cycle instead, each on its own (never replaced by the next
+//! while waiting at the broker's limit). Snapshots reach this task through
+//! a latest-only channel, so that a slow cloud never slows the device; a
+//! task that falls behind therefore skips snapshots, and each one skipped
+//! is counted in `twinbus_telemetry_polls_skipped_total{device}` and
+//! logged, not lost silently.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -24,6 +32,9 @@ use crate::point::{Point, Value};
 pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHandle, stop: CancellationToken) {
     let Some(topic) = twin.telemetry.clone() else { return };
     let mut snapshots = device.watch();
+    if twin.every_poll {
+        return every_poll(&topic, device, conn, stop).await;
+    }
     let mut ticker = tokio::time::interval(twin.telemetry_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = Reported::new(device.points.len());
@@ -61,6 +72,39 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
             conn.send(Publish::new(Class::Telemetry, topic.as_str(), doc.to_string().into_bytes()).coalescing(how)).await;
         }
     }
+}
+
+/// `telemetry_interval: every_poll`: one full document per snapshot.
+async fn every_poll(topic: &str, device: DeviceHandle, conn: ConnectionHandle, stop: CancellationToken) {
+    let mut snapshots = device.watch();
+    let mut reported = Reported::new(device.points.len());
+    let mut last_seq = snapshots.borrow().seq;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            changed = snapshots.changed() => {
+                if changed.is_err() { break }
+            }
+        }
+        let snap: Arc<Snapshot> = snapshots.borrow_and_update().clone();
+        let skipped = skipped(last_seq, snap.seq);
+        last_seq = snap.seq;
+        if skipped > 0 {
+            metrics::counter!("twinbus_telemetry_polls_skipped_total", "device" => device.name.clone()).increment(skipped);
+            tracing::warn!(device = %device.name, skipped, "telemetry fell behind the polls: snapshots skipped");
+        }
+        if snap.health == Health::Unknown {
+            continue;
+        }
+        let doc = reported.full(&device.points, &snap);
+        conn.send(Publish::new(Class::Telemetry, topic, doc.to_string().into_bytes())).await;
+    }
+}
+
+/// Snapshots published between the one seen last (`last`) and `now`.
+fn skipped(last: u64, now: u64) -> u64 {
+    now.saturating_sub(last).saturating_sub(1)
 }
 
 /// What the cloud was last told, to find changes beyond the deadband.
@@ -149,3 +193,16 @@ fn document(points: &[Point], snap: &Snapshot, include: impl Fn(usize) -> bool) 
     Json::Object(doc)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::skipped;
+
+    #[test]
+    fn consecutive_snapshots_skip_nothing_and_a_gap_counts_what_it_hides() {
+        assert_eq!(skipped(0, 1), 0);
+        assert_eq!(skipped(7, 8), 0);
+        assert_eq!(skipped(7, 10), 2);
+        assert_eq!(skipped(7, 7), 0, "the same snapshot seen twice");
+    }
+}

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Interoperability tests: twinbus against independent peers.
 #   MQTT:   Mosquitto 2.0 (our own instance on a free loopback port, never the system one)
-#   Modbus: pymodbus 3.16.1 as the slave, over Modbus TCP and over RTU on a socat pty pair
+#   Modbus: pymodbus 3.16.1 as the slave, over Modbus TCP, over RTU on a socat pty pair and
+#           over RTU frames on TCP (a serial device server, the gateway's `rtu_tcp` bus);
+#           Node's modbus-serial 8 (ServerTCP) as a second, independent Modbus TCP slave that
+#           gets the same checks
 #
 # Prerequisites (.ci/run installs them): mosquitto, mosquitto_sub/pub, socat, a venv with
-# pymodbus at target/interop-venv (or INTEROP_PYTHON), target/release/twinbus (or TWINBUS).
+# pymodbus at target/interop-venv (or INTEROP_PYTHON), node with modbus-serial under
+# target/interop-node (or MODBUS_SERIAL_DIR), target/release/twinbus (or TWINBUS).
 #
 # Every check prints `ok   NAME` or `FAIL NAME: WHY`; the last line is
 # `interop: N passed, N failed`. Exit status 1 if any check failed (or setup broke).
@@ -28,17 +32,18 @@ BAUD=19200
 # and mosquitto_pub's one-shot "auto-..." sessions.
 failure_logs() {
     show_logs without_noise gateway.log mosquitto.log slave-tcp.log slave-rtu.log socat.log \
-        writes-tcp.jsonl writes-rtu.jsonl probe-tcp.txt probe-rtu.txt
+        slave-node.log slave-rtutcp.log writes-tcp.jsonl writes-rtu.jsonl writes-node.jsonl \
+        writes-rtutcp.jsonl probe-tcp.txt probe-rtu.txt probe-node.txt
 }
 without_noise() { grep -v -e '^>>>>>' -e ' auto-' -e 'New connection from' "$1" | tail -n 40; }
 
 # ---------------------------------------------------------------------------------------
 # Preconditions
 
-prerequisites "$MOSQUITTO" mosquitto_sub mosquitto_pub socat
+prerequisites "$MOSQUITTO" mosquitto_sub mosquitto_pub socat node
 
-# Two free loopback ports.
-{ read -r MQTT_PORT && read -r MODBUS_PORT; } < <(free_ports 2)
+# Free loopback ports: the broker, and the three TCP slaves.
+{ read -r MQTT_PORT && read -r MODBUS_PORT && read -r NODE_PORT && read -r RTUTCP_PORT; } < <(free_ports 4)
 echo "interop: work dir $WORK, mqtt port $MQTT_PORT, modbus tcp port $MODBUS_PORT"
 
 # ---------------------------------------------------------------------------------------
@@ -66,9 +71,17 @@ start_bg slave-tcp "$WORK/slave-tcp.log" "$PY" "$HERE/slave.py" \
     --tcp "127.0.0.1:$MODBUS_PORT" --writes "$WORK/writes-tcp.jsonl" --state "$WORK/state-tcp.json"
 start_bg slave-rtu "$WORK/slave-rtu.log" "$PY" "$HERE/slave.py" \
     --rtu "$WORK/ttySLAVE" --baud "$BAUD" --writes "$WORK/writes-rtu.jsonl" --state "$WORK/state-rtu.json"
+# RTU frames on TCP, as a serial device server in raw mode passes them on.
+start_bg slave-rtutcp "$WORK/slave-rtutcp.log" "$PY" "$HERE/slave.py" \
+    --rtu-tcp "127.0.0.1:$RTUTCP_PORT" --writes "$WORK/writes-rtutcp.jsonl" --state "$WORK/state-rtutcp.json"
+# The second implementation, bounded on its own: a hung node never outlives the run.
+start_bg slave-node "$WORK/slave-node.log" timeout -k 5 600 node "$HERE/slave.js" \
+    --tcp "127.0.0.1:$NODE_PORT" --writes "$WORK/writes-node.jsonl" --state "$WORK/state-node.json"
 wait_until "tcp slave ready" 20 slave-tcp test -s "$WORK/state-tcp.json"
 wait_until "rtu slave ready" 20 slave-rtu test -s "$WORK/state-rtu.json"
-touch "$WORK/writes-tcp.jsonl" "$WORK/writes-rtu.jsonl"
+wait_until "rtu-over-tcp slave ready" 20 slave-rtutcp test -s "$WORK/state-rtutcp.json"
+wait_until "node slave ready" 20 slave-node test -s "$WORK/state-node.json"
+touch "$WORK/writes-tcp.jsonl" "$WORK/writes-rtu.jsonl" "$WORK/writes-node.jsonl" "$WORK/writes-rtutcp.jsonl"
 
 if [[ $SKIP_GATEWAY == 1 ]]; then
     # Harness self-test: pymodbus's client plays the gateway's part, writes included.
@@ -85,9 +98,12 @@ fi
 # Before the gateway: make sure the peers answer a client that is not twinbus (reads only,
 # so the write logs stay empty for the gateway checks). One counted check per slave; the
 # detail goes to probe-*.txt, shown on failure.
-for line in tcp rtu; do
+for line in tcp rtu node; do
     if [[ $line == tcp ]]; then
         where=(--tcp "127.0.0.1:$MODBUS_PORT")
+    elif [[ $line == node ]]; then
+        # modbus-serial serves unit 1 only and stays silent for the others.
+        where=(--tcp "127.0.0.1:$NODE_PORT" --silent-units)
     else
         where=(--rtu "$WORK/ttyGW" --baud "$BAUD")
     fi
@@ -114,6 +130,14 @@ buses:
     retries: 1
   rtu-line:
     rtu: { port: $WORK/ttyGW, baud: $BAUD, parity: none, data_bits: 8, stop_bits: 1 }
+    timeout: 500ms
+    retries: 1
+  node-line:
+    tcp: { host: 127.0.0.1, port: $NODE_PORT }
+    timeout: 500ms
+    retries: 1
+  rtutcp-line:
+    rtu_tcp: { host: 127.0.0.1, port: $RTUTCP_PORT, baud: $BAUD }
     timeout: 500ms
     retries: 1
 profiles:
@@ -147,6 +171,28 @@ devices:
       commands: ci/rtu-pump/cmd
       responses: ci/rtu-pump/rsp
       telemetry: ci/rtu-pump/telemetry
+      telemetry_interval: 2s
+  node-pump:
+    bus: node-line
+    unit: 1
+    profile: pump
+    poll: 500ms
+    twin:
+      connection: ci
+      commands: ci/node-pump/cmd
+      responses: ci/node-pump/rsp
+      telemetry: ci/node-pump/telemetry
+      telemetry_interval: 2s
+  rtutcp-pump:
+    bus: rtutcp-line
+    unit: 1
+    profile: pump
+    poll: 500ms
+    twin:
+      connection: ci
+      commands: ci/rtutcp-pump/cmd
+      responses: ci/rtutcp-pump/rsp
+      telemetry: ci/rtutcp-pump/telemetry
       telemetry_interval: 2s
 EOF
 
@@ -190,7 +236,9 @@ alive gateway || die "gateway start" "exited at once (see gateway.log)"
 
 counted checks "$PY" "$HERE/checks.py" --mqtt-port "$MQTT_PORT" --piddir "$PIDDIR" \
     --device "tcp-pump:$WORK/writes-tcp.jsonl:$WORK/state-tcp.json" \
-    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json" --mask-write tcp-pump || true
+    --device "rtu-pump:$WORK/writes-rtu.jsonl:$WORK/state-rtu.json" \
+    --device "node-pump:$WORK/writes-node.jsonl:$WORK/state-node.json" \
+    --device "rtutcp-pump:$WORK/writes-rtutcp.jsonl:$WORK/state-rtutcp.json" --mask-write tcp-pump || true
 
 # Graceful stop: SIGTERM must end the gateway with status 0, promptly.
 if alive gateway; then

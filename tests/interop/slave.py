@@ -4,7 +4,7 @@
 It plays an independent Modbus device, so the gateway is tested against someone else's
 Modbus implementation rather than against its own simulator.
 
-Profile served for unit id 1 (identical over TCP and RTU):
+Profile served for unit id 1 (identical over TCP, RTU and RTU over TCP):
   coil 0               motor on/off                       (initially off)
   discrete input 0     running                            (True)
   holding 10-11        f32 setpoint, big-endian (ABCD)    (initially 20.0)
@@ -155,6 +155,8 @@ async def main() -> int:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", metavar="HOST:PORT", help="serve Modbus TCP")
     where.add_argument("--rtu", metavar="DEVICE", help="serve Modbus RTU on a serial device")
+    where.add_argument("--rtu-tcp", metavar="HOST:PORT",
+                       help="serve RTU frames over TCP, as a serial device server in raw mode")
     ap.add_argument("--baud", type=int, default=19200)
     ap.add_argument("--writes", required=True, help="JSON-lines write log (appended)")
     ap.add_argument("--state", required=True, help="JSON state snapshot (rewritten)")
@@ -191,6 +193,14 @@ async def main() -> int:
             ignore_missing_devices=False, **common,
         )
         what = f"Modbus TCP on {host}:{port}"
+    elif args.rtu_tcp:
+        # pymodbus's RTU framer on a TCP server; other units stay silent, as on a line.
+        host, _, port = args.rtu_tcp.rpartition(":")
+        server = ModbusTcpServer(
+            device, framer=FramerType.RTU, address=(host, int(port)),
+            ignore_missing_devices=True, **common,
+        )
+        what = f"RTU frames over TCP on {host}:{port}"
     else:
         # 8N1 only: the kernel refuses parity on a pseudo-terminal.
         server = ModbusSerialServer(

@@ -70,7 +70,7 @@ fn snap(t: f64, temperature: Option<f64>) -> Arc<Snapshot> {
         None => vec![None; 6],
     };
     let health = if temperature.is_some() { Health::Online } else { Health::Offline("no answer from the device within 500ms".into()) };
-    Arc::new(Snapshot { errors: vec![None; 6], values, health, at: at(t) })
+    Arc::new(Snapshot { errors: vec![None; 6], values, health, at: at(t), seq: 0 })
 }
 
 fn device(m: &Model, history: bool) -> Json {

@@ -38,6 +38,52 @@ use crate::journal::{Entry, Source};
 use crate::mqtt::{ConnectionHandle, Inbox, Message, Publish};
 use crate::store::Store;
 
+/// The decisions of one shadow adapter for a sequence of messages, without
+/// I/O, for the fuzz target and its corpus replay (which check every write
+/// against the points' limits); not an API. `messages` are (topic suffix,
+/// payload): `/update/delta`, `/get/accepted` (the adapter's first `get`
+/// carries the client token `fuzz-1`), ... The device's first shadow serves
+/// them; every write lands and reads back as written; every command runs
+/// and succeeds. Returns the writes asked for, in order.
+///
+/// # Panics
+/// When the adapter keeps asking for work without settling (a loop).
+#[doc(hidden)]
+pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Vec<Vec<(usize, crate::point::Encoded)>> {
+    let Some(binding) = device.twin.as_ref().and_then(|t| t.shadows.first()).cloned() else { return Vec::new() };
+    let points = Arc::new(device.points.clone());
+    let setup = Setup { key: "fuzz".into(), points: points.clone(), mine: binding.points.clone(), commands: device.commands.clone(), token_prefix: "fuzz".into(), binding };
+    let mut core = Core::new(setup, Remembered::default());
+    let mut writes = Vec::new();
+    let mut inputs: VecDeque<Input> = VecDeque::from([Input::SessionUp]);
+    inputs.extend(messages.iter().map(|(suffix, payload)| Input::Message { suffix: (*suffix).to_string(), payload: payload.to_vec() }));
+    for _ in 0..10_000 {
+        let Some(input) = inputs.pop_front() else { return writes };
+        let mut results = VecDeque::new();
+        for action in core.handle(input, Instant::now()) {
+            match action {
+                Action::Publish(_) | Action::Record(_) => {}
+                Action::Write(w) => {
+                    let values = w
+                        .iter()
+                        .filter_map(|(i, e)| Some((*i, points.get(*i)?.read_back(e).ok()?)))
+                        .collect();
+                    writes.push(w);
+                    results.push_back(Input::Written(crate::device::Outcome { values, error: None }));
+                }
+                Action::Run { id, .. } => {
+                    results.push_back(Input::Started { id: id.clone() });
+                    results.push_back(Input::Ran { id, result: Ok(()) });
+                }
+            }
+        }
+        // What the shell would feed back comes before the next message.
+        while let Some(r) = results.pop_back() {
+            inputs.push_front(r);
+        }
+    }
+    panic!("the shadow adapter did not settle within 10000 steps");
+}
 
 /// The topics a shadow adapter must be subscribed to.
 pub fn shadow_topics(binding: &ShadowBinding) -> Vec<String> {

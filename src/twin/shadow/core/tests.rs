@@ -195,7 +195,7 @@ fn a_sync_asked_while_a_get_is_under_way_follows_its_answer() {
 #[test]
 fn a_missing_shadow_is_created_from_the_device_values() {
     let (mut core, t0, token) = started(Remembered::default());
-    let snap = Snapshot { values: vec![Some(Value::Text("off".into())), Some(Value::Float(40.0)), Some(Value::Float(21.5))], errors: vec![None; 3], health: Health::Online, at: std::time::SystemTime::now() };
+    let snap = Snapshot { values: vec![Some(Value::Text("off".into())), Some(Value::Float(40.0)), Some(Value::Float(21.5))], errors: vec![None; 3], health: Health::Online, at: std::time::SystemTime::now(), seq: 1 };
     core.handle(Input::Snapshot(Arc::new(snap)), t0);
     let out = core.handle(message("/get/rejected", json!({"code": 404, "message": "No shadow exists", "clientToken": token})), t0);
     let r = reported(&out);
@@ -410,7 +410,7 @@ fn a_version_conflict_fetches_the_shadow_and_other_refusals_are_only_logged() {
 fn a_report_of_values_may_join_a_waiting_one_but_a_command_state_or_a_reason_never_does() {
     let (mut core, t0, token) = started(Remembered::default());
     core.handle(message("/get/accepted", get_doc(&token, 1, json!({}), T)), t0);
-    let snap = |t: f64| Snapshot { values: vec![Some(Value::Text("off".into())), Some(Value::Float(40.0)), Some(Value::Float(t))], errors: vec![None; 3], health: Health::Online, at: std::time::SystemTime::now() };
+    let snap = |t: f64| Snapshot { values: vec![Some(Value::Text("off".into())), Some(Value::Float(40.0)), Some(Value::Float(t))], errors: vec![None; 3], health: Health::Online, at: std::time::SystemTime::now(), seq: 1 };
     let out = core.handle(Input::Snapshot(Arc::new(snap(21.0))), t0);
     let coalescable = |out: &[Action]| out.iter().filter_map(|a| if let Action::Publish(p) = a { Some(p.coalesce.is_some()) } else { None }).collect::<Vec<_>>();
     assert_eq!(coalescable(&out), vec![true]);
