@@ -190,7 +190,9 @@ pub async fn scan(
         let probe = match handle.call(Priority::Command, unit, op.clone(), 0).await {
             Ok(Reply::Words(w)) => Probe::Data(w),
             Ok(_) => Probe::Data(Vec::new()),
-            Err(BusError::Exception(e)) => Probe::Exception(e),
+            // A Modbus gateway answering for a unit id that does not answer behind it.
+            Err(e @ BusError::Exception(_)) if e.is_unreachable() => Probe::Silent,
+            Err(BusError::Exception(code)) => Probe::Exception(crate::modbus::exception_name(code)),
             Err(BusError::Timeout(_)) => Probe::Silent,
             // The line itself failed (the port is busy or gone): probing on is pointless.
             Err(e) => {

@@ -301,6 +301,15 @@ pub enum Transport {
         /// TCP port (502 by default).
         port: u16,
     },
+    /// Modbus RTU frames over TCP, through a serial device server.
+    RtuTcp {
+        /// Host name or address of the device server.
+        host: String,
+        /// Its raw TCP port.
+        port: u16,
+        /// How long connecting may take.
+        connect_timeout: Duration,
+    },
 }
 
 /// Serial port settings of an RTU bus.
@@ -506,6 +515,19 @@ pub struct Simulator {
     pub listen: SocketAddr,
     /// Devices served, by unit id.
     pub devices: Vec<SimulatedDevice>,
+    /// Modbus TCP frames, or RTU frames over TCP (a serial device server).
+    pub framing: Framing,
+}
+
+/// How Modbus requests are framed on a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Modbus TCP (MBAP header, transaction ids).
+    #[default]
+    Tcp,
+    /// RTU frames with their CRC, as a serial device server in raw TCP mode
+    /// passes them between the socket and its RS-485 line.
+    Rtu,
 }
 
 /// One device inside a simulator.

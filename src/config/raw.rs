@@ -359,6 +359,11 @@ pub(crate) struct RawBus {
     /// Modbus TCP.
     #[schemars(with = "Option<RawTcp>")]
     pub(crate) tcp: Option<S<RawTcp>>,
+    /// Modbus RTU over TCP: an RS-485 line reached through a serial device
+    /// server (Moxa NPort, USR, Waveshare) in raw TCP mode, which passes RTU
+    /// frames with their CRC between the socket and the line.
+    #[schemars(with = "Option<RawRtuTcp>")]
+    pub(crate) rtu_tcp: Option<S<RawRtuTcp>>,
     /// How long to wait for an answer (default `500ms`).
     #[schemars(with = "Option<String>")]
     pub(crate) timeout: Option<S<String>>,
@@ -366,7 +371,8 @@ pub(crate) struct RawBus {
     /// Modbus exception (default 1).
     #[schemars(with = "Option<i64>")]
     pub(crate) retries: Option<S<i64>>,
-    /// Silence kept between transactions (default: 3.5 characters on RTU, 0 on TCP).
+    /// Silence kept between transactions (default: 3.5 characters on RTU and
+    /// RTU over TCP, 0 on TCP).
     #[schemars(with = "Option<String>")]
     pub(crate) delay: Option<S<String>>,
 }
@@ -410,6 +416,28 @@ pub(crate) struct RawTcp {
     /// Port (default 502).
     #[schemars(with = "Option<i64>")]
     pub(crate) port: Option<S<i64>>,
+}
+
+/// A serial device server's raw TCP port, with an RTU line behind it.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRtuTcp {
+    /// Host name or address of the device server.
+    #[schemars(with = "String")]
+    pub(crate) host: S<String>,
+    /// Its raw TCP port (no default: vendors differ, e.g. 4001 on a Moxa
+    /// NPort, 8899 on a USR, 4196 on a Waveshare).
+    #[schemars(with = "i64")]
+    pub(crate) port: S<i64>,
+    /// Baud rate of the line behind it (default 9600): sets the default
+    /// `delay` (3.5 characters), as on a serial port.
+    #[schemars(with = "Option<i64>")]
+    pub(crate) baud: Option<S<i64>>,
+    /// How long connecting to the device server may take (default `3s`).
+    /// After a failed attempt the next waits, from 500 ms doubling up to
+    /// 10 s; requests meanwhile fail at once.
+    #[schemars(with = "Option<String>")]
+    pub(crate) connect_timeout: Option<S<String>>,
 }
 
 /// A device model: its points, read limits and named commands.
@@ -784,6 +812,18 @@ pub(crate) struct RawSimulator {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, String>")]
     pub(crate) mirror: BTreeMap<Key, S<String>>,
+    /// `tcp` (default: Modbus TCP) or `rtu`: RTU frames with their CRC over
+    /// TCP, as a serial device server in raw TCP mode passes them on (for
+    /// buses with `rtu_tcp`).
+    pub(crate) framing: Option<RawFraming>,
+}
+
+/// How a simulator frames Modbus on its TCP connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawFraming {
+    Tcp,
+    Rtu,
 }
 
 /// A value as YAML spells it (a simulator's start value, a command step's value).

@@ -811,13 +811,13 @@ fn two_buses_on_one_tcp_endpoint_are_refused() {
     let text = insert_after(&base(), "buses:\n", "  twin-plc:\n    tcp: { host: 10.0.0.5, port: 502 }\n");
     let ps = problems(&text);
     assert_eq!(ps.len(), 1, "{}", ps.join("\n"));
-    assert!(ps[0].contains("Modbus TCP endpoint 10.0.0.5:502"), "{}", ps[0]);
+    assert!(ps[0].contains("TCP endpoint 10.0.0.5:502"), "{}", ps[0]);
 }
 
 #[test]
 fn a_bus_with_both_or_neither_transport_is_refused() {
     let text = insert_after(&base(), "      host: 10.0.0.5\n", "    rtu: { port: /dev/ttyS9 }\n");
-    only_problem(&text, line_of(&text, "  plc:"), "buses.plc", &["both `rtu` and `tcp`"]);
+    only_problem(&text, line_of(&text, "  plc:"), "buses.plc", &["more than one of `rtu`, `tcp` and `rtu_tcp`"]);
     let text = insert_after(&base(), "buses:\n", "  empty:\n    retries: 2\n");
     only_problem(&text, line_of(&text, "  empty:"), "buses.empty", &["needs `rtu:"]);
 }
@@ -1482,3 +1482,36 @@ fn the_committed_schema_is_the_one_the_types_generate() {
 
 mod budget;
 mod shadows;
+
+// ---------------------------------------------------------------------------
+// RTU over TCP (a serial device server)
+
+fn with_device_server(server: &str) -> String {
+    base().replace("buses:\n", &format!("buses:\n  server:\n    rtu_tcp: {server}\n"))
+}
+
+#[test]
+fn a_device_server_bus_keeps_the_serial_gap_of_the_line_behind_it() {
+    let config = valid(&with_device_server("{ host: 10.0.0.6, port: 4001 }"));
+    let server = config.buses.iter().find(|b| b.name == "server").unwrap();
+    assert_eq!(server.transport, Transport::RtuTcp { host: "10.0.0.6".into(), port: 4001, connect_timeout: Duration::from_secs(3) });
+    assert_eq!(server.delay, Duration::from_micros(4010), "3.5 characters at 9600 baud");
+    let config = valid(&with_device_server("{ host: 10.0.0.6, port: 4001, baud: 115200, connect_timeout: 10s }"));
+    let server = config.buses.iter().find(|b| b.name == "server").unwrap();
+    assert_eq!(server.delay, Duration::from_micros(1750));
+    assert!(matches!(server.transport, Transport::RtuTcp { connect_timeout, .. } if connect_timeout == Duration::from_secs(10)));
+}
+
+#[test]
+fn a_device_server_bus_needs_its_port_and_is_an_rtu_line_for_unit_ids() {
+    assert!(matches!(Config::parse(&with_device_server("{ host: 10.0.0.6 }"), Path::new("t.yaml")), Err(ConfigError::Structure { .. })));
+    let text = with_device_server("{ host: 10.0.0.6, port: 4001 }").replace("    bus: line\n    unit: 1\n", "    bus: server\n    unit: 0\n");
+    only_problem(&text, line_of(&text, "unit: 0"), "devices.pump-1.unit", &["valid: 1 to 247"]);
+}
+
+#[test]
+fn a_device_server_and_a_modbus_tcp_bus_on_one_endpoint_are_refused() {
+    let text = with_device_server("{ host: 10.0.0.5, port: 502 }");
+    let problems = problems(&text);
+    assert!(problems.iter().any(|p| p.contains("TCP endpoint 10.0.0.5:502")), "{problems:?}");
+}

@@ -609,8 +609,14 @@ fn socket_addr(c: &mut Checker, v: &Spanned<String>, path: &str) -> Option<Socke
 
 fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
     let path = format!("buses.{}", key.name());
-    let transport = match (&raw.rtu, &raw.tcp) {
-        (Some(r), None) => {
+    let given = [raw.rtu.is_some(), raw.tcp.is_some(), raw.rtu_tcp.is_some()].iter().filter(|g| **g).count();
+    let mut line_baud = None;
+    let transport = match (&raw.rtu, &raw.tcp, &raw.rtu_tcp) {
+        _ if given > 1 => {
+            c.key(key, &path, "has more than one of `rtu`, `tcp` and `rtu_tcp` (choose one)");
+            None
+        }
+        (Some(r), None, None) => {
             let r = &r.value;
             let p = format!("{path}.rtu");
             let port = c.interpolate(&r.port, &format!("{p}.port"));
@@ -631,7 +637,7 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
                 _ => None,
             }
         }
-        (None, Some(t)) => {
+        (None, Some(t), None) => {
             let t = &t.value;
             let host = c.interpolate(&t.host, &format!("{path}.tcp.host"));
             if host.trim().is_empty() {
@@ -642,12 +648,20 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
             let port = t.port.as_ref().map_or(Some(502), |p| c.int(p, &format!("{path}.tcp.port"), 1, 65535, "a TCP port"));
             port.map(|port| Transport::Tcp { host, port })
         }
-        (Some(_), Some(_)) => {
-            c.key(key, &path, "has both `rtu` and `tcp` (choose one)");
-            None
+        (None, None, Some(t)) => {
+            let t = &t.value;
+            let p = format!("{path}.rtu_tcp");
+            let host = c.interpolate(&t.host, &format!("{p}.host"));
+            if host.trim().is_empty() {
+                c.at(&t.host, &format!("{p}.host"), "is empty (write the device server's address, e.g. 192.168.1.60)");
+            }
+            let port = c.int(&t.port, &format!("{p}.port"), 1, 65535, "a TCP port");
+            line_baud = t.baud.as_ref().map_or(Some(9600), |b| c.int(b, &format!("{p}.baud"), 300, 4_000_000, "a baud rate"));
+            let connect_timeout = c.duration_within(t.connect_timeout.as_ref(), &format!("{p}.connect_timeout"), Duration::from_secs(3), Duration::from_millis(10), Duration::from_secs(60));
+            Some(Transport::RtuTcp { host, port: port?, connect_timeout })
         }
-        (None, None) => {
-            c.key(key, &path, "needs `rtu: { port: /dev/ttyUSB0, baud: 9600 }` or `tcp: { host: 10.0.0.5, port: 502 }`");
+        _ => {
+            c.key(key, &path, "needs `rtu: { port: /dev/ttyUSB0, baud: 9600 }`, `tcp: { host: 10.0.0.5, port: 502 }` or `rtu_tcp: { host: 10.0.0.6, port: 4001 }`");
             None
         }
     };
@@ -656,10 +670,17 @@ fn bus(c: &mut Checker, key: &Key, raw: &RawBus) -> Option<Bus> {
     let transport = transport?;
     // Modbus RTU frames are separated by 3.5 character times of silence; the
     // spec fixes it at 1.75 ms above 19200 baud.
-    let default_delay = match &transport {
-        Transport::Rtu(s) if s.baud > 19200 => Duration::from_micros(1750),
-        Transport::Rtu(s) => Duration::from_micros(u64::from(38_500_000 / s.baud.max(1))),
-        Transport::Tcp { .. } => Duration::ZERO,
+    // A serial device server passes the gateway's frames on to its line as
+    // they come: the line behind it needs the same silence as a local port.
+    let baud = match &transport {
+        Transport::Rtu(s) => Some(s.baud),
+        Transport::RtuTcp { .. } => line_baud,
+        Transport::Tcp { .. } => None,
+    };
+    let default_delay = match baud {
+        Some(b) if b > 19200 => Duration::from_micros(1750),
+        Some(b) => Duration::from_micros(u64::from(38_500_000 / b.max(1))),
+        None => Duration::ZERO,
     };
     let delay = c.duration(raw.delay.as_ref(), &format!("{path}.delay"), default_delay, Duration::ZERO);
     Some(Bus { name: key.name().to_string(), transport, timeout, retries: retries?, delay })
@@ -670,7 +691,7 @@ fn check_bus_conflicts(c: &mut Checker, raw: &Map<RawBus>, buses: &[Bus]) {
     for b in buses {
         let resource = match &b.transport {
             Transport::Rtu(s) => format!("serial port {}", s.port),
-            Transport::Tcp { host, port } => format!("Modbus TCP endpoint {host}:{port}"),
+            Transport::Tcp { host, port } | Transport::RtuTcp { host, port, .. } => format!("TCP endpoint {host}:{port}"),
         };
         if let Some(first) = seen.get(&resource) {
             let key = raw.keys().find(|k| k.name() == b.name);
@@ -1333,5 +1354,9 @@ fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -
             }
         })
         .collect();
-    Some(Simulator { name: key.name().to_string(), listen: listen?, devices })
+    let framing = match s.framing {
+        Some(RawFraming::Rtu) => Framing::Rtu,
+        Some(RawFraming::Tcp) | None => Framing::Tcp,
+    };
+    Some(Simulator { name: key.name().to_string(), listen: listen?, devices, framing })
 }

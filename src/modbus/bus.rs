@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_modbus::client::{Client, Context, Reader, Writer};
 use tokio_modbus::slave::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::Slave;
 
 use super::queue::{LeaseId, Next, PollKind, Queue, Waiting};
-use crate::config::Bus;
+use crate::config::{Bus, Transport};
 
 /// One Modbus function with its arguments.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,26 +78,47 @@ pub enum Reply {
 pub enum BusError {
     /// No answer within the bus timeout.
     Timeout(Duration),
-    /// The device answered with a Modbus exception.
-    Exception(String),
+    /// The device answered with a Modbus exception: its code (0x0A and 0x0B
+    /// come from a Modbus gateway in front of the device, not from it).
+    Exception(u8),
     /// The line could not be opened, or broke.
     Transport(String),
     /// The bus owner has stopped (shutdown).
     Closed,
 }
 
+/// Exception 0x06: the device is busy and wants the request again later;
+/// it did not carry it out.
+pub(crate) const BUSY: u8 = 0x06;
+
 impl BusError {
     /// Whether the error says the device is unreachable (not merely refusing).
+    /// Exceptions 0x0A (gateway path unavailable) and 0x0B (gateway target
+    /// failed to respond) are a Modbus gateway's way of saying that the
+    /// device behind it did not answer: the gateway is there, the device is
+    /// not, so they count as silence.
     pub fn is_unreachable(&self) -> bool {
-        !matches!(self, BusError::Exception(_))
+        !matches!(self, BusError::Exception(code) if !is_gateway_failure(*code))
     }
+
+    /// Whether the device answered "busy, ask again later" (exception 0x06).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, BusError::Exception(BUSY))
+    }
+}
+
+fn is_gateway_failure(code: u8) -> bool {
+    matches!(code, 0x0A | 0x0B)
 }
 
 impl fmt::Display for BusError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BusError::Timeout(d) => write!(f, "no answer from the device within {}", humantime::format_duration(*d)),
-            BusError::Exception(e) => write!(f, "the device refused: Modbus exception {e}"),
+            BusError::Exception(code) if is_gateway_failure(*code) => {
+                write!(f, "the Modbus gateway in front of the device answered exception {}", exception_name(*code))
+            }
+            BusError::Exception(code) => write!(f, "the device refused: Modbus exception {}", exception_name(*code)),
             BusError::Transport(e) => write!(f, "{e}"),
             BusError::Closed => write!(f, "the bus is shutting down"),
         }
@@ -269,7 +290,7 @@ pub fn spawn_bus(bus: Bus, tasks: &crate::lifecycle::Tasks) -> BusHandle {
     // into its queue even while a transaction is on the wire.
     let (tx, rx) = mpsc::channel(256);
     let name = format!("bus {}", bus.name);
-    let line = Line { bus, ctx: None, last_done: None, seq: 0 };
+    let line = Line { bus, ctx: None, last_done: None, seq: 0, reconnect: Reconnect::default() };
     let owner = BusOwner { line, rx, open: true, queue: Queue::new(), released: None, leases: tx.downgrade() };
     tasks.spawn(&name, owner.run());
     BusHandle { tx, device: Arc::from("(commissioning)") }
@@ -399,6 +420,44 @@ struct Line {
     ctx: Option<Context>,
     last_done: Option<Instant>,
     seq: u64,
+    reconnect: Reconnect,
+}
+
+/// When a serial device server may be dialled again: after a failed
+/// attempt, from 500 ms doubling up to 10 s. Requests meanwhile fail at
+/// once, so that a server that is down costs the line nothing (each
+/// attempt at a blackholed address would hold it for `connect_timeout`).
+#[derive(Debug, Default)]
+struct Reconnect {
+    failures: u32,
+    not_before: Option<Instant>,
+    last_error: String,
+}
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+
+    /// Why no attempt is made now, if none may be.
+    fn refused(&self, now: Instant) -> Option<String> {
+        let wait = self.not_before?.checked_duration_since(now)?;
+        Some(format!("{}; next attempt in {}", self.last_error, humantime::format_duration(round_ms(wait))))
+    }
+
+    fn failed(&mut self, now: Instant, error: String) {
+        let wait = Self::FIRST.saturating_mul(1 << self.failures.min(5)).min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.not_before = Some(now + wait);
+        self.last_error = error;
+    }
+
+    fn connected(&mut self) {
+        *self = Reconnect::default();
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 impl Line {
@@ -413,8 +472,15 @@ impl Line {
         let result = self.transact_now(unit, op).await;
         self.last_done = Some(Instant::now());
         self.seq += 1;
-        if matches!(result, Err(BusError::Timeout(_)) | Err(BusError::Transport(_))) {
-            // Rebuild the transport: a late reply must not answer the next request.
+        // Rebuild the transport: a late reply must not answer the next
+        // request. RTU over TCP keeps its connection after a timeout (see
+        // `transport.rs`): the device server is there, a unit behind it is not.
+        let rebuild = match &result {
+            Err(BusError::Transport(_)) => true,
+            Err(BusError::Timeout(_)) => !matches!(self.bus.transport, Transport::RtuTcp { .. }),
+            _ => false,
+        };
+        if rebuild {
             self.ctx = None;
         }
         let outcome = match &result {
@@ -435,10 +501,22 @@ impl Line {
     async fn transact_now(&mut self, unit: u8, op: &Op) -> Result<Reply, BusError> {
         let timeout = self.bus.timeout;
         if self.ctx.is_none() {
-            let ctx = super::transport::open(&self.bus.transport, timeout)
-                .await
-                .map_err(|e| BusError::Transport(e.to_string()))?;
-            self.ctx = Some(ctx);
+            let backs_off = matches!(self.bus.transport, Transport::RtuTcp { .. });
+            if let Some(why) = self.reconnect.refused(Instant::now()).filter(|_| backs_off) {
+                return Err(BusError::Transport(why));
+            }
+            match super::transport::open(&self.bus.transport, timeout).await {
+                Ok(ctx) => {
+                    self.reconnect.connected();
+                    self.ctx = Some(ctx);
+                }
+                Err(e) => {
+                    if backs_off {
+                        self.reconnect.failed(Instant::now(), e.to_string());
+                    }
+                    return Err(BusError::Transport(e.to_string()));
+                }
+            }
         }
         let Some(ctx) = self.ctx.as_mut() else {
             return Err(BusError::Transport("the transport is not open".to_string()));
@@ -447,7 +525,7 @@ impl Line {
         match tokio::time::timeout(timeout, call(ctx, op)).await {
             Err(_) => Err(BusError::Timeout(timeout)),
             Ok(Err(e)) => Err(BusError::Transport(format!("Modbus transport error: {e}"))),
-            Ok(Ok(Err(code))) => Err(BusError::Exception(exception_name(code))),
+            Ok(Ok(Err(code))) => Err(BusError::Exception(u8::from(code))),
             Ok(Ok(Ok(reply))) => Ok(reply),
         }
     }
@@ -475,8 +553,8 @@ async fn call(ctx: &mut Context, op: &Op) -> tokio_modbus::Result<Reply> {
     })
 }
 
-fn exception_name(code: ExceptionCode) -> String {
-    let n = u8::from(code);
+/// `0x02 (illegal data address)`: an exception code as logs and answers show it.
+pub fn exception_name(n: u8) -> String {
     let name = match n {
         1 => "illegal function",
         2 => "illegal data address",

@@ -11,6 +11,6 @@ mod plan;
 mod queue;
 mod transport;
 
-pub use bus::{spawn_bus, BusError, BusHandle, Done, Lease, Op, PendingPoll, Priority, Reply};
+pub use bus::{exception_name, spawn_bus, BusError, BusHandle, Done, Lease, Op, PendingPoll, Priority, Reply};
 pub use plan::{plan_reads, plan_writes, ReadBlock, WriteOp};
 pub use queue::PollKind;

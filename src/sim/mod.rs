@@ -1,7 +1,9 @@
 //! The built-in Modbus TCP simulator: a slave that serves configured devices.
 //!
 //! It lets the shipped demo and the tests run the whole loop over a real
-//! Modbus TCP socket with no hardware. It serves the points of each device it
+//! Modbus TCP socket with no hardware; with `framing: rtu` it speaks RTU
+//! frames over TCP instead, like a serial device server in raw TCP mode
+//! with an RS-485 line behind it. It serves the points of each device it
 //! is given, with plausible behaviour: written values are held, a `mirror`
 //! point reads whatever its leader holds (a status register that follows a
 //! coil), and `drift` points wander slowly (a temperature). It refuses
@@ -11,20 +13,30 @@
 //! unit go silent, or carry out a request and lose its reply (the case that
 //! tempts a gateway to write twice), and read a log of when each unit was
 //! asked what (benchmarks measure poll gaps from it).
+//!
+//! Device quirks met in the field can be switched on per unit, for the
+//! tests of the options that cope with them: a unit that refuses some
+//! functions (15 and 16, say), one whose read-back shows a write only some
+//! time after it acknowledged it, one that answers "busy" (exception 0x06)
+//! a number of times, one that sits behind a Modbus gateway that answers
+//! 0x0A or 0x0B for it, and one that answers late. Connections can be cut
+//! from the simulator's side (a device server restarting).
+
+mod wire;
 
 use std::collections::{HashMap, VecDeque};
-use std::future::{ready, Ready};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{SimulatedDevice, Simulator};
+use crate::config::{Framing, SimulatedDevice, Simulator};
 use crate::point::{Encoded, Point, Table, Value};
 
 /// One write the simulator received.
@@ -69,6 +81,19 @@ struct Unit {
     silent: bool,
     /// Requests still to be carried out without a reply.
     drop_replies: u32,
+    /// Function codes answered with "illegal function".
+    refused: Vec<u8>,
+    /// Requests still to be answered "busy" (0x06) without being carried out.
+    busy: u32,
+    /// Every request answered with this exception (0x0A, 0x0B: a Modbus
+    /// gateway with nothing answering behind it).
+    gateway_failure: Option<u8>,
+    /// How long after acknowledging a write the device holds the value.
+    lag: Duration,
+    /// Writes acknowledged and not yet applied: (when, table, address, values).
+    lagging: Vec<(Instant, Table, u16, Vec<u16>)>,
+    /// How long the unit takes to answer.
+    reply_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -79,11 +104,19 @@ struct State {
     log: VecDeque<RequestRecord>,
 }
 
+/// A change to one unit's behaviour, for tests.
+fn with_unit(state: &Mutex<State>, unit: u8, change: impl FnOnce(&mut Unit)) {
+    if let Some(u) = state.lock().unwrap_or_else(|e| e.into_inner()).units.get_mut(&unit) {
+        change(u);
+    }
+}
+
 /// A running simulator; cloning shares it. Dropping the last clone does not
 /// stop it: cancel the token given to [`start`].
 #[derive(Clone, Debug)]
 pub struct SimHandle {
     state: Arc<Mutex<State>>,
+    connections: wire::Connections,
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
 }
@@ -113,9 +146,48 @@ impl SimHandle {
     /// Makes a unit carry out its next `count` requests (writes included)
     /// and send no reply, as if each reply were lost on the way back.
     pub fn drop_replies(&self, unit: u8, count: u32) {
-        if let Some(u) = self.lock().units.get_mut(&unit) {
-            u.drop_replies = count;
-        }
+        with_unit(&self.state, unit, |u| u.drop_replies = count);
+    }
+
+    /// Makes a unit answer these function codes with "illegal function"
+    /// (e.g. 15 and 16, for a device that writes only with 5 and 6).
+    pub fn refuse_functions(&self, unit: u8, functions: &[u8]) {
+        with_unit(&self.state, unit, |u| u.refused = functions.to_vec());
+    }
+
+    /// Makes a unit answer its next `count` requests with exception 0x06
+    /// (busy), carrying none of them out.
+    pub fn answer_busy(&self, unit: u8, count: u32) {
+        with_unit(&self.state, unit, |u| u.busy = count);
+    }
+
+    /// Makes every request to a unit be answered with this exception, as a
+    /// Modbus gateway does when the device behind it does not answer (0x0A,
+    /// 0x0B); `None` lets the unit answer again.
+    pub fn fail_as_gateway(&self, unit: u8, code: Option<u8>) {
+        with_unit(&self.state, unit, |u| u.gateway_failure = code);
+    }
+
+    /// Makes a unit acknowledge writes at once but hold the new values only
+    /// `lag` later (reads show the old ones until then).
+    pub fn lag_writes(&self, unit: u8, lag: Duration) {
+        with_unit(&self.state, unit, |u| u.lag = lag);
+    }
+
+    /// Makes a unit take `delay` to answer each request.
+    pub fn delay_replies(&self, unit: u8, delay: Duration) {
+        with_unit(&self.state, unit, |u| u.reply_delay = delay);
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.accepted()
+    }
+
+    /// Closes every open connection from the simulator's side, as a device
+    /// server does when it restarts; new ones are accepted as before.
+    pub fn disconnect_all(&self) {
+        self.connections.cut();
     }
 
     /// The latest requests received (up to 65536), oldest first.
@@ -127,6 +199,7 @@ impl SimHandle {
     pub fn value(&self, unit: u8, path: &str) -> Option<Value> {
         let mut st = self.lock();
         let u = st.units.get_mut(&unit)?;
+        u.apply_lagging(Instant::now());
         u.apply_mirrors();
         let p = u.points.iter().find(|p| p.path == path)?.clone();
         u.read_point(&p).ok()
@@ -158,7 +231,8 @@ pub async fn start_with_task(sim: &Simulator, cancel: CancellationToken) -> anyh
         state.units.insert(d.unit, Unit::from_config(d));
     }
     let state = Arc::new(Mutex::new(state));
-    let handle = SimHandle { state: state.clone(), addr };
+    let connections = wire::Connections::default();
+    let handle = SimHandle { state: state.clone(), connections: connections.clone(), addr };
 
     let drift_state = state.clone();
     let drift_cancel = cancel.clone();
@@ -178,21 +252,12 @@ pub async fn start_with_task(sim: &Simulator, cancel: CancellationToken) -> anyh
         }
     });
 
-    let server = Server::new(listener);
-    let service = Service { state };
-    let task = tokio::spawn(async move {
-        let on_connected = |stream: tokio::net::TcpStream, peer: SocketAddr| {
-            let service = service.clone();
-            let _ = stream.set_nodelay(true);
-            async move { accept_tcp_connection(stream, peer, |_| Ok(Some(service.clone()))) }
-        };
-        let on_error = |e| tracing::debug!("simulator connection ended: {e}");
-        tokio::select! {
-            r = server.serve(&on_connected, on_error) => if let Err(e) = r { tracing::error!("simulator stopped: {e}") },
-            () = cancel.cancelled() => {}
-        }
-    });
-    tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "Modbus TCP simulator listening");
+    let task = tokio::spawn(wire::serve(listener, sim.framing, Service { state }, connections, cancel));
+    let framing = match sim.framing {
+        Framing::Tcp => "Modbus TCP",
+        Framing::Rtu => "Modbus RTU over TCP",
+    };
+    tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "{framing} simulator listening");
     Ok((handle, task))
 }
 
@@ -270,6 +335,26 @@ impl Unit {
         Ok(())
     }
 
+    /// Applies the lagging writes whose time has come.
+    fn apply_lagging(&mut self, now: Instant) {
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lagging).into_iter().partition(|(at, ..)| *at <= now);
+        self.lagging = waiting;
+        for (_, table, a, values) in due {
+            self.apply(table, a, &values);
+        }
+    }
+
+    fn apply(&mut self, table: Table, a: u16, values: &[u16]) {
+        for (k, v) in values.iter().enumerate() {
+            let at = (table, a.wrapping_add(k as u16));
+            if table.is_bits() {
+                self.bits.insert(at, *v != 0);
+            } else {
+                self.words.insert(at, *v);
+            }
+        }
+    }
+
     fn apply_mirrors(&mut self) {
         for (f, l) in self.mirror.clone() {
             let leader = self.points[l].clone();
@@ -309,37 +394,57 @@ struct Service {
     state: Arc<Mutex<State>>,
 }
 
+type Answer = Result<Option<Response>, ExceptionCode>;
+
 impl tokio_modbus::server::Service for Service {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Option<Response>, ExceptionCode>>;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.requests += 1;
         let function = req.request.function_code().value();
-        let mut answer = serve(&mut st, req.slave, req.request);
+        let mut answer = serve(&mut st, req.slave, function, req.request);
+        let mut delay = Duration::ZERO;
         if let Some(u) = st.units.get_mut(&req.slave) {
             if u.drop_replies > 0 && !u.silent {
                 u.drop_replies -= 1;
                 answer = Ok(None);
             }
+            delay = u.reply_delay;
         }
         if st.log.len() >= LOG_LIMIT {
             st.log.pop_front();
         }
         let answered = !matches!(answer, Ok(None));
         st.log.push_back(RequestRecord { at: Instant::now(), unit: req.slave, function, answered });
-        ready(answer)
+        Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            answer
+        })
     }
 }
 
-fn serve(st: &mut State, unit_id: u8, req: Request<'_>) -> Result<Option<Response>, ExceptionCode> {
+fn serve(st: &mut State, unit_id: u8, function: u8, req: Request<'_>) -> Answer {
     let Some(unit) = st.units.get_mut(&unit_id) else { return Ok(None) };
     if unit.silent {
         return Ok(None);
     }
+    if let Some(code) = unit.gateway_failure {
+        return Err(ExceptionCode::new(code));
+    }
+    if unit.busy > 0 {
+        unit.busy -= 1;
+        return Err(ExceptionCode::ServerDeviceBusy);
+    }
+    if unit.refused.contains(&function) {
+        return Err(ExceptionCode::IllegalFunction);
+    }
+    unit.apply_lagging(Instant::now());
     unit.apply_mirrors();
     let bits = |u: &Unit, t: Table, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
         (0..n).map(|k| u.bits.get(&(t, a.wrapping_add(k))).copied().ok_or(ExceptionCode::IllegalDataAddress)).collect()
@@ -379,27 +484,29 @@ fn serve(st: &mut State, unit_id: u8, req: Request<'_>) -> Result<Option<Respons
 }
 
 fn write_bits(st: &mut State, unit_id: u8, a: u16, vs: &[bool], function: u8) -> Result<(), ExceptionCode> {
-    let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
-    let all_mapped = (0..vs.len()).all(|k| unit.bits.contains_key(&(Table::Coil, a.wrapping_add(k as u16))));
-    if !all_mapped {
-        return Err(ExceptionCode::IllegalDataAddress);
-    }
-    for (k, v) in vs.iter().enumerate() {
-        unit.bits.insert((Table::Coil, a.wrapping_add(k as u16)), *v);
-    }
-    st.writes.push(WriteRecord { unit: unit_id, table: Table::Coil, address: a, values: vs.iter().map(|&b| u16::from(b)).collect(), function });
-    Ok(())
+    let values: Vec<u16> = vs.iter().map(|&b| u16::from(b)).collect();
+    write(st, unit_id, Table::Coil, a, values, function)
 }
 
 fn write_words(st: &mut State, unit_id: u8, a: u16, vs: &[u16], function: u8) -> Result<(), ExceptionCode> {
+    write(st, unit_id, Table::HoldingRegister, a, vs.to_vec(), function)
+}
+
+/// Records a write and applies it, now or after the unit's lag.
+fn write(st: &mut State, unit_id: u8, table: Table, a: u16, values: Vec<u16>, function: u8) -> Result<(), ExceptionCode> {
     let unit = st.units.get_mut(&unit_id).ok_or(ExceptionCode::IllegalDataAddress)?;
-    let all_mapped = (0..vs.len()).all(|k| unit.words.contains_key(&(Table::HoldingRegister, a.wrapping_add(k as u16))));
+    let all_mapped = (0..values.len()).all(|k| {
+        let at = (table, a.wrapping_add(k as u16));
+        if table.is_bits() { unit.bits.contains_key(&at) } else { unit.words.contains_key(&at) }
+    });
     if !all_mapped {
         return Err(ExceptionCode::IllegalDataAddress);
     }
-    for (k, v) in vs.iter().enumerate() {
-        unit.words.insert((Table::HoldingRegister, a.wrapping_add(k as u16)), *v);
+    if unit.lag.is_zero() {
+        unit.apply(table, a, &values);
+    } else {
+        unit.lagging.push((Instant::now() + unit.lag, table, a, values.clone()));
     }
-    st.writes.push(WriteRecord { unit: unit_id, table: Table::HoldingRegister, address: a, values: vs.to_vec(), function });
+    st.writes.push(WriteRecord { unit: unit_id, table, address: a, values, function });
     Ok(())
 }
