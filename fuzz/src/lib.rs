@@ -720,7 +720,7 @@ pub fn check_config_invariants(c: &Config) {
             assert!(t.connection < c.connections.len(), "{}: connection index {}", d.name, t.connection);
         }
         match c.buses[d.bus].transport {
-            Transport::Rtu(_) => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
+            Transport::Rtu(_) | Transport::RtuTcp { .. } => assert!((1..=247).contains(&d.unit), "{}: unit {} on a serial line", d.name, d.unit),
             Transport::Tcp { .. } => {}
         }
         assert!(!units.contains(&(d.bus, d.unit)), "{}: unit {} twice on one bus", d.name, d.unit);
