@@ -106,8 +106,8 @@ async fn requests_per_cycle(t: &mut Table, quick: bool) -> anyhow::Result<()> {
     gateway.shutdown().await;
     let mut worst: f64 = 0.0;
     let mut detail = Vec::new();
-    for (i, d) in config.devices.iter().enumerate() {
-        let unit = (i + 1) as u8;
+    for d in &config.devices {
+        let unit = d.unit;
         // Bursts: a poll's requests come back to back; polls are 250 ms apart.
         let times: Vec<Instant> = log.iter().filter(|r| r.unit == unit).map(|r| r.at).collect();
         let mut bursts = vec![0usize];
@@ -510,7 +510,8 @@ fn binary_size(t: &mut Table, bin: &Path, quick: bool) -> anyhow::Result<()> {
     t.add("binary size, stripped (release, default features)", format!("{:.1} MiB", full as f64 / 1048576.0), "-", None);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/nobroker");
-    if !quick {
+    // Building it takes minutes the first time: only when asked (TWINBUS_BENCH_LEAN=1).
+    if !quick && std::env::var_os("TWINBUS_BENCH_LEAN").is_some() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let _ = std::process::Command::new(cargo)
             .args(["build", "--release", "--quiet", "--no-default-features", "--bin", "twinbus", "--target-dir"])
@@ -525,7 +526,7 @@ fn binary_size(t: &mut Table, bin: &Path, quick: bool) -> anyhow::Result<()> {
             "-",
             None,
         ),
-        None => t.note("the build without the embedded broker was skipped (--quick and not built before)"),
+        None => t.note("the build without the embedded broker was skipped (run with TWINBUS_BENCH_LEAN=1 to build it into target/nobroker)"),
     }
     Ok(())
 }
