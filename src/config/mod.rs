@@ -559,12 +559,37 @@ impl ShadowBinding {
 pub struct Simulator {
     /// Name, for logs.
     pub name: String,
-    /// Listen address.
-    pub listen: SocketAddr,
+    /// Where it serves: a TCP port or a serial port.
+    pub listen: SimListen,
+    /// The baud rate whose wire time paces each reply, if any.
+    pub pace: Option<u32>,
     /// Devices served, by unit id.
     pub devices: Vec<SimulatedDevice>,
     /// Modbus TCP frames, or RTU frames over TCP (a serial device server).
     pub framing: Framing,
+}
+
+/// Where a simulator serves.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimListen {
+    /// A TCP port (Modbus TCP, or RTU frames with `framing: rtu`).
+    Tcp(SocketAddr),
+    /// A serial port or pty (Modbus RTU), at this baud rate.
+    Serial {
+        /// The device path.
+        path: PathBuf,
+        /// The port's speed.
+        baud: u32,
+    },
+}
+
+impl fmt::Display for SimListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SimListen::Tcp(addr) => write!(f, "{addr}"),
+            SimListen::Serial { path, baud } => write!(f, "{} at {baud} Bd", path.display()),
+        }
+    }
 }
 
 /// How Modbus requests are framed on a TCP connection.

@@ -913,13 +913,27 @@ impl<'de> Deserialize<'de> for RawLabel {
     }
 }
 
-/// A built-in Modbus TCP slave.
+/// A built-in Modbus slave: on a TCP port (`listen`) or a serial port (`serial`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSimulator {
-    /// `address:port` it listens on.
-    #[schemars(with = "String")]
-    pub(crate) listen: S<String>,
+    /// `address:port` it listens on (give this or `serial`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub(crate) listen: Option<S<String>>,
+    /// A serial port (or one end of a pty pair, e.g. from `socat`) it serves
+    /// Modbus RTU on, instead of a TCP port (give this or `listen`).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub(crate) serial: Option<S<String>>,
+    /// Pace replies as an RS-485 line at this baud rate would: each reply
+    /// goes out only after the request's characters, a 3.5-character gap
+    /// (1.75 ms above 19200) and its own characters (11 bits each) would
+    /// have crossed the wire. Also the serial port's speed. Default: no
+    /// pacing (replies at once), 9600 Bd on a serial port.
+    #[serde(default)]
+    #[schemars(with = "Option<u32>")]
+    pub(crate) baud: Option<S<i64>>,
     /// Devices it serves (by name), each on its unit id.
     #[schemars(with = "Vec<String>")]
     pub(crate) serves: Vec<S<String>>,

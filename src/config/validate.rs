@@ -1322,7 +1322,19 @@ fn check_device_conflicts(c: &mut Checker, raw: &Map<RawDevice>, devices: &[Devi
 
 fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -> Option<Simulator> {
     let path = format!("simulators.{}", key.name());
-    let listen = socket_addr(c, &s.listen, &format!("{path}.listen"));
+    let pace = s.baud.as_ref().and_then(|b| c.int::<u32>(b, &format!("{path}.baud"), 300, 4_000_000, "a baud rate"));
+    let listen = match (&s.listen, &s.serial) {
+        (Some(l), None) => socket_addr(c, l, &format!("{path}.listen")).map(SimListen::Tcp),
+        (None, Some(p)) => Some(SimListen::Serial { path: PathBuf::from(&p.value), baud: pace.unwrap_or(9600) }),
+        (Some(l), Some(_)) => {
+            c.at(l, &format!("{path}.listen"), "give `listen` (TCP) or `serial`, not both");
+            None
+        }
+        (None, None) => {
+            c.key(key, &path, "has nowhere to serve (give `listen: address:port` or `serial: /dev/...`)");
+            None
+        }
+    };
     let mut served: Vec<&Device> = Vec::new();
     for name in &s.serves {
         match devices.iter().find(|d| d.name == name.value) {
@@ -1383,5 +1395,5 @@ fn simulator(c: &mut Checker, key: &Key, s: &RawSimulator, devices: &[Device]) -
         Some(RawFraming::Rtu) => Framing::Rtu,
         Some(RawFraming::Tcp) | None => Framing::Tcp,
     };
-    Some(Simulator { name: key.name().to_string(), listen: listen?, devices, framing })
+    Some(Simulator { name: key.name().to_string(), listen: listen?, pace, devices, framing })
 }

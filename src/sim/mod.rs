@@ -3,7 +3,10 @@
 //! It lets the shipped demo and the tests run the whole loop over a real
 //! Modbus TCP socket with no hardware; with `framing: rtu` it speaks RTU
 //! frames over TCP instead, like a serial device server in raw TCP mode
-//! with an RS-485 line behind it. It serves the points of each device it
+//! with an RS-485 line behind it, and with `serial:` it serves RTU on a
+//! serial port or one end of a pty pair. With `baud:` each reply waits for
+//! the time the request and the reply would take on an RS-485 line at that
+//! speed ([`pace`]), so RTU timing can be measured without hardware. It serves the points of each device it
 //! is given, with plausible behaviour: written values are held, a `mirror`
 //! point reads whatever its leader holds (a status register that follows a
 //! coil), and `drift` points wander slowly (a temperature). It refuses
@@ -22,6 +25,7 @@
 //! 0x0A or 0x0B for it, and one that answers late. Connections can be cut
 //! from the simulator's side (a device server restarting).
 
+pub mod pace;
 mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -36,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Framing, SimulatedDevice, Simulator};
+use crate::config::{Framing, SimListen, SimulatedDevice, Simulator};
 use crate::point::{Encoded, Point, Table, Value};
 
 /// One write the simulator received.
@@ -117,7 +121,8 @@ fn with_unit(state: &Mutex<State>, unit: u8, change: impl FnOnce(&mut Unit)) {
 pub struct SimHandle {
     state: Arc<Mutex<State>>,
     connections: wire::Connections,
-    /// The address it listens on (useful with port 0).
+    /// The address it listens on (useful with port 0); `0.0.0.0:0` for a
+    /// simulator on a serial port.
     pub addr: SocketAddr,
 }
 
@@ -222,10 +227,16 @@ pub async fn start(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result
 /// Like [`start`], also returning the server task: it ends (and the port is
 /// free again) after `cancel` fires.
 pub async fn start_with_task(sim: &Simulator, cancel: CancellationToken) -> anyhow::Result<(SimHandle, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(sim.listen)
-        .await
-        .with_context(|| format!("simulator `{}` cannot listen on {}", sim.name, sim.listen))?;
-    let addr = listener.local_addr()?;
+    let listener = match &sim.listen {
+        SimListen::Tcp(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("simulator `{}` cannot listen on {addr}", sim.name))?)
+        }
+        SimListen::Serial { .. } => None,
+    };
+    let addr = match &listener {
+        Some(l) => l.local_addr()?,
+        None => SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
     let mut state = State::default();
     for d in &sim.devices {
         state.units.insert(d.unit, Unit::from_config(d));
@@ -252,12 +263,25 @@ pub async fn start_with_task(sim: &Simulator, cancel: CancellationToken) -> anyh
         }
     });
 
-    let task = tokio::spawn(wire::serve(listener, sim.framing, Service { state }, connections, cancel));
-    let framing = match sim.framing {
-        Framing::Tcp => "Modbus TCP",
-        Framing::Rtu => "Modbus RTU over TCP",
+    let service = Service { state, pace: sim.pace };
+    let paced = sim.pace.map(|b| format!(", replies paced to {b} Bd")).unwrap_or_default();
+    let task = match (listener, &sim.listen) {
+        (Some(listener), _) => {
+            let framing = match sim.framing {
+                Framing::Tcp => "Modbus TCP",
+                Framing::Rtu => "Modbus RTU over TCP",
+            };
+            tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "{framing} simulator listening{paced}");
+            tokio::spawn(wire::serve(listener, sim.framing, service, connections, cancel))
+        }
+        (None, SimListen::Serial { path, baud }) => {
+            // Opened here once, so that a wrong path fails the start loudly.
+            let port = wire::open_serial(path, *baud).with_context(|| format!("simulator `{}` cannot open {}", sim.name, path.display()))?;
+            tracing::info!(simulator = %sim.name, port = %path.display(), baud, units = sim.devices.len(), "Modbus RTU simulator on a serial port{paced}");
+            tokio::spawn(wire::serve_serial(port, path.clone(), *baud, service, connections, cancel))
+        }
+        (None, SimListen::Tcp(_)) => anyhow::bail!("simulator `{}`: no listener", sim.name),
     };
-    tracing::info!(simulator = %sim.name, %addr, units = sim.devices.len(), "{framing} simulator listening");
     Ok((handle, task))
 }
 
@@ -392,6 +416,8 @@ impl Unit {
 #[derive(Clone, Debug)]
 struct Service {
     state: Arc<Mutex<State>>,
+    /// The baud rate whose wire time paces each reply, if any.
+    pace: Option<u32>,
 }
 
 type Answer = Result<Option<Response>, ExceptionCode>;
@@ -406,6 +432,7 @@ impl tokio_modbus::server::Service for Service {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.requests += 1;
         let function = req.request.function_code().value();
+        let request_bytes = pace::request_bytes(&req.request);
         let mut answer = serve(&mut st, req.slave, function, req.request);
         let mut delay = Duration::ZERO;
         if let Some(u) = st.units.get_mut(&req.slave) {
@@ -419,6 +446,9 @@ impl tokio_modbus::server::Service for Service {
             st.log.pop_front();
         }
         let answered = !matches!(answer, Ok(None));
+        if let (Some(baud), true) = (self.pace, answered) {
+            delay += pace::reply_delay(baud, request_bytes, pace::reply_bytes(answer.as_ref().ok().and_then(Option::as_ref)));
+        }
         st.log.push_back(RequestRecord { at: Instant::now(), unit: req.slave, function, answered });
         Box::pin(async move {
             if !delay.is_zero() {

@@ -1,10 +1,13 @@
 //! The simulator's sockets: Modbus TCP or RTU-over-TCP framing on each
 //! accepted connection, a count of connections, and a way to cut them all
-//! from the simulator's side (a device server that restarts).
+//! from the simulator's side (a device server that restarts); or RTU on a
+//! serial port (a pty pair's end in tests and benchmarks).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +63,45 @@ pub(super) async fn serve(listener: TcpListener, framing: Framing, service: Serv
     tokio::select! {
         r = served => if let Err(e) = r { tracing::error!("simulator stopped: {e}") },
         () = cancel.cancelled() => {}
+    }
+}
+
+/// Opens a serial port for the simulator: 8 data bits, even parity, 1 stop
+/// bit (the 11-bit character the pacing assumes).
+pub(super) fn open_serial(path: &Path, baud: u32) -> io::Result<tokio_serial::SerialStream> {
+    let builder = tokio_serial::new(path.to_string_lossy(), baud)
+        .data_bits(tokio_serial::DataBits::Eight)
+        .parity(tokio_serial::Parity::Even)
+        .stop_bits(tokio_serial::StopBits::One);
+    tokio_serial::SerialStream::open(&builder).map_err(io::Error::other)
+}
+
+/// Serves `service` as Modbus RTU on a serial port until `cancel` fires. A
+/// port that fails (a pty whose other end went away, an unplugged adapter)
+/// is opened again after a second; each opening counts as a connection.
+pub(super) async fn serve_serial(port: tokio_serial::SerialStream, path: PathBuf, baud: u32, service: Service, connections: Connections, cancel: CancellationToken) {
+    let mut port = Some(port);
+    loop {
+        let stream = match port.take() {
+            Some(p) => Ok(p),
+            None => open_serial(&path, baud),
+        };
+        match stream {
+            Ok(stream) => {
+                connections.accepted.fetch_add(1, Ordering::Relaxed);
+                let server = tokio_modbus::server::rtu::Server::new(stream);
+                match server.serve_until(service.clone(), cancel.clone().cancelled_owned()).await {
+                    Ok(tokio_modbus::server::Terminated::Aborted) => return,
+                    Ok(_) => tracing::debug!(port = %path.display(), "simulator: serial port closed"),
+                    Err(e) => tracing::debug!(port = %path.display(), "simulator: serial port failed: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!(port = %path.display(), "simulator cannot open the serial port: {e}"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

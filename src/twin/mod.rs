@@ -14,7 +14,7 @@ mod telemetry;
 
 pub use raw::{raw_adapter, run_commands, RawInbox, RawWorker};
 pub use shadow::{replay as shadow_replay, run_shadow, shadow_inbox, shadow_topics, ShadowInbox, ShadowRoute};
-pub use telemetry::run_telemetry;
+pub use telemetry::{document as telemetry_document, run_telemetry};
 
 /// Milliseconds since the Unix epoch, the `time` of every document we publish.
 pub fn epoch_ms(t: std::time::SystemTime) -> u64 {

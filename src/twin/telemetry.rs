@@ -18,11 +18,9 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use super::epoch_ms;
-use super::json::{insert, to_json};
 use crate::config::Twin;
 use crate::device::{DeviceHandle, Health, Snapshot};
 use crate::mqtt::{Class, Coalesce, ConnectionHandle, Publish};
@@ -69,7 +67,7 @@ pub async fn run_telemetry(twin: Twin, device: DeviceHandle, conn: ConnectionHan
         };
         if let Some((doc, how)) = doc {
             sent = Some(snap.at);
-            conn.send(Publish::new(Class::Telemetry, topic.as_str(), doc.to_string().into_bytes()).coalescing(how)).await;
+            conn.send(Publish::new(Class::Telemetry, topic.as_str(), doc).coalescing(how)).await;
         }
     }
 }
@@ -98,7 +96,7 @@ async fn every_poll(topic: &str, device: DeviceHandle, conn: ConnectionHandle, s
             continue;
         }
         let doc = reported.full(&device.points, &snap);
-        conn.send(Publish::new(Class::Telemetry, topic, doc.to_string().into_bytes())).await;
+        conn.send(Publish::new(Class::Telemetry, topic, doc)).await;
     }
 }
 
@@ -120,13 +118,13 @@ impl Reported {
         Reported { values: vec![None; n], health: Health::Unknown }
     }
 
-    fn full(&mut self, points: &[Point], snap: &Snapshot) -> Json {
+    fn full(&mut self, points: &[Point], snap: &Snapshot) -> Vec<u8> {
         self.health = snap.health.clone();
         self.values.clone_from(&snap.values);
         document(points, snap, |_| true)
     }
 
-    fn changes(&mut self, points: &[Point], snap: &Snapshot) -> Option<Json> {
+    fn changes(&mut self, points: &[Point], snap: &Snapshot) -> Option<Vec<u8>> {
         let moved = self.take_changes(points, &snap.values);
         if !moved.contains(&true) {
             return None;
@@ -163,40 +161,185 @@ fn moved(point: &Point, before: Option<&Value>, now: Option<&Value>) -> bool {
     }
 }
 
-fn document(points: &[Point], snap: &Snapshot, include: impl Fn(usize) -> bool) -> Json {
-    let mut doc = Map::new();
-    doc.insert("time".into(), json!(epoch_ms(snap.at)));
-    match &snap.health {
-        Health::Offline(reason) => {
-            doc.insert("online".into(), json!(false));
-            doc.insert("error".into(), json!(reason));
-            return Json::Object(doc);
-        }
-        _ => {
-            doc.insert("online".into(), json!(true));
-        }
+/// The JSON text of a telemetry document: `time`, `online`, then each
+/// included value nested by its dotted path, then `errors`. Written straight
+/// into one buffer: the points are sorted by path, so the values under one
+/// object come one after the other and each object is opened and closed
+/// once, with no map of keys and no JSON value built per point.
+pub fn document(points: &[Point], snap: &Snapshot, include: impl Fn(usize) -> bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + 32 * points.len());
+    out.extend_from_slice(b"{\"time\":");
+    write_json(&mut out, &epoch_ms(snap.at));
+    if let Health::Offline(reason) = &snap.health {
+        out.extend_from_slice(b",\"online\":false,\"error\":");
+        write_json(&mut out, reason);
+        out.push(b'}');
+        return out;
     }
-    let mut errors = Map::new();
+    out.extend_from_slice(b",\"online\":true");
+    // The objects open along the previous value's path.
+    let mut open: Vec<&str> = Vec::new();
+    let mut any_error = false;
     for (i, p) in points.iter().enumerate() {
-        if !include(i) {
+        let Some(v) = snap.values[i].as_ref().filter(|_| include(i)) else {
+            any_error |= include(i) && snap.errors[i].is_some();
             continue;
+        };
+        let (parents, leaf) = p.path.rsplit_once('.').map_or(("", p.path.as_str()), |(a, b)| (a, b));
+        let mut depth = 0;
+        for seg in parents.split('.').filter(|s| !s.is_empty()) {
+            if open.get(depth) != Some(&seg) {
+                break;
+            }
+            depth += 1;
         }
-        if let Some(v) = &snap.values[i] {
-            insert(&mut doc, &p.path, to_json(v));
-        } else if let Some(e) = &snap.errors[i] {
-            errors.insert(p.path.clone(), json!(e));
+        for _ in depth..open.len() {
+            out.push(b'}');
         }
+        open.truncate(depth);
+        // Every object already open holds a member (the top one `time`), so
+        // what comes next in it takes a comma; a new object's first does not.
+        let mut comma = true;
+        for seg in parents.split('.').filter(|s| !s.is_empty()).skip(depth) {
+            if comma {
+                out.push(b',');
+            }
+            write_json(&mut out, seg);
+            out.extend_from_slice(b":{");
+            open.push(seg);
+            comma = false;
+        }
+        if comma {
+            out.push(b',');
+        }
+        write_json(&mut out, leaf);
+        out.push(b':');
+        write_value(&mut out, v);
     }
-    if !errors.is_empty() {
-        doc.insert("errors".into(), Json::Object(errors));
+    for _ in 0..open.len() {
+        out.push(b'}');
     }
-    Json::Object(doc)
+    if any_error {
+        out.extend_from_slice(b",\"errors\":{");
+        let mut first = true;
+        for (i, p) in points.iter().enumerate() {
+            if let (true, None, Some(e)) = (include(i), &snap.values[i], &snap.errors[i]) {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                write_json(&mut out, &p.path);
+                out.push(b':');
+                write_json(&mut out, e);
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    out
 }
 
+/// Writes a scalar as serde_json does (escaped strings, shortest floats).
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    // Serializing a string or a number into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// A typed value as JSON text; a non-finite float (a device can hold NaN) is null.
+fn write_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Bool(b) => write_json(out, b),
+        Value::Int(i) => write_json(out, i),
+        Value::UInt(u) => write_json(out, u),
+        Value::Float(f) if f.is_finite() => write_json(out, f),
+        Value::Float(_) => out.extend_from_slice(b"null"),
+        Value::Text(s) => write_json(out, s.as_str()),
+    }
+}
 
 #[cfg(test)]
 mod tests {
-    use super::skipped;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::config::Config;
+
+    fn points() -> Vec<Point> {
+        let yaml = r#"
+connections:
+  local: { embedded: { listen: "127.0.0.1:1883" } }
+buses:
+  line: { tcp: { host: 127.0.0.1, port: 5020 } }
+devices:
+  d:
+    bus: line
+    unit: 1
+    twin: { connection: local, telemetry: t }
+    points:
+      a.b.x: { holding: 0 }
+      a.b-c: { holding: 1 }
+      a.b.y: { holding: 2, type: f32 }
+      a.c: { coil: 0 }
+      q_u-ote: { holding: 4 }
+      top: { holding: 5, values: { auto: 0, manual: 1 } }
+      z.deep.er.v: { holding: 6 }
+"#;
+        let config = Config::parse(yaml, Path::new("t.yaml")).expect("valid");
+        config.devices[0].points.clone()
+    }
+
+    fn snap(points: &[Point]) -> Snapshot {
+        let values = points
+            .iter()
+            .map(|p| match p.path.as_str() {
+                "a.b.y" => Some(Value::Float(21.5)),
+                "a.c" => Some(Value::Bool(true)),
+                "top" => Some(Value::Text("auto".into())),
+                "z.deep.er.v" => None,
+                _ => Some(Value::Int(7)),
+            })
+            .collect();
+        let errors = points.iter().map(|p| (p.path == "z.deep.er.v").then(|| "exception 2".to_string())).collect();
+        Snapshot { values, errors, health: Health::Online, seq: 1, at: SystemTime::UNIX_EPOCH + Duration::from_millis(1234) }
+    }
+
+    #[test]
+    fn a_full_document_nests_values_by_path_in_point_order_and_lists_errors_last() {
+        let points = points();
+        let doc = String::from_utf8(document(&points, &snap(&points), |_| true)).expect("utf-8");
+        assert_eq!(doc, r#"{"time":1234,"online":true,"a":{"b-c":7,"b":{"x":7,"y":21.5},"c":true},"q_u-ote":7,"top":"auto","errors":{"z.deep.er.v":"exception 2"}}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&doc).is_ok());
+    }
+
+    #[test]
+    fn a_change_document_holds_only_the_values_that_moved() {
+        let points = points();
+        let moved = |i: usize| points[i].path == "a.b.y" || points[i].path == "top";
+        let doc = String::from_utf8(document(&points, &snap(&points), moved)).expect("utf-8");
+        assert_eq!(doc, r#"{"time":1234,"online":true,"a":{"b":{"y":21.5}},"top":"auto"}"#);
+    }
+
+    #[test]
+    fn an_offline_document_says_why_and_carries_no_values() {
+        let points = points();
+        let mut s = snap(&points);
+        s.health = Health::Offline("timeout".into());
+        let doc = String::from_utf8(document(&points, &s, |_| true)).expect("utf-8");
+        assert_eq!(doc, r#"{"time":1234,"online":false,"error":"timeout"}"#);
+    }
+
+    #[test]
+    fn a_non_finite_float_is_null() {
+        let points = points();
+        let mut s = snap(&points);
+        for (i, p) in points.iter().enumerate() {
+            s.values[i] = (p.path == "a.b.y").then_some(Value::Float(f64::NAN));
+            s.errors[i] = None;
+        }
+        let doc = String::from_utf8(document(&points, &s, |_| true)).expect("utf-8");
+        assert_eq!(doc, r#"{"time":1234,"online":true,"a":{"b":{"y":null}}}"#);
+    }
 
     #[test]
     fn consecutive_snapshots_skip_nothing_and_a_gap_counts_what_it_hides() {
