@@ -218,7 +218,7 @@ impl DeviceActor {
                 () = cancel.cancelled() => break,
                 (i, event) = polling::next_event(&mut cycles) => self.on_cycle_event(&mut cycles, i, event).await,
                 msg = self.rx.recv(), if inbox_open => match msg {
-                    Some(msg) => self.handle(msg).await,
+                    Some(msg) => self.handle(msg, &cancel).await,
                     // No adapter left (or none ever): keep polling until cancelled.
                     None => inbox_open = false,
                 },
@@ -287,9 +287,27 @@ impl DeviceActor {
         self.state_tx.send_replace(Arc::new(self.current.clone()));
     }
 
-    async fn handle(&mut self, msg: Msg) {
+    async fn handle(&mut self, msg: Msg, cancel: &CancellationToken) {
         let health = self.current.health.clone();
-        let (outcome, reply) = match self.bus.lease(self.unit).await {
+        let lease = tokio::select! {
+            biased;
+            lease = self.bus.lease(self.unit) => Some(lease),
+            // A stop while the command still waits for the line (behind dead
+            // neighbours' timeouts): it has not started, so it is answered
+            // without touching the device instead of running past the stop
+            // deadline. A command that holds the line is finished.
+            () = cancel.cancelled() => None,
+        };
+        let Some(lease) = lease else {
+            let stopped = Outcome { values: vec![], error: Some("the gateway is shutting down; nothing was written".to_string()) };
+            match msg {
+                Msg::Write { reply, .. } | Msg::Read { reply, .. } => {
+                    let _ = reply.send(stopped);
+                }
+            }
+            return;
+        };
+        let (outcome, reply) = match lease {
             Ok(mut lease) => match msg {
                 Msg::Write { writes, reply } => (self.write(&mut lease, writes).await, reply),
                 Msg::Read { points, reply } => (self.read(&mut lease, &points).await, reply),
