@@ -34,7 +34,11 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # -a: debug assertions and overflow checks, so an arithmetic overflow is a finding.
-build() { cargo fuzz build -a "$@"; }
+# FUZZ_DEV=1 builds unoptimized (--dev): a few times fewer executions per second, but a
+# build several times shorter, which is what a short smoke run in CI wants.
+profile=()
+[[ ${FUZZ_DEV:-} == 1 ]] && profile=(--dev)
+build() { cargo fuzz build "${profile[@]}" -a "$@"; }
 
 run_one() {
     local target=$1 seconds=$2 dict max_len
@@ -50,7 +54,7 @@ run_one() {
     echo "fuzz: $target for ${seconds}s"
     # New inputs go to the first corpus directory (the working one); the
     # checked-in one is read.
-    cargo fuzz run -a "$target" "$work" "fuzz/corpus/$target" -- \
+    cargo fuzz run "${profile[@]}" -a "$target" "$work" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len="$max_len" \
         -dict="$dict" -artifact_prefix="$artifacts/" -print_final_stats=1
 }
