@@ -52,7 +52,7 @@ fn the_delta_targets_seeds_write_what_is_valid_and_nothing_else() {
     let device = oracle::shadow_device();
     let path = |i: usize| device.points[i].path.clone();
     let paths = |messages: &[(&str, &[u8])]| -> Vec<Vec<String>> {
-        twinbus::twin::shadow_replay(device, messages).into_iter().map(|w| w.into_iter().map(|(i, _)| path(i)).collect()).collect()
+        twinbus::twin::shadow_replay(device, messages).expect("the adapter settles").into_iter().map(|w| w.into_iter().map(|(i, _)| path(i)).collect()).collect()
     };
     let valid = br#"{"state":{"deviceAttrib":{"setpoint":33.5,"motorStatus":"on"}},"version":5,"timestamp":1795631474}"#;
     let written: Vec<String> = paths(&[("/update/delta", valid)]).concat();

@@ -833,7 +833,8 @@ pub fn delta(data: &[u8]) {
         .map(|(first, payload)| (SUFFIXES[usize::from(*first) % SUFFIXES.len()], payload))
         .collect();
     let mine = device.twin.as_ref().and_then(|t| t.shadows.first()).map(|b| b.points.clone()).unwrap_or_default();
-    for write in shadow_replay(device, &messages) {
+    let writes = shadow_replay(device, &messages).unwrap_or_else(|loop_| panic!("{loop_}"));
+    for write in writes {
         for (i, encoded) in write {
             let p = &device.points[i];
             assert!(mine.contains(&i), "{} is not a point of this shadow, and was written", p.path);

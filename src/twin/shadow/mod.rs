@@ -44,13 +44,11 @@ use crate::store::Store;
 /// payload): `/update/delta`, `/get/accepted` (the adapter's first `get`
 /// carries the client token `fuzz-1`), ... The device's first shadow serves
 /// them; every write lands and reads back as written; every command runs
-/// and succeeds. Returns the writes asked for, in order.
-///
-/// # Panics
-/// When the adapter keeps asking for work without settling (a loop).
+/// and succeeds. Returns the writes asked for, in order, or an error when
+/// the adapter keeps asking for work without settling (a loop).
 #[doc(hidden)]
-pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Vec<Vec<(usize, crate::point::Encoded)>> {
-    let Some(binding) = device.twin.as_ref().and_then(|t| t.shadows.first()).cloned() else { return Vec::new() };
+pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Result<Vec<Vec<(usize, crate::point::Encoded)>>, String> {
+    let Some(binding) = device.twin.as_ref().and_then(|t| t.shadows.first()).cloned() else { return Ok(Vec::new()) };
     let points = Arc::new(device.points.clone());
     let setup = Setup { key: "fuzz".into(), points: points.clone(), mine: binding.points.clone(), commands: device.commands.clone(), token_prefix: "fuzz".into(), binding };
     let mut core = Core::new(setup, Remembered::default());
@@ -58,7 +56,7 @@ pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Vec
     let mut inputs: VecDeque<Input> = VecDeque::from([Input::SessionUp]);
     inputs.extend(messages.iter().map(|(suffix, payload)| Input::Message { suffix: (*suffix).to_string(), payload: payload.to_vec() }));
     for _ in 0..10_000 {
-        let Some(input) = inputs.pop_front() else { return writes };
+        let Some(input) = inputs.pop_front() else { return Ok(writes) };
         let mut results = VecDeque::new();
         for action in core.handle(input, Instant::now()) {
             match action {
@@ -82,7 +80,7 @@ pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Vec
             inputs.push_front(r);
         }
     }
-    panic!("the shadow adapter did not settle within 10000 steps");
+    Err("the shadow adapter did not settle within 10000 steps".to_string())
 }
 
 /// The topics a shadow adapter must be subscribed to.
