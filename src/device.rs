@@ -80,6 +80,13 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+impl Outcome {
+    /// A command answered at a stop without touching the device.
+    fn not_sent_stopping() -> Outcome {
+        Outcome { values: vec![], error: Some("the gateway is shutting down; nothing was written".to_string()) }
+    }
+}
+
 #[derive(Debug)]
 enum Msg {
     Write { writes: Vec<(usize, Encoded)>, reply: oneshot::Sender<Outcome> },
@@ -231,7 +238,7 @@ impl DeviceActor {
         // devices on the line, executing it could outlast any stop deadline.
         self.rx.close();
         while let Some(msg) = self.rx.recv().await {
-            let stopped = Outcome { values: vec![], error: Some("the gateway is shutting down; nothing was written".to_string()) };
+            let stopped = Outcome::not_sent_stopping();
             match msg {
                 Msg::Write { reply, .. } | Msg::Read { reply, .. } => {
                     let _ = reply.send(stopped);
@@ -299,7 +306,7 @@ impl DeviceActor {
             () = cancel.cancelled() => None,
         };
         let Some(lease) = lease else {
-            let stopped = Outcome { values: vec![], error: Some("the gateway is shutting down; nothing was written".to_string()) };
+            let stopped = Outcome::not_sent_stopping();
             match msg {
                 Msg::Write { reply, .. } | Msg::Read { reply, .. } => {
                     let _ = reply.send(stopped);
