@@ -143,7 +143,7 @@ impl DeviceHandle {
 /// cuts a transaction), finishes the command it is executing, and answers
 /// those still queued with "shutting down" without touching the device.
 pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate::lifecycle::Tasks, cancel: CancellationToken) -> DeviceHandle {
-    let points = Arc::new(device.points.clone());
+    let points = Arc::clone(&device.points);
     let n = points.len();
     let empty = Snapshot { values: vec![None; n], errors: vec![None; n], health: Health::Unknown, at: SystemTime::now(), seq: 0 };
     let (state_tx, state) = watch::channel(Arc::new(empty.clone()));

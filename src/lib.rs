@@ -16,6 +16,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod logs;
 pub mod modbus;
+pub mod memory;
 pub mod mqtt;
 pub mod point;
 pub mod reload;

@@ -131,6 +131,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    twinbus::memory::give_back_freed();
     let command = cli.command.unwrap_or(Command::Run);
     if let Command::Check = command {
         for w in &config.warnings {
@@ -310,6 +311,7 @@ async fn reload(gateway: &mut Gateway, path: &std::path::Path) {
             }
         },
     };
+    twinbus::memory::give_back_freed();
     systemd::notify(&[Note::Ready, Note::Status(&status)]);
 }
 

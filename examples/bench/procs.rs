@@ -29,10 +29,13 @@ impl Proc {
         Ok(Proc { child })
     }
 
-    /// Resident memory now, in KiB (VmRSS).
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+    /// Resident memory now, and how much of it is the process's own.
+    pub fn memory(&self) -> Memory {
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            rollup.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+        };
+        Memory { rss_kib: field("Rss:"), anon_kib: field("Anonymous:") }
     }
 
     /// CPU time used so far (user + system), from /proc/PID/stat.
@@ -51,6 +54,25 @@ impl Proc {
     }
 }
 
+/// Resident memory of a process, in KiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// All of it (what `ps` and `top` show as RSS).
+    pub rss_kib: u64,
+    /// Its heap and stacks, which only it can use. The rest of the RSS is the
+    /// binary's and the C library's code mapped from the page cache: shared
+    /// with every other process that maps them, and dropped by the kernel
+    /// under memory pressure instead of being swapped.
+    pub anon_kib: u64,
+}
+
+impl Memory {
+    /// `"R MiB (own: A MiB)"`.
+    pub fn show(&self) -> String {
+        format!("{:.1} MiB (own {:.1})", self.rss_kib as f64 / 1024.0, self.anon_kib as f64 / 1024.0)
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -63,7 +85,7 @@ fn clock_ticks() -> u64 {
     Command::new("getconf").arg("CLK_TCK").output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100)
 }
 
-/// Peak resident memory of the bench process itself (for in-process runs).
+/// A port free on loopback now.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

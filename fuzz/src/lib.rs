@@ -65,7 +65,7 @@ pub fn rich_points() -> &'static [Point] {
     POINTS.get_or_init(|| {
         let yaml = format!("{PROFILE}\nbuses:\n  b: {{ tcp: {{ host: 127.0.0.1 }} }}\ndevices:\n  d: {{ bus: b, unit: 1, profile: rich }}\n");
         match Config::parse(&yaml, Path::new("profile.yaml")) {
-            Ok(c) => c.devices[0].points.clone(),
+            Ok(c) => c.devices[0].points.to_vec(),
             Err(e) => panic!("tests/bad_input/profile.yaml is not a valid profile: {e}"),
         }
     })
@@ -746,10 +746,10 @@ fn check_device_points(d: &Device) {
     for pair in d.points.windows(2) {
         assert!(pair[0].path < pair[1].path, "{}: points not sorted or a path twice: {} {}", d.name, pair[0].path, pair[1].path);
     }
-    for p in &d.points {
+    for p in d.points.iter() {
         let name = format!("{}.{}", d.name, p.path);
         assert!(!p.path.is_empty() && p.path.split('.').all(|s| !s.is_empty()), "{name}: an empty path segment");
-        for q in &d.points {
+        for q in d.points.iter() {
             assert!(!q.path.starts_with(&format!("{}.", p.path)), "{name}: {} is inside it", q.path);
         }
         assert!(!p.access.writable() || p.location.table.is_writable(), "{name}: a writable {}", p.location.table.name());

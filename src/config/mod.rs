@@ -24,6 +24,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use std::sync::Arc;
 
 use crate::point::Point;
 
@@ -375,8 +376,9 @@ pub struct Device {
     pub bus: usize,
     /// Modbus unit (slave) id.
     pub unit: u8,
-    /// The device's points, sorted by path.
-    pub points: Vec<Point>,
+    /// The device's points, sorted by path. Devices with equal tables (every
+    /// device of a profile that adds none of its own) share one in memory.
+    pub points: Arc<Vec<Point>>,
     /// How reads may be merged.
     pub read: ReadLimits,
     /// Write bits of a holding register with function 22 (mask write), which
@@ -609,7 +611,7 @@ pub struct SimulatedDevice {
     /// Unit id it answers to.
     pub unit: u8,
     /// Its points (the device's points).
-    pub points: Vec<Point>,
+    pub points: Arc<Vec<Point>>,
     /// Start values, by point path.
     pub initial: Vec<(String, crate::point::Value)>,
     /// Paths of read-only numeric points that wander slowly.

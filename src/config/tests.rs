@@ -1613,3 +1613,34 @@ fn telemetry_every_poll_is_its_own_spelling_and_other_words_are_still_refused() 
     let text = insert_after(&base(), "      telemetry: pump/tel\n", "      telemetry_interval: each_poll\n");
     only_problem(&text, line_of(&text, "each_poll"), "devices.pump-1.twin.telemetry_interval", &["not a duration"]);
 }
+
+#[test]
+fn devices_with_equal_point_tables_share_one_in_memory() {
+    let config = valid(&format!(
+        "{HEAD}devices:
+  pump-1: {{ bus: line, unit: 1, profile: pump }}
+  pump-2: {{ bus: line, unit: 2, profile: pump }}
+  # The profile's points written out: equal, so shared too.
+  pump-3:
+    bus: line
+    unit: 3
+    points:
+      deviceAttrib.motorStatus: {{ coil: 0, values: {{ on: true, off: false }} }}
+      deviceAttrib.setpoint: {{ holding: 10, type: f32, min: 0, max: 80 }}
+      deviceData.temperature: {{ input: 0, type: i16, scale: 0.1 }}
+  # One point more: its own table.
+  pump-4:
+    bus: line
+    unit: 4
+    profile: pump
+    points:
+      deviceData.pressure: {{ input: 1 }}
+"
+    ));
+    let table = |name: &str| &config.devices.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} is configured")).points;
+    assert!(Arc::ptr_eq(table("pump-1"), table("pump-2")));
+    assert!(Arc::ptr_eq(table("pump-1"), table("pump-3")));
+    assert!(!Arc::ptr_eq(table("pump-1"), table("pump-4")));
+    assert_eq!(table("pump-4").len(), 4);
+    assert_eq!(table("pump-1").len(), 3);
+}

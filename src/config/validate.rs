@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_saphyr::Spanned;
@@ -154,6 +155,7 @@ pub(super) fn validate(raw: RawConfig, file: &Path) -> Result<Config, ConfigErro
         c.problems.push(format!("{}: devices: no device is configured (add at least one under `devices:`)", file.display()));
     }
     check_device_conflicts(&mut c, &raw.devices, &devices, &buses);
+    share_point_tables(&mut devices);
 
     let simulators = raw.simulators.iter().filter_map(|(k, s)| simulator(&mut c, k, s, &devices)).collect();
 
@@ -733,6 +735,21 @@ fn read_limits(c: &mut Checker, raw: Option<&RawReadLimits>, path: &str) -> Read
     limits
 }
 
+/// Makes devices with equal point tables hold one table: a point costs a few
+/// hundred bytes, and a site of a thousand meters of one model (through a
+/// profile or written out) would otherwise keep a thousand copies. Equal
+/// tables are found by comparison, so a device's own points (or a copy of
+/// the profile's written inline) still share when they match.
+fn share_point_tables(devices: &mut [Device]) {
+    let mut distinct: Vec<Arc<Vec<Point>>> = Vec::new();
+    for d in devices {
+        match distinct.iter().find(|t| t.len() == d.points.len() && ***t == *d.points) {
+            Some(t) => d.points = Arc::clone(t),
+            None => distinct.push(Arc::clone(&d.points)),
+        }
+    }
+}
+
 /// A profile after its own checks: what a device takes from it (the
 /// device's own `read` and `mask_write` win).
 struct Profile<'a> {
@@ -834,7 +851,7 @@ fn device(
         super::shadows::check_sizes(c, &raw_twin.value, &t.shadows, &pts, &format!("{path}.twin"));
     }
     let mask_write = mask_write.unwrap_or(false);
-    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: pts, read, mask_write, poll, groups, quirks, commands, twin })
+    Some(Device { name: key.name().to_string(), bus: bus?, unit: unit?, points: Arc::new(pts), read, mask_write, poll, groups, quirks, commands, twin })
 }
 
 fn command(c: &mut Checker, key: &Key, raw: &RawCommand, path: &str, points: &[Point]) -> Option<CommandDef> {

@@ -79,7 +79,7 @@ const LOG_LIMIT: usize = 1 << 16;
 struct Unit {
     bits: HashMap<(Table, u16), bool>,
     words: HashMap<(Table, u16), u16>,
-    points: Vec<Point>,
+    points: Arc<Vec<Point>>,
     drift: Vec<(usize, f64)>,
     mirror: Vec<(usize, usize)>,
     silent: bool,
@@ -289,7 +289,7 @@ impl Unit {
     fn from_config(d: &SimulatedDevice) -> Unit {
         let mut u = Unit { points: d.points.clone(), ..Unit::default() };
         // Every address a point covers exists, zeroed; the rest do not.
-        for p in &d.points {
+        for p in d.points.iter() {
             let (start, end) = p.span();
             for a in start..=end {
                 let a = a as u16;

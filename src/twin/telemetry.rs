@@ -286,7 +286,7 @@ devices:
       z.deep.er.v: { holding: 6 }
 "#;
         let config = Config::parse(yaml, Path::new("t.yaml")).expect("valid");
-        config.devices[0].points.clone()
+        config.devices[0].points.to_vec()
     }
 
     fn snap(points: &[Point]) -> Snapshot {

@@ -37,7 +37,7 @@ fn info() -> DeviceInfo {
     let d = &config.devices[0];
     let paths: Vec<&str> = d.points.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(paths, PATHS);
-    DeviceInfo { name: d.name.clone(), bus: "line".into(), unit: d.unit, poll: d.poll, points: Arc::new(d.points.clone()) }
+    DeviceInfo { name: d.name.clone(), bus: "line".into(), unit: d.unit, poll: d.poll, points: Arc::clone(&d.points) }
 }
 
 fn model() -> Model {

@@ -35,7 +35,7 @@ const TEMPERATURE: &str = "deviceData.temperature";
 
 fn points() -> Vec<Point> {
     let config = Config::parse(PUMP, Path::new("gw.yaml")).unwrap_or_else(|e| panic!("the test profile is valid:\n{e}"));
-    config.devices[0].points.clone()
+    config.devices[0].points.to_vec()
 }
 
 fn index(points: &[Point], path: &str) -> usize {
@@ -594,7 +594,7 @@ const EXTREMES: &str = concat!(
 fn meter(extra: &str) -> Vec<Point> {
     let text = format!("{METER}{extra}");
     let config = Config::parse(&text, Path::new("gw.yaml")).unwrap_or_else(|e| panic!("the meter profile is valid:\n{e}"));
-    config.devices[0].points.clone()
+    config.devices[0].points.to_vec()
 }
 
 /// The registers that setting `path` to the JSON number `number` writes.

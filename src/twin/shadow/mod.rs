@@ -49,7 +49,7 @@ use crate::store::Store;
 #[doc(hidden)]
 pub fn replay(device: &crate::config::Device, messages: &[(&str, &[u8])]) -> Result<Vec<Vec<(usize, crate::point::Encoded)>>, String> {
     let Some(binding) = device.twin.as_ref().and_then(|t| t.shadows.first()).cloned() else { return Ok(Vec::new()) };
-    let points = Arc::new(device.points.clone());
+    let points = Arc::clone(&device.points);
     let setup = Setup { key: "fuzz".into(), points: points.clone(), mine: binding.points.clone(), commands: device.commands.clone(), token_prefix: "fuzz".into(), binding };
     let mut core = Core::new(setup, Remembered::default());
     let mut writes = Vec::new();

@@ -33,7 +33,7 @@ fn setup() -> Setup {
         mine: binding.points.clone(),
         binding,
         key: format!("aws|{PREFIX}"),
-        points: Arc::new(d.points.clone()),
+        points: Arc::clone(&d.points),
         commands: d.commands.clone(),
         token_prefix: "tok".into(),
     }
