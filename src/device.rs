@@ -54,7 +54,7 @@ pub enum Health {
 }
 
 /// What the device held at its last poll.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Snapshot {
     /// Per point (same order as the device's points); `None` when not read
     /// (write-only, refused by the device, or the device is offline).
@@ -69,6 +69,22 @@ pub struct Snapshot {
     /// and at a change of health), from 1: a reader that sees a gap knows it
     /// missed some.
     pub seq: u64,
+}
+
+impl Clone for Snapshot {
+    fn clone(&self) -> Snapshot {
+        Snapshot { values: self.values.clone(), errors: self.errors.clone(), health: self.health.clone(), at: self.at, seq: self.seq }
+    }
+
+    /// Field by field, so that the vectors (and an error's text) keep their
+    /// allocations: the actor refills last poll's snapshot in place.
+    fn clone_from(&mut self, from: &Snapshot) {
+        self.values.clone_from(&from.values);
+        self.errors.clone_from(&from.errors);
+        self.health.clone_from(&from.health);
+        self.at = from.at;
+        self.seq = from.seq;
+    }
 }
 
 /// The result of a command: the values read back, and what went wrong.
@@ -160,7 +176,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
     let actor = DeviceActor {
         name: device.name.clone(),
         unit: device.unit,
-        blocks,
+        blocks: blocks.into(),
         group_blocks,
         quirks: device.quirks,
         points: points.clone(),
@@ -171,6 +187,7 @@ pub fn spawn_device(device: &Device, bus: BusHandle, retries: u8, tasks: &crate:
         rx,
         state_tx,
         current: empty,
+        spare: None,
         seen: vec![0; n],
         liveness: Liveness::new(&intervals, Instant::now().into_std(), seed(&device.name, device.unit)),
     };
@@ -197,8 +214,9 @@ struct DeviceActor {
     name: String,
     unit: u8,
     points: Arc<Vec<Point>>,
-    /// The reads of every poll group, planned once.
-    blocks: Vec<ReadBlock>,
+    /// The reads of every poll group, planned once (shared with each cycle's
+    /// answers while they update the actor).
+    blocks: Arc<[ReadBlock]>,
     /// Per poll group (as in the device's `groups`), its range of `blocks`.
     group_blocks: Vec<std::ops::Range<usize>>,
     quirks: Quirks,
@@ -209,6 +227,9 @@ struct DeviceActor {
     rx: mpsc::Receiver<Msg>,
     state_tx: watch::Sender<Arc<Snapshot>>,
     current: Snapshot,
+    /// The snapshot published before the last one, to be refilled by the
+    /// next publish once no reader holds it.
+    spare: Option<Arc<Snapshot>>,
     /// Per point: the bus transaction number its value (or error) came from.
     seen: Vec<u64>,
     liveness: Liveness,
@@ -291,7 +312,21 @@ impl DeviceActor {
     fn publish(&mut self) {
         self.current.at = SystemTime::now();
         self.current.seq += 1;
-        self.state_tx.send_replace(Arc::new(self.current.clone()));
+        // Readers (telemetry, shadows, the console) take a snapshot, look at
+        // it and let go within the poll period, so the one before the last
+        // is almost always free again: a poll then publishes without
+        // allocating, whatever the number of values.
+        let next = match self.spare.take() {
+            Some(mut free) => match Arc::get_mut(&mut free) {
+                Some(snapshot) => {
+                    snapshot.clone_from(&self.current);
+                    free
+                }
+                None => Arc::new(self.current.clone()),
+            },
+            None => Arc::new(self.current.clone()),
+        };
+        self.spare = Some(self.state_tx.send_replace(next));
     }
 
     async fn handle(&mut self, msg: Msg, cancel: &CancellationToken) {
@@ -373,7 +408,8 @@ impl DeviceActor {
             let done = self.call(lease, block.op()).await;
             match &done.result {
                 Ok(reply) => {
-                    for (i, v) in decode_block(&self.points, block.start, &block.points, reply) {
+                    let points = Arc::clone(&self.points);
+                    for (i, v) in decode_block(&points, block.start, &block.points, reply) {
                         match &v {
                             Ok(value) => outcome.values.push((i, value.clone())),
                             Err(e) => note(&mut outcome.error, format!("reading {}: {e}", self.points[i].path)),
@@ -586,10 +622,10 @@ fn note(slot: &mut Option<String>, message: String) {
 }
 
 /// Splits one read reply into the values of the points it covers.
-fn decode_block(points: &[Point], start: u16, indices: &[usize], reply: &Reply) -> Vec<(usize, Result<Value, String>)> {
+fn decode_block<'a>(points: &'a [Point], start: u16, indices: &'a [usize], reply: &'a Reply) -> impl Iterator<Item = (usize, Result<Value, String>)> + 'a {
     indices
         .iter()
-        .map(|&i| {
+        .map(move |&i| {
             let p = &points[i];
             let offset = usize::from(p.location.address.saturating_sub(start));
             let width = usize::from(p.width());
@@ -600,7 +636,6 @@ fn decode_block(points: &[Point], start: u16, indices: &[usize], reply: &Reply) 
             };
             (i, value)
         })
-        .collect()
 }
 
 fn short() -> String {

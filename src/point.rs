@@ -316,7 +316,19 @@ impl Point {
         if words.len() < n {
             return Err(format!("expected {n} registers, the device returned {}", words.len()));
         }
-        let bytes = self.to_bytes(&words[..n]);
+        // A number's registers (at most 4) are put in order on the stack: a
+        // poll decodes every value of every device, and allocated twice per
+        // value when this was a vector.
+        let mut number = [0u8; 8];
+        let mut text = Vec::new();
+        let bytes: &mut [u8] = match self.data_type {
+            DataType::String { .. } => {
+                text.resize(2 * n, 0);
+                &mut text
+            }
+            _ => number.get_mut(..2 * n).ok_or("a number of more than 4 registers")?,
+        };
+        self.to_bytes(&words[..n], bytes);
         let raw = match self.data_type {
             DataType::Bool => Raw::Int(i64::from(u16::from_be_bytes([bytes[0], bytes[1]]) != 0)),
             DataType::U16 => Raw::Int(i64::from(u16::from_be_bytes([bytes[0], bytes[1]]))),
@@ -673,20 +685,17 @@ impl Point {
     }
 
     /// Registers → big-endian bytes, undoing the point's word and byte order.
-    fn to_bytes(&self, words: &[u16]) -> Vec<u8> {
-        let mut ordered: Vec<u16> = words.to_vec();
-        if self.word_order == Order::Little {
-            ordered.reverse();
-        }
-        let mut bytes = Vec::with_capacity(ordered.len() * 2);
-        for w in ordered {
+    /// Registers in the point's word and byte order → big-endian bytes, into
+    /// `out` (two bytes per register).
+    fn to_bytes(&self, words: &[u16], out: &mut [u8]) {
+        let ordered = words.iter().enumerate().map(|(k, &w)| if self.word_order == Order::Little { words[words.len() - 1 - k] } else { w });
+        for (w, pair) in ordered.zip(out.chunks_exact_mut(2)) {
             let b = w.to_be_bytes();
-            match self.byte_order {
-                Order::Big => bytes.extend_from_slice(&b),
-                Order::Little => bytes.extend_from_slice(&[b[1], b[0]]),
-            }
+            pair.copy_from_slice(&match self.byte_order {
+                Order::Big => b,
+                Order::Little => [b[1], b[0]],
+            });
         }
-        bytes
     }
 
     /// Big-endian bytes → registers in the point's word and byte order.

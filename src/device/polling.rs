@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -142,11 +143,13 @@ impl DeviceActor {
     }
 
     fn take_answers(&mut self, cycle: &mut Cycle, answers: Vec<Done>) -> Then {
+        // Shared, not cloned: the answers update `self` while they are read.
+        let (blocks, points) = (Arc::clone(&self.blocks), Arc::clone(&self.points));
         for (pos, done) in (cycle.next..).zip(answers) {
-            let Some(b) = cycle.blocks.get(pos).and_then(|&(b, _)| self.blocks.get(b)).cloned() else { break };
+            let Some(b) = cycle.blocks.get(pos).and_then(|&(b, _)| blocks.get(b)) else { break };
             match &done.result {
                 Ok(reply) => {
-                    for (i, v) in decode_block(&self.points, b.start, &b.points, reply) {
+                    for (i, v) in decode_block(&points, b.start, &b.points, reply) {
                         self.store(i, v, done.seq);
                     }
                     self.heard(done.seq);

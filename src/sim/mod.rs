@@ -476,12 +476,17 @@ fn serve(st: &mut State, unit_id: u8, function: u8, req: Request<'_>) -> Answer 
     }
     unit.apply_lagging(Instant::now());
     unit.apply_mirrors();
-    let bits = |u: &Unit, t: Table, a: u16, n: u16| -> Result<Vec<bool>, ExceptionCode> {
-        (0..n).map(|k| u.bits.get(&(t, a.wrapping_add(k))).copied().ok_or(ExceptionCode::IllegalDataAddress)).collect()
-    };
-    let words = |u: &Unit, t: Table, a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
-        (0..n).map(|k| u.words.get(&(t, a.wrapping_add(k))).copied().ok_or(ExceptionCode::IllegalDataAddress)).collect()
-    };
+    // Sized once (collecting a `Result` would grow the vector step by step):
+    // the gateway's allocations per poll are counted with the simulator's.
+    fn read<T: Copy>(table: &HashMap<(Table, u16), T>, t: Table, a: u16, n: u16) -> Result<Vec<T>, ExceptionCode> {
+        let mut out = Vec::with_capacity(usize::from(n));
+        for k in 0..n {
+            out.push(*table.get(&(t, a.wrapping_add(k))).ok_or(ExceptionCode::IllegalDataAddress)?);
+        }
+        Ok(out)
+    }
+    let bits = |u: &Unit, t: Table, a: u16, n: u16| read(&u.bits, t, a, n);
+    let words = |u: &Unit, t: Table, a: u16, n: u16| read(&u.words, t, a, n);
     let response = match req {
         Request::ReadCoils(a, n) => Response::ReadCoils(bits(unit, Table::Coil, a, n)?),
         Request::ReadDiscreteInputs(a, n) => Response::ReadDiscreteInputs(bits(unit, Table::DiscreteInput, a, n)?),
