@@ -68,7 +68,11 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 /// Bytes rumqttc may send while the broker is being dialed (its CONNECT).
 const MAX_EARLY: usize = 64 * 1024;
 
-const BUF: usize = 64 * 1024;
+/// Each direction's read buffer. Packets are parsed as a stream, so its size
+/// only sets how many reads a large packet takes; it is paid per connection
+/// (zeroed, so resident), and at 64 KiB two of them were 128 KiB of every
+/// OCI-style twin's 127 KiB.
+const BUF: usize = 8 * 1024;
 
 /// What the link tells the connection actor.
 #[derive(Debug)]
@@ -206,7 +210,7 @@ async fn relay(
         let up = async {
             let mut outbound = Outbound::default();
             let mut acks = VecDeque::new();
-            let mut out = Vec::with_capacity(BUF);
+            let mut out = Vec::new();
             let mut buf = vec![0u8; BUF];
             let (mut early, mut n) = (Some(early), 0);
             loop {
