@@ -591,8 +591,10 @@ fn binary_size(t: &mut Table, bin: &Path, quick: bool) -> anyhow::Result<()> {
     t.add("binary size, stripped (release, default features)", format!("{:.1} MiB", full as f64 / 1048576.0), "-", None);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/nobroker");
-    // Building it takes minutes the first time: only when asked (TWINBUS_BENCH_LEAN=1).
-    if !quick && std::env::var_os("TWINBUS_BENCH_LEAN").is_some() {
+    // Building it takes minutes the first time: only when asked (TWINBUS_BENCH_LEAN=1), and
+    // again whenever it exists, so that a figure from an older commit is never shown.
+    let built = dir.join("release/twinbus").exists();
+    if !quick && (built || std::env::var_os("TWINBUS_BENCH_LEAN").is_some()) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let _ = std::process::Command::new(cargo)
             .args(["build", "--release", "--quiet", "--no-default-features", "--bin", "twinbus", "--target-dir"])
