@@ -488,7 +488,7 @@ impl Line {
         if let Some(last) = self.last_done {
             let ready = last + self.bus.delay;
             if ready > Instant::now() {
-                tokio::time::sleep_until(ready.into()).await;
+                super::timer::sleep_until(ready).await;
             }
         }
         let started = Instant::now();

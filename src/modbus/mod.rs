@@ -9,6 +9,7 @@
 mod bus;
 mod plan;
 mod queue;
+pub mod timer;
 mod transport;
 
 pub use bus::{exception_name, spawn_bus, BusError, BusHandle, Done, Lease, Op, PendingPoll, Priority, Reply};

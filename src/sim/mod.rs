@@ -450,10 +450,10 @@ impl tokio_modbus::server::Service for Service {
             delay += pace::reply_delay(baud, request_bytes, pace::reply_bytes(answer.as_ref().ok().and_then(Option::as_ref)));
         }
         st.log.push_back(RequestRecord { at: Instant::now(), unit: req.slave, function, answered });
+        let at = Instant::now() + delay;
         Box::pin(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
+            // Paced to a baud rate: the reply's wire time and its gap, to the microsecond.
+            crate::modbus::timer::sleep_until(at).await;
             answer
         })
     }
