@@ -504,7 +504,10 @@ class Relay:
         """Drops PUBLISH packets from now on for `seconds`; heals after. Returns the heal time."""
         now = time.monotonic()
         with self.lock:
-            self.drop_from, self.drop_until = now, now + seconds
+            # Until `heal` has reset the connections: a PUBLISH let through between the
+            # window's end and the reset would be acknowledged by the broker on a connection
+            # about to die, and the gateway's correct resend counted as its duplicate.
+            self.drop_from, self.drop_until = now, float("inf")
         timer = threading.Timer(seconds, self.heal)
         timer.daemon = True
         timer.start()
@@ -529,6 +532,8 @@ class Relay:
                     s.close()
                 except OSError:
                     pass
+        with self.lock:
+            self.drop_until = time.monotonic()
 
     def sessions(self) -> int:
         """Connections the broker accepted (CONNACK 0)."""
