@@ -47,10 +47,13 @@ mod linux {
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // `d` is under a second (the caller's bound), so both fields fit.
-        let value = libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: libc::c_long::from(d.subsec_nanos() as i32) };
-        let spec = libc::itimerspec { it_interval: zero, it_value: value };
+        // Zeroed first: some 32-bit targets pad these structs with private fields. A zero
+        // interval makes the timer one-shot.
+        // SAFETY: itimerspec is plain integers, for which all zeroes is a valid value.
+        let mut spec: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // `d` is under `PRECISE_BELOW`, so both fields fit.
+        spec.it_value.tv_sec = d.as_secs() as libc::time_t;
+        spec.it_value.tv_nsec = libc::c_long::from(d.subsec_nanos() as i32);
         // SAFETY: `fd` is a timerfd, `spec` a valid itimerspec, the old value is not asked for.
         if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
             return Err(io::Error::last_os_error());
@@ -66,7 +69,13 @@ mod linux {
             if n == 8 {
                 return Ok(());
             }
-            // Not expired yet (EAGAIN): wait for the next readiness.
+            let e = io::Error::last_os_error();
+            if n >= 0 || e.kind() != io::ErrorKind::WouldBlock {
+                // Never seen; the caller falls back to tokio's timer rather than wait on
+                // a readiness that will not come again.
+                return Err(e);
+            }
+            // Not expired yet: wait for the next readiness.
             ready.clear_ready();
         }
     }
