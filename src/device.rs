@@ -404,11 +404,12 @@ impl DeviceActor {
     async fn read(&mut self, lease: &mut Lease, indices: &[usize]) -> Outcome {
         let readable: Vec<usize> = indices.iter().copied().filter(|&i| self.points[i].access.readable()).collect();
         let mut outcome = Outcome::default();
-        for block in plan_reads(&self.points, &readable, &self.limits) {
+        // Shared, not cloned: the values update `self` while they are decoded.
+        let points = Arc::clone(&self.points);
+        for block in plan_reads(&points, &readable, &self.limits) {
             let done = self.call(lease, block.op()).await;
             match &done.result {
                 Ok(reply) => {
-                    let points = Arc::clone(&self.points);
                     for (i, v) in decode_block(&points, block.start, &block.points, reply) {
                         match &v {
                             Ok(value) => outcome.values.push((i, value.clone())),

@@ -417,15 +417,31 @@ impl Broker {
     }
 }
 
+/// A site's `buses:` entries: one TCP line per port, `line0`, `line1`…; device
+/// `d` is on line `d / 200`.
+fn bus_lines(y: &mut String, ports: &[u16]) {
+    for (b, port) in ports.iter().enumerate() {
+        let _ = writeln!(y, "  line{b}: {{ tcp: {{ host: 127.0.0.1, port: {port} }} }}");
+    }
+}
+
+/// A `simulators:` section serving devices `{prefix}0000`… on the lines of
+/// [`bus_lines`], one simulator per port.
+fn simulators(y: &mut String, ports: &[u16], devices: usize, prefix: &str) {
+    *y += "simulators:\n";
+    for (b, port) in ports.iter().enumerate() {
+        let served: Vec<String> = (0..devices).filter(|d| d / 200 == b).map(|d| format!("{prefix}{d:04}")).collect();
+        let _ = writeln!(y, "  sim{b}: {{ listen: \"127.0.0.1:{port}\", serves: [{}] }}", served.join(", "));
+    }
+}
+
 /// A gateway config of `devices` devices of `points` holding registers each,
 /// polled every `poll`, through one profile (or inline), on TCP simulators
 /// (at most 200 units each) that run in this process.
 fn fleet(dir: &Path, mqtt: u16, ports: &[u16], devices: usize, points: usize, poll: &str, inline: bool) -> String {
     let pts = (0..points).map(|i| format!("r.r{i:04}: {{ holding: {i}, access: read }}")).collect::<Vec<_>>().join(", ");
     let mut y = format!("state_dir: {}\nconnections:\n  local: {{ url: \"mqtt://127.0.0.1:{mqtt}\" }}\nbuses:\n", dir.join("state").display());
-    for (b, port) in ports.iter().enumerate() {
-        let _ = writeln!(y, "  line{b}: {{ tcp: {{ host: 127.0.0.1, port: {port} }} }}");
-    }
+    bus_lines(&mut y, ports);
     let _ = writeln!(y, "profiles:\n  block: {{ points: {{ {pts} }} }}\ndevices:");
     for d in 0..devices {
         let body = if inline { format!("points: {{ {pts} }}") } else { "profile: block".to_string() };
@@ -438,18 +454,12 @@ fn fleet(dir: &Path, mqtt: u16, ports: &[u16], devices: usize, points: usize, po
 fn fleet_sims(ports: &[u16], devices: usize, points: usize) -> String {
     let pts = (0..points).map(|i| format!("r.r{i:04}: {{ holding: {i}, access: read }}")).collect::<Vec<_>>().join(", ");
     let mut y = format!("state_dir: /tmp\nconnections:\n  local: {{ embedded: {{ listen: \"127.0.0.1:1\" }} }}\nbuses:\n");
-    for (b, port) in ports.iter().enumerate() {
-        let _ = writeln!(y, "  line{b}: {{ tcp: {{ host: 127.0.0.1, port: {port} }} }}");
-    }
+    bus_lines(&mut y, ports);
     let _ = writeln!(y, "profiles:\n  block: {{ points: {{ {pts} }} }}\ndevices:");
     for d in 0..devices {
         let _ = writeln!(y, "  d{d:04}: {{ bus: line{}, unit: {}, profile: block }}", d / 200, d % 200 + 1);
     }
-    y += "simulators:\n";
-    for (b, port) in ports.iter().enumerate() {
-        let served: Vec<String> = (0..devices).filter(|d| d / 200 == b).map(|d| format!("d{d:04}")).collect();
-        let _ = writeln!(y, "  sim{b}: {{ listen: \"127.0.0.1:{port}\", serves: [{}] }}", served.join(", "));
-    }
+    simulators(&mut y, ports, devices, "d");
     y
 }
 
@@ -528,18 +538,12 @@ async fn oci_twins(t: &mut Table, bin: &Path, quick: bool) -> anyhow::Result<()>
         let _ = writeln!(y, "  c{i:04}: {{ url: \"mqtt://127.0.0.1:{broker_port}\", client_id: twin-{i:04} }}");
     }
     y += "buses:\n";
-    for (b, port) in ports.iter().enumerate() {
-        let _ = writeln!(y, "  line{b}: {{ tcp: {{ host: 127.0.0.1, port: {port} }} }}");
-    }
+    bus_lines(&mut y, &ports);
     let _ = writeln!(y, "profiles:\n  relay: {{ points: {{ {pts} }} }}\ndevices:");
     for i in 0..twins {
         let _ = writeln!(y, "  t{i:04}: {{ bus: line{}, unit: {}, profile: relay, poll: 5s, twin: {{ connection: c{i:04}, commands: oci/t{i:04}/cmd, responses: oci/t{i:04}/rsp }} }}", i / 200, i % 200 + 1);
     }
-    y += "simulators:\n";
-    for (b, port) in ports.iter().enumerate() {
-        let served: Vec<String> = (0..twins).filter(|d| d / 200 == b).map(|d| format!("t{d:04}")).collect();
-        let _ = writeln!(y, "  sim{b}: {{ listen: \"127.0.0.1:{port}\", serves: [{}] }}", served.join(", "));
-    }
+    simulators(&mut y, &ports, twins, "t");
     // The simulators run here; the gateway's copy of the file has none.
     let config = parse(&y)?;
     let cancel = tokio_util::sync::CancellationToken::new();
